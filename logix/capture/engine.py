@@ -1,0 +1,247 @@
+"""The hooks of one ``with run(...)`` block.
+
+A forward hook projects each watched module's input activations (``a P_in``) and
+registers a tensor hook on its output; when the gradient arrives the tensor hook
+projects it (``g P_out``) and adds ``sum_t (g_t P_out)^T (a_t P_in)`` to the
+example's gradient with one batched matmul. The full ``d_out x d_in`` gradient is
+never formed. Hooks return ``None``, so the model's outputs and parameter
+gradients are exactly those of an uninstrumented run.
+
+All hooks are attached on ``attach`` and removed on ``detach`` (idempotent, also
+called when the block raises).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from logix.capture.layers import LayerAdapter, LayerShape
+from logix.errors import BatchError, CaptureError
+from logix.projection import ModuleProjection
+
+
+@dataclass
+class Watched:
+    """A module the run captures."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    shape: LayerShape
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """What the hooks compute during one pass over the data."""
+
+    name: str  # "covariance" | "kfac" | "log"
+    space: str  # "full" (no projection) or "log" (the run's projection)
+    covariance: bool  # accumulate A and S
+    gradients: bool  # form per-example gradients (rows, EK-FAC corrections, raw covariance)
+    per_token: bool = False
+
+
+@dataclass
+class _ModuleState:
+    pending: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    calls: int = 0
+    grads_seen: int = 0
+    grad: Tensor | None = None  # (B, k_out, k_in)
+    token_grad: Tensor | None = None  # (B, T, k_out, k_in)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    """What one block captured, before the run filters and stores it."""
+
+    grads: dict[str, Tensor]  # module -> (B, k_out, k_in), zeros for modules that did not run
+    token_grads: dict[str, Tensor] | None  # module -> (B, T, k_out, k_in) in per-token mode
+    stats: dict[str, dict[str, Tensor]]  # module -> {"A", "S", "tokens"} batch sums
+
+
+class BatchCapture:
+    """Hooks and per-batch buffers for one block."""
+
+    def __init__(
+        self,
+        watched: list[Watched],
+        projections: dict[str, ModuleProjection],
+        spec: PassSpec,
+        batch_size: int | None,
+        mask: Tensor | None,
+        keep: Tensor | None,
+        compute_dtype: torch.dtype,
+    ) -> None:
+        self.watched = watched
+        self.projections = projections
+        self.spec = spec
+        self.batch_size = batch_size
+        self.mask = None if mask is None else mask.to(torch.bool)
+        self.keep = keep
+        self.dtype = compute_dtype
+        self.state = {w.name: _ModuleState() for w in watched}
+        self._handles: list[RemovableHandle] = []
+        self._weights: dict[tuple, Tensor | None] = {}
+        self._token_shape: tuple[int, ...] | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for w in self.watched:
+            hook = functools.partial(self._forward_hook, w)
+            self._handles.append(w.module.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for st in self.state.values():
+            st.pending.clear()
+
+    # ---- weights (mask x keep) --------------------------------------------------------
+    def _token_weights(self, name: str, tok: tuple[int, ...], device: torch.device) -> Tensor | None:
+        """``(B, T)`` 0/1 weights for a module whose token dims are ``tok`` (None: all ones)."""
+        key = (tok, device)
+        if key in self._weights:
+            return self._weights[key]
+        weights = None
+        if self.mask is not None and tok:
+            if tuple(self.mask.shape[1:]) != tok:
+                raise BatchError(
+                    f"mask has shape {tuple(self.mask.shape)} but module {name!r} sees tokens of "
+                    f"shape {(self.mask.shape[0], *tok)}. Pass a (batch, seq_len) mask that matches "
+                    "the model input, or no mask."
+                )
+            weights = self.mask.reshape(self.mask.shape[0], -1).to(device)
+        if self.keep is not None:
+            keep = self.keep.to(device)
+            t = 1 if not tok else int(torch.tensor(tok).prod())
+            keep = keep[:, None].expand(-1, t)
+            weights = keep if weights is None else weights & keep
+        self._weights[key] = weights
+        return weights
+
+    # ---- hooks ------------------------------------------------------------------------
+    def _forward_hook(self, w: Watched, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return  # no gradient will reach this call (no_grad, frozen branch)
+        batch = output.shape[0]
+        if self.batch_size is not None and batch != self.batch_size:
+            raise BatchError(
+                f"data_id has {self.batch_size} ids but module {w.name!r} received a batch of "
+                f"{batch}. Pass one id per example (batch-first inputs)."
+            )
+        proj = self.projections[w.name]
+        ap = w.adapter.project_activations(module, inputs, proj.p_in, self.dtype)
+        tok = tuple(ap.shape[1:-1])
+        self._check_per_token(w.name, tok)
+        ap = ap.reshape(batch, -1, ap.shape[-1])
+        weights = self._token_weights(w.name, tok, ap.device)
+        if weights is not None:
+            ap = ap * weights.unsqueeze(-1).to(ap.dtype)
+        st = self.state[w.name]
+        call = st.calls
+        st.calls += 1
+        st.pending[call] = (ap, weights)
+        hook = functools.partial(self._grad_hook, w, call)
+        self._handles.append(output.register_hook(hook))
+
+    def _grad_hook(self, w: Watched, call: int, grad: Tensor) -> None:
+        st = self.state[w.name]
+        if call not in st.pending:
+            return  # hooks were detached, or a second backward through the same graph
+        ap, weights = st.pending.pop(call)
+        st.grads_seen += 1
+        g = w.adapter.output_grad(w.module, grad)
+        g = g.reshape(ap.shape[0], -1, g.shape[-1]).to(self.dtype)
+        p_out = self.projections[w.name].p_out
+        gp = g if p_out is None else g @ p_out.to(self.dtype)
+        if weights is not None:
+            gp = gp * weights.unsqueeze(-1).to(gp.dtype)
+        if self.spec.gradients:
+            contrib = torch.bmm(gp.transpose(1, 2), ap)
+            st.grad = contrib if st.grad is None else st.grad + contrib
+            if self.spec.per_token:
+                tokens = gp.unsqueeze(-1) * ap.unsqueeze(-2)
+                st.token_grad = tokens if st.token_grad is None else st.token_grad + tokens
+        if self.spec.covariance:
+            self._accumulate_covariance(w, st, ap, gp, weights)
+        return None
+
+    def _accumulate_covariance(
+        self, w: Watched, st: _ModuleState, ap: Tensor, gp: Tensor, weights: Tensor | None
+    ) -> None:
+        a_flat = ap.reshape(-1, ap.shape[-1])
+        g_flat = gp.reshape(-1, gp.shape[-1])
+        one_hot = self.spec.space == "full" and w.adapter.kind == "embedding"
+        cov_a = torch.diag(a_flat.sum(0)) if one_hot else a_flat.T @ a_flat
+        n = torch.tensor(float(a_flat.shape[0])) if weights is None else weights.sum().float()
+        for key, value in (("A", cov_a), ("S", g_flat.T @ g_flat), ("tokens", n)):
+            value = value.detach().to("cpu", torch.float64)
+            st.stats[key] = value if key not in st.stats else st.stats[key] + value
+
+    def _check_per_token(self, name: str, tok: tuple[int, ...]) -> None:
+        if not self.spec.per_token:
+            return
+        if self._token_shape is None:
+            self._token_shape = tok
+        if tok != self._token_shape or not tok:
+            raise CaptureError(
+                f"Per-token capture needs every watched module to see the same token dimensions; "
+                f"module {name!r} sees {tok or '(no token dimension)'} but another saw "
+                f"{self._token_shape}. Exclude it (capture.exclude) or disable capture.per_token."
+            )
+
+    # ---- result -----------------------------------------------------------------------
+    def finish(self) -> BatchResult:
+        """Check that every call got its gradient and return the batch's buffers."""
+        missing = [n for n, st in self.state.items() if st.pending]
+        if missing:
+            raise CaptureError(
+                f"Modules {missing} ran forward inside this block but no gradient reached them. "
+                "Call loss.backward() inside the `with run(...)` block, once per forward."
+            )
+        if not any(st.grads_seen for st in self.state.values()):
+            raise CaptureError(
+                "No gradient reached any watched module in this block. Run forward with "
+                "gradients enabled and call loss.backward() inside the `with run(...)` block."
+            )
+        grads: dict[str, Tensor] = {}
+        token_grads: dict[str, Tensor] | None = {} if self.spec.per_token else None
+        if self.spec.gradients:
+            for w in self.watched:
+                st = self.state[w.name]
+                grads[w.name] = st.grad if st.grad is not None else self._zeros(w, st)
+                if token_grads is not None:
+                    token_grads[w.name] = st.token_grad if st.token_grad is not None else None
+            if token_grads is not None:
+                token_grads = self._fill_token_zeros(token_grads)
+        stats = {n: st.stats for n, st in self.state.items() if st.stats}
+        return BatchResult(grads, token_grads, stats)
+
+    def _zeros(self, w: Watched, st: _ModuleState) -> Tensor:
+        proj = self.projections[w.name]
+        k_out = proj.k_out or w.shape.d_out
+        k_in = proj.k_in or w.shape.d_in_aug
+        batch = self.batch_size or next(g.shape[0] for s in self.state.values() if (g := s.grad) is not None)
+        return torch.zeros(batch, k_out, k_in, dtype=self.dtype)
+
+    def _fill_token_zeros(self, token_grads: dict[str, Tensor | None]) -> dict[str, Tensor]:
+        ref = next(t for t in token_grads.values() if t is not None)
+        out = {}
+        for w in self.watched:
+            t = token_grads[w.name]
+            if t is None:
+                proj = self.projections[w.name]
+                k_out = proj.k_out or w.shape.d_out
+                k_in = proj.k_in or w.shape.d_in_aug
+                t = ref.new_zeros(ref.shape[0], ref.shape[1], k_out, k_in)
+            out[w.name] = t
+        return out

@@ -1,0 +1,88 @@
+"""LoGra projectors: per-module ``P_in`` (d_in+bias x k_in) and ``P_out`` (d_out x k_out).
+
+The logged gradient of a module is ``P_out^T G P_in`` where ``G = sum_t g_t a_t^T``
+is its full per-example gradient; hooks compute it as ``sum_t (g_t P_out)^T (a_t P_in)``
+so ``G`` is never formed.
+
+* ``random``: entries ``N(0, 1/k)`` from a generator seeded by the run's seed and a
+  stable hash of the module name, so every process builds the same matrices and
+  ``E[P P^T] = I`` (projected inner products are unbiased estimates of full ones).
+* ``pca``: the top-``k`` eigenvectors of the module's activation covariance ``A``
+  and output-gradient covariance ``S`` measured in a previous pass.
+* ``none``: identity; the full gradient is logged.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from logix.errors import ConfigError, StatisticsError
+
+
+@dataclass
+class ModuleProjection:
+    """Projection matrices of one module (None means identity)."""
+
+    p_in: Tensor | None
+    p_out: Tensor | None
+
+    @property
+    def k_in(self) -> int | None:
+        return None if self.p_in is None else self.p_in.shape[1]
+
+    @property
+    def k_out(self) -> int | None:
+        return None if self.p_out is None else self.p_out.shape[1]
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A seed that depends on the run seed and the module name, stable across processes."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def random_projection(name: str, d: int, k: int, seed: int, side: str) -> Tensor:
+    """A ``(d, k)`` Gaussian matrix with ``N(0, 1/k)`` entries, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(module_seed(seed, f"{name}:{side}"))
+    return torch.randn(d, k, generator=gen, dtype=torch.float32) / k**0.5
+
+
+def pca_projection(name: str, cov: Tensor, k: int, side: str) -> Tensor:
+    """The top-``k`` eigenvectors (as columns, by decreasing eigenvalue) of ``cov``."""
+    d = cov.shape[0]
+    if k > d:
+        raise ConfigError(
+            f"Module {name!r}: PCA rank {k} exceeds the {side} dimension {d}. "
+            f"Lower the rank for this module with projection.ranks."
+        )
+    cov64 = cov.to(torch.float64)
+    if not torch.isfinite(cov64).all():
+        raise StatisticsError(f"Module {name!r}: the {side} covariance has NaN/Inf; cannot run PCA.")
+    evals, evecs = torch.linalg.eigh(cov64)
+    top = evecs[:, torch.argsort(evals, descending=True)[:k]]
+    return top.to(torch.float32).contiguous()
+
+
+def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> None:
+    tensors: dict[str, Tensor] = {}
+    for name, proj in projections.items():
+        if proj.p_in is not None:
+            tensors[f"{name}::in"] = proj.p_in.contiguous()
+        if proj.p_out is not None:
+            tensors[f"{name}::out"] = proj.p_out.contiguous()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def load_projections(path: Path, names: list[str]) -> dict[str, ModuleProjection]:
+    tensors = load_file(str(path)) if path.exists() else {}
+    return {
+        name: ModuleProjection(tensors.get(f"{name}::in"), tensors.get(f"{name}::out"))
+        for name in names
+    }

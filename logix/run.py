@@ -1,0 +1,603 @@
+"""The Run: owns the hooks, the passes, the statistics and the store of one logging run.
+
+Typical use::
+
+    run = logix.init("my_project", config="configs/logix.yaml")
+    run.watch(model)
+    for pass_ in run.plan():            # 1 pass, or 2 for PCA init / EK-FAC
+        for batch in loader:
+            with run(data_id=batch["id"], mask=batch["attention_mask"]):
+                loss = per_example_summed_loss(model, batch)
+                loss.backward()
+    run.finalize()
+
+There is no global state: everything lives on the ``Run`` object, and hooks exist
+only inside ``with run(...)`` blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from logix.capture.engine import BatchCapture, BatchResult, PassSpec, Watched
+from logix.capture.watch import select_modules
+from logix.config import Config, ProjectionType, resolve_config
+from logix.errors import BatchError, DuplicateIdError, PlanError, RunDirectoryError, WatchError
+from logix.projection import (
+    ModuleProjection,
+    load_projections,
+    pca_projection,
+    random_projection,
+    save_projections,
+)
+from logix.runinfo import RunInfo, normalise_ids
+from logix.statistics import Statistics, eigendecompose
+from logix.store import Layout, ShardWriter, Store
+from logix.store.format import read_manifest
+
+log = logging.getLogger("logix")
+
+TRAIN_STORE = "train"
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass over the data that the run's plan needs."""
+
+    name: str
+    index: int
+    total: int
+    writes_rows: bool
+
+    def __str__(self) -> str:
+        return f"pass {self.index + 1}/{self.total}: {self.name}"
+
+
+class Run:
+    """A logging run rooted at ``<config.root>/<project>``.
+
+    Args:
+        project: name of the run directory under ``config.root``.
+        config: a :class:`Config`, a mapping, a YAML path, or None for defaults.
+        root: overrides ``config.root``.
+        overwrite: delete an existing run directory instead of resuming it.
+    """
+
+    def __init__(
+        self,
+        project: str,
+        config: Config | dict | str | Path | None = None,
+        root: str | Path | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.config = resolve_config(config)
+        if root is not None:
+            self.config = self.config.replace(root=str(root))
+        self.project = project
+        self.dir = Path(self.config.root) / project
+        if overwrite and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.info = RunInfo.open_or_create(self.dir, self.config, self._pass_specs())
+        self.watched: list[Watched] = []
+        self.projections: dict[str, ModuleProjection] = {}
+        self.layout: Layout | None = None
+        self._stats: Statistics | None = None
+        self._full_stats: Statistics | None = None
+        self._current: PassSpec | None = None
+        self._writer: ShardWriter | None = None
+        self._buffer: list[tuple[Tensor, list, np.ndarray | None]] = []
+        self._buffered_rows = 0
+        self._committed: set = set()  # ids committed before this session (resume)
+        self._seen: set = set()  # ids logged in this session
+        self._skipped_duplicates = 0
+        self._id_type: str | None = None
+        self._compute_dtype = _DTYPES[self.config.capture.compute_dtype.value]
+
+    # ---- passes -----------------------------------------------------------------------
+    def _pass_specs(self) -> list[PassSpec]:
+        cfg = self.config
+        per_token = cfg.capture.per_token
+        specs = []
+        if cfg.projection.type is ProjectionType.PCA:
+            specs.append(PassSpec("covariance", "full", covariance=True, gradients=False))
+        if cfg.statistics.ekfac and cfg.projection.type is not ProjectionType.PCA:
+            specs.append(PassSpec("kfac", "log", covariance=True, gradients=False))
+        log_cov = cfg.statistics.kfac and not cfg.statistics.ekfac
+        specs.append(PassSpec("log", "log", covariance=log_cov, gradients=True, per_token=per_token))
+        return specs
+
+    @property
+    def passes(self) -> list[str]:
+        """Names of every pass this run's configuration needs, in order."""
+        return [s.name for s in self._pass_specs()]
+
+    @property
+    def pending_passes(self) -> list[str]:
+        return [s.name for s in self._pass_specs() if s.name not in self.info.done]
+
+    @property
+    def finalized(self) -> bool:
+        return self.info.finalized
+
+    # ---- watch ------------------------------------------------------------------------
+    def watch(
+        self,
+        model: nn.Module,
+        modules: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Choose the modules to capture (filters default to ``config.capture``).
+
+        The model is not modified: hooks are attached only inside ``with run(...)``.
+        Calling ``watch`` again replaces the selection. Returns the captured names.
+        """
+        cap = self.config.capture
+        self.watched = select_modules(
+            model,
+            modules=cap.modules if modules is None else tuple(modules),
+            exclude=cap.exclude if exclude is None else tuple(exclude),
+            kinds=cap.types if types is None else tuple(types),
+            trainable_only=cap.trainable_only,
+        )
+        names = [w.name for w in self.watched]
+        self.info.check_modules(self._module_record())
+        self._init_projections()
+        self._load_finished_state()
+        log.info("logix: watching %d modules: %s", len(names), names)
+        return names
+
+    def _module_record(self) -> list[dict[str, Any]]:
+        return [
+            {"name": w.name, "kind": w.adapter.kind, "d_in": w.shape.d_in, "d_out": w.shape.d_out,
+             "bias": w.shape.bias}
+            for w in self.watched
+        ]
+
+    def _init_projections(self) -> None:
+        ptype = self.config.projection.type
+        seed = self.config.projection.seed
+        self.projections = {}
+        for w in self.watched:
+            if ptype is ProjectionType.NONE:
+                self.projections[w.name] = ModuleProjection(None, None)
+            elif ptype is ProjectionType.RANDOM:
+                k_in, k_out = self.config.rank_for(w.name)
+                self.projections[w.name] = ModuleProjection(
+                    random_projection(w.name, w.shape.d_in_aug, k_in, seed, "in"),
+                    random_projection(w.name, w.shape.d_out, k_out, seed, "out"),
+                )
+        if ptype is ProjectionType.PCA and "covariance" in self.info.done:
+            self.projections = load_projections(self.dir / "projection.safetensors", self._names())
+        self._set_layout()
+
+    def _set_layout(self) -> None:
+        entries = []
+        for w in self.watched:
+            if self.config.projection.type is ProjectionType.NONE:
+                shape = (w.shape.d_out, w.shape.d_in_aug)
+            else:
+                k_in, k_out = self.config.rank_for(w.name)
+                shape = (k_out, k_in)
+            entries.append((w.name, w.adapter.kind, shape))
+        self.layout = Layout.build(entries)
+
+    def _names(self) -> list[str]:
+        return [w.name for w in self.watched]
+
+    def _load_finished_state(self) -> None:
+        stats_dir = self.dir / "statistics"
+        if "covariance" in self.info.done:
+            self._full_stats = Statistics.load(stats_dir / "full.safetensors")
+        if "log" in self.info.done:
+            self._stats = Statistics.load(stats_dir / "log.safetensors")
+        elif (stats_dir / "kfac.safetensors").exists():
+            self._stats = Statistics.load(stats_dir / "kfac.safetensors")
+
+    def _require_watch(self) -> None:
+        if not self.watched:
+            raise WatchError("Call run.watch(model) before logging.")
+
+    # ---- the plan ---------------------------------------------------------------------
+    def plan(self) -> Iterator[Pass]:
+        """Yield each pass the configuration still needs; loop over your data in each.
+
+        Passes already completed (by this process or, on resume, an earlier one) are
+        skipped. Leaving the loop early leaves the current pass unfinished.
+        """
+        self._require_watch()
+        specs = self._pass_specs()
+        for index, spec in enumerate(specs):
+            if spec.name in self.info.done:
+                continue
+            self._start_pass(spec)
+            yield Pass(spec.name, index, len(specs), spec.gradients)
+            self._finish_pass()
+
+    def _start_pass(self, spec: PassSpec) -> None:
+        if self._current is not None:
+            if self._current.name == spec.name:
+                return
+            raise PlanError(f"Pass {self._current.name!r} is still running.")
+        log.info("logix: starting pass %r", spec.name)
+        self._current = spec
+        if spec.space == "full":
+            self._full_stats = Statistics(self._accum_dtype())
+        elif spec.name == "kfac":
+            self._stats = Statistics(self._accum_dtype())
+        else:
+            self._open_log_pass()
+
+    def _accum_dtype(self) -> torch.dtype:
+        return _DTYPES[self.config.statistics.dtype.value]
+
+    def _open_log_pass(self) -> None:
+        store_dir = self.dir / "stores" / TRAIN_STORE
+        per_token = self.config.capture.per_token
+        self._writer = ShardWriter(
+            store_dir, self.layout, self.config.store.dtype.value, per_token,
+            self.config.store.queue_shards,
+        )
+        if self.config.projection.type is not ProjectionType.NONE:
+            save_projections(self.dir / "projection.safetensors", self.projections)
+        manifest = self._writer.manifest
+        state = store_dir / manifest["state"] if manifest.get("state") else None
+        if state is not None:
+            self._stats = Statistics.load(state, frozen=False)
+            committed = Store(store_dir)
+            self._committed = set(committed.ids)
+            self._id_type = manifest.get("id_type")
+            log.info("logix: resuming after %d committed rows", committed.n_rows)
+        elif self._stats is not None:  # A, S and eigenbases from the kfac pass
+            self._stats = Statistics.from_flat(self._stats.flat())
+        else:
+            self._stats = Statistics(self._accum_dtype())
+
+    def _finish_pass(self) -> None:
+        spec = self._current
+        if spec is None:
+            return
+        stats_dir = self.dir / "statistics"
+        stats_dir.mkdir(parents=True, exist_ok=True)
+        if spec.name == "covariance":
+            self._finish_covariance(stats_dir)
+        elif spec.name == "kfac":
+            self._check_stats(self._stats, "kfac")
+            eigendecompose(self._stats, self._names())
+            self._stats.freeze()
+            self._stats.save(stats_dir / "kfac.safetensors")
+        else:
+            self._finish_log(stats_dir)
+        self._current = None
+        self.info.mark_done(spec.name)
+        log.info("logix: finished pass %r", spec.name)
+
+    def _check_stats(self, stats: Statistics | None, name: str) -> None:
+        if stats is None or not stats.modules:
+            raise PlanError(
+                f"Pass {name!r} saw no data: run your data loop inside `for pass_ in run.plan()`."
+            )
+
+    def _finish_covariance(self, stats_dir: Path) -> None:
+        full = self._full_stats
+        self._check_stats(full, "covariance")
+        full.freeze()
+        full.save(stats_dir / "full.safetensors")
+        for w in self.watched:
+            k_in, k_out = self.config.rank_for(w.name)
+            self.projections[w.name] = ModuleProjection(
+                pca_projection(w.name, full.mean(w.name, "A"), k_in, "input"),
+                pca_projection(w.name, full.mean(w.name, "S"), k_out, "output-gradient"),
+            )
+        save_projections(self.dir / "projection.safetensors", self.projections)
+        if self.config.statistics.ekfac:
+            self._stats = self._project_full_stats(full)
+            eigendecompose(self._stats, self._names())
+            self._stats.freeze()
+            self._stats.save(stats_dir / "kfac.safetensors")
+
+    def _project_full_stats(self, full: Statistics) -> Statistics:
+        """``P^T A P`` and ``P^T S P``: the log-space factors of the covariance pass's data."""
+        stats = Statistics(self._accum_dtype())
+        for name in self._names():
+            proj = self.projections[name]
+            for key, p in (("A", proj.p_in), ("S", proj.p_out)):
+                p64 = p.to(torch.float64)
+                stats.set(name, key, p64.T @ full.raw_sum(name, key).to(torch.float64) @ p64)
+            stats.set(name, "tokens", full.raw_sum(name, "tokens"))
+        return stats
+
+    def _finish_log(self, stats_dir: Path) -> None:
+        self._flush_buffer()
+        self._writer.close()
+        self._writer = None
+        if self.config.statistics.raw or self.config.statistics.kfac or self.config.statistics.ekfac:
+            self._check_stats(self._stats, "log")
+        self._stats.freeze()
+        self._stats.save(stats_dir / "log.safetensors")
+
+    # ---- logging a batch ----------------------------------------------------------------
+    def __call__(self, data_id: Sequence | Tensor | None = None, mask: Tensor | None = None) -> LogContext:
+        """A block that captures one batch: run forward and ``loss.backward()`` inside it.
+
+        Args:
+            data_id: one id (int or str) per example; required in the pass that stores rows.
+            mask: ``(batch, seq_len)`` 0/1 tensor; padding tokens (0) contribute nothing.
+        """
+        return LogContext(self, data_id, mask)
+
+    def pending(self, data_id: Sequence | Tensor) -> list:
+        """The ids of ``data_id`` that this run has not stored yet (to skip done batches)."""
+        ids, _ = normalise_ids(data_id)
+        return [i for i in ids if i not in self._committed and i not in self._seen]
+
+    def _active_spec(self) -> PassSpec:
+        self._require_watch()
+        if self.info.finalized:
+            raise PlanError(
+                f"Run {self.dir} is finalized. Read it with run.store(), or start a new project "
+                "(or pass overwrite=True) to log again."
+            )
+        if self._current is None:
+            pending = self.pending_passes
+            if pending != ["log"]:
+                raise PlanError(
+                    f"This configuration needs the passes {pending}; loop over your data inside "
+                    "`for pass_ in run.plan():`."
+                )
+            self._start_pass(self._pass_specs()[-1])
+        return self._current
+
+    def _begin(self, ctx: LogContext) -> BatchCapture | None:
+        spec = self._active_spec()
+        ids, keep = None, None
+        if spec.gradients:
+            if ctx.data_id is None:
+                raise BatchError("data_id is required while logging rows: pass one id per example.")
+            ids, id_type = normalise_ids(ctx.data_id)
+            self._check_id_type(id_type)
+            keep = self._keep_mask(ids)
+            if not keep.any():
+                ctx.skipped = True
+                return None
+        elif ctx.data_id is not None:
+            ids, _ = normalise_ids(ctx.data_id)
+        mask = ctx.mask
+        if mask is not None:
+            mask = self._check_mask(mask, None if ids is None else len(ids))
+        ctx.ids = ids
+        ctx.keep = keep
+        projections = self.projections
+        if spec.space == "full":
+            projections = {n: ModuleProjection(None, None) for n in self._names()}
+        capture = BatchCapture(
+            self.watched, projections, spec, None if ids is None else len(ids), mask,
+            None if keep is None or bool(keep.all()) else keep, self._compute_dtype,
+        )
+        capture.attach()
+        return capture
+
+    def _check_id_type(self, id_type: str) -> None:
+        if self._id_type is None:
+            self._id_type = id_type
+            self._writer.set_id_type(id_type)
+        elif self._id_type != id_type:
+            raise BatchError(f"This run logs {self._id_type} ids; got {id_type} ids.")
+
+    def _check_mask(self, mask: Tensor, n_ids: int | None) -> Tensor:
+        if not isinstance(mask, Tensor) or mask.dim() < 1:
+            raise BatchError("mask must be a tensor shaped like the model input (batch, seq_len).")
+        if n_ids is not None and mask.shape[0] != n_ids:
+            raise BatchError(f"mask has {mask.shape[0]} rows but data_id has {n_ids} ids.")
+        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
+            raise BatchError("mask must hold only 0 and 1 (1 = real token, 0 = padding).")
+        return mask.to(torch.bool)
+
+    def _keep_mask(self, ids: list) -> Tensor:
+        """Which examples of the batch are new (resume and duplicate handling)."""
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        in_batch: set = set()
+        for i, key in enumerate(ids):
+            if key in self._committed:
+                keep[i] = False
+            elif key in self._seen or key in in_batch:
+                if self.config.store.duplicate_ids.value == "error":
+                    raise DuplicateIdError(
+                        f"Id {key!r} was already logged in this run. Ids must be unique; set "
+                        "store.duplicate_ids=skip to keep the first row and drop repeats."
+                    )
+                keep[i] = False
+                self._skipped_duplicates += 1
+            in_batch.add(key)
+        return keep
+
+    def _end(self, ctx: LogContext, capture: BatchCapture) -> None:
+        result = capture.finish()
+        spec = self._current
+        if spec.space == "full":
+            self._full_stats.merge(result.stats)
+            return
+        self._stats.merge(result.stats)
+        if spec.gradients:
+            self._record_rows(ctx, result)
+
+    def _record_rows(self, ctx: LogContext, result: BatchResult) -> None:
+        keep = ctx.keep
+        grads = {n: g.detach().to("cpu") for n, g in result.grads.items()}
+        self._update_gradient_stats(grads, keep)
+        ids = [i for i, k in zip(ctx.ids, keep.tolist()) if k]
+        store_dtype = _DTYPES[self.config.store.dtype.value]
+        if result.token_grads is None:
+            rows = torch.cat([grads[n][keep].flatten(1) for n in self._names()], dim=1)
+            positions = None
+        else:
+            rows, ids, positions = self._token_rows(ctx, result, keep)
+        self._buffer.append((rows.to(store_dtype), ids, positions))
+        self._buffered_rows += rows.shape[0]
+        self._seen.update(ctx.ids[i] for i in range(len(ctx.ids)) if keep[i])
+        if self._buffered_rows >= self.config.store.shard_rows:
+            self._flush_buffer()
+
+    def _token_rows(self, ctx: LogContext, result: BatchResult, keep: Tensor):
+        tok = {n: t.detach().to("cpu") for n, t in result.token_grads.items()}
+        first = tok[self._names()[0]]
+        batch, n_tok = first.shape[:2]
+        valid = keep[:, None].expand(batch, n_tok).clone()
+        if ctx.mask is not None:
+            valid &= ctx.mask.to("cpu", torch.bool).reshape(batch, n_tok)
+        rows = torch.cat([tok[n][valid].flatten(1) for n in self._names()], dim=1)
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        ids = [ctx.ids[b] for b in b_idx.tolist()]
+        return rows, ids, t_idx.numpy().astype(np.int64)
+
+    def _update_gradient_stats(self, grads: dict[str, Tensor], keep: Tensor) -> None:
+        cfg = self.config.statistics
+        n_new = float(keep.sum())
+        dtype = self._accum_dtype()
+        for name in self._names():
+            g = grads[name][keep].to(dtype)
+            if cfg.ekfac:
+                q_a = self._stats.raw_sum(name, "A_evecs").to(dtype)
+                q_s = self._stats.raw_sum(name, "S_evecs").to(dtype)
+                rotated = q_s.T @ g @ q_a
+                self._stats.add(name, "ekfac", (rotated**2).sum(0))
+            if cfg.raw:
+                flat = g.flatten(1)
+                if flat.shape[1] > cfg.raw_max_dim:
+                    raise WatchError(
+                        f"Module {name!r}: its logged block has {flat.shape[1]} entries, above "
+                        f"statistics.raw_max_dim={cfg.raw_max_dim}; lower its ranks or disable raw."
+                    )
+                self._stats.add(name, "raw", flat.T @ flat)
+            if cfg.ekfac or cfg.raw:
+                self._stats.add(name, "examples", n_new)
+
+    def _flush_buffer(self) -> None:
+        if not self._buffer:
+            return
+        rows = torch.cat([b[0] for b in self._buffer])
+        ids = [i for b in self._buffer for i in b[1]]
+        positions = None
+        if self.config.capture.per_token:
+            positions = np.concatenate([b[2] for b in self._buffer])
+        self._buffer.clear()
+        self._buffered_rows = 0
+        self._writer.submit(rows, ids, positions, state=self._stats.flat())
+
+    # ---- ending -----------------------------------------------------------------------
+    def finalize(self) -> Store:
+        """Finish the log pass: commit buffered rows, save statistics, close the store.
+
+        Raises:
+            PlanError: passes of the plan did not run yet.
+        """
+        if self._current is not None:
+            if self._current.name != "log":
+                raise PlanError(f"Pass {self._current.name!r} is unfinished; complete run.plan().")
+            self._finish_pass()
+        if self.pending_passes:
+            raise PlanError(f"finalize() called before the passes {self.pending_passes} ran.")
+        if not self.info.finalized:
+            self.info.mark_finalized()
+        if self._skipped_duplicates:
+            log.warning("logix: skipped %d duplicate ids", self._skipped_duplicates)
+        return self.store()
+
+    def close(self) -> None:
+        """Commit what was logged so far without finishing the pass (resume later)."""
+        if self._writer is not None:
+            try:
+                self._flush_buffer()
+                self._writer.close()
+            finally:
+                self._writer = None
+                self._current = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
+
+    # ---- reading back -------------------------------------------------------------------
+    def store(self, name: str = TRAIN_STORE) -> Store:
+        """The committed rows of a store of this run."""
+        return Store(self.dir / "stores" / name)
+
+    @property
+    def statistics(self) -> Statistics:
+        """Log-space statistics (finalized after the log pass)."""
+        if self._stats is None:
+            raise PlanError("No statistics yet: run the plan first.")
+        return self._stats
+
+    @property
+    def full_statistics(self) -> Statistics | None:
+        """Full-space covariances from the PCA covariance pass, if one ran."""
+        return self._full_stats
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r}, modules={len(self.watched)}, pending={self.pending_passes})"
+
+
+class LogContext:
+    """``with run(data_id=..., mask=...):`` — captures one batch; hooks removed on exit."""
+
+    def __init__(self, run: Run, data_id: Any, mask: Tensor | None) -> None:
+        self.run = run
+        self.data_id = data_id
+        self.mask = mask
+        self.ids: list | None = None
+        self.keep: Tensor | None = None
+        self.skipped = False
+        self._capture: BatchCapture | None = None
+
+    def __enter__(self) -> LogContext:
+        self._capture = self.run._begin(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        capture, self._capture = self._capture, None
+        if capture is None:
+            return
+        try:
+            if exc_type is None:
+                self.run._end(self, capture)
+        finally:
+            capture.detach()
+
+
+def init(
+    project: str,
+    config: Config | dict | str | Path | None = None,
+    root: str | Path | None = None,
+    overwrite: bool = False,
+) -> Run:
+    """Create or resume the run ``<root>/<project>``; see :class:`Run`."""
+    return Run(project, config=config, root=root, overwrite=overwrite)
+
+
+def load_run_store(run_dir: str | Path, name: str = TRAIN_STORE) -> Store:
+    """Open a store of a finished (or interrupted) run directory."""
+    path = Path(run_dir) / "stores" / name
+    if read_manifest(path) is None:
+        raise RunDirectoryError(f"{run_dir} has no store named {name!r}.")
+    return Store(path)

@@ -1,0 +1,212 @@
+"""Crash-safe, background shard writer.
+
+A shard is written to a hidden temporary file, flushed and fsynced, atomically
+renamed, and only then recorded in the manifest (itself replaced atomically). A
+crash at any point leaves the manifest naming only whole shards; files it does
+not name are removed when the store is reopened. Errors in the writer thread are
+re-raised in the caller on the next ``submit``/``flush``/``close``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from logix.errors import StoreError
+from logix.store.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Layout,
+    fsync_dir,
+    read_manifest,
+    to_numpy,
+    write_json_atomic,
+)
+
+
+@dataclass
+class _Job:
+    rows: torch.Tensor
+    ids: list[str]
+    positions: np.ndarray | None
+    state: dict[str, torch.Tensor] | None
+
+
+class ShardWriter:
+    """Writes committed shards of one store in a background thread."""
+
+    def __init__(
+        self,
+        directory: Path,
+        layout: Layout,
+        dtype: str,
+        per_token: bool,
+        queue_shards: int = 2,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        self.manifest = self._open_manifest(layout, dtype, per_token)
+        self._clean_orphans()
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_shards)
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="logix-shard-writer", daemon=True)
+        self._thread.start()
+
+    # ---- manifest -------------------------------------------------------------------
+    def _open_manifest(self, layout: Layout, dtype: str, per_token: bool) -> dict[str, Any]:
+        existing = read_manifest(self.directory)
+        fresh = {
+            "format": FORMAT_VERSION,
+            "layout": layout.to_json(),
+            "dim": layout.dim,
+            "dtype": dtype,
+            "per_token": per_token,
+            "id_type": None,
+            "shards": [],
+            "state": None,
+        }
+        if existing is None:
+            write_json_atomic(self.directory / MANIFEST, fresh)
+            return fresh
+        for key in ("layout", "dtype", "per_token"):
+            if existing[key] != fresh[key]:
+                raise StoreError(
+                    f"Store {self.directory} was written with a different {key} "
+                    f"({existing[key]!r} vs {fresh[key]!r}); use a new run directory or overwrite=True."
+                )
+        return existing
+
+    def _clean_orphans(self) -> None:
+        """Remove temporary files and shards that no manifest entry commits."""
+        named = {s["file"] for s in self.manifest["shards"]}
+        if self.manifest.get("state"):
+            named.add(self.manifest["state"])
+        for path in self.directory.iterdir():
+            if path.name == MANIFEST:
+                continue
+            if path.name.startswith(".") or path.name not in named:
+                path.unlink()
+
+    def set_id_type(self, id_type: str) -> None:
+        """Record whether ids are ``int`` or ``str`` (fixed by the first shard)."""
+        current = self.manifest.get("id_type")
+        if current is not None and current != id_type:
+            raise StoreError(
+                f"This store holds {current} ids; got {id_type} ids. Use one id type per store."
+            )
+        with self._lock:
+            self.manifest["id_type"] = id_type
+
+    @property
+    def committed_rows(self) -> int:
+        with self._lock:
+            return sum(s["rows"] for s in self.manifest["shards"])
+
+    # ---- public API -------------------------------------------------------------------
+    def submit(
+        self,
+        rows: torch.Tensor,
+        ids: list[str],
+        positions: np.ndarray | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Queue one shard; blocks while ``queue_shards`` shards are already waiting."""
+        self._raise_if_failed()
+        if self._closed:
+            raise StoreError("The shard writer is closed.")
+        if rows.shape[0] != len(ids):
+            raise StoreError(f"{rows.shape[0]} rows but {len(ids)} ids.")
+        self._queue.put(_Job(rows, list(ids), positions, state))
+        self._raise_if_failed()
+
+    def flush(self) -> None:
+        """Wait until every submitted shard is committed."""
+        self._queue.join()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop the thread without raising (used while another error propagates)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    # ---- thread ---------------------------------------------------------------------
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"Writing the store {self.directory} failed: {self._error!r}") from self._error
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    self._commit(job)
+            except BaseException as exc:  # surfaced in the caller, never swallowed
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _commit(self, job: _Job) -> None:
+        index = len(self.manifest["shards"])
+        name = f"shard-{index:06d}.h5"
+        self._write_shard(self.directory / name, job)
+        state_name = None
+        if job.state is not None:
+            state_name = f"state-{index:06d}.safetensors"
+            tmp = self.directory / f".{state_name}.tmp"
+            save_file({k: v.contiguous() for k, v in job.state.items()}, str(tmp))
+            _fsync_file(tmp)
+            os.replace(tmp, self.directory / state_name)
+        fsync_dir(self.directory)
+        old_state = self.manifest.get("state")
+        with self._lock:
+            manifest = dict(self.manifest)
+            manifest["shards"] = [*self.manifest["shards"], {"file": name, "rows": len(job.ids)}]
+            if state_name is not None:
+                manifest["state"] = state_name
+            write_json_atomic(self.directory / MANIFEST, manifest)
+            self.manifest = manifest
+        if state_name is not None and old_state and old_state != state_name:
+            (self.directory / old_state).unlink(missing_ok=True)
+
+    def _write_shard(self, final: Path, job: _Job) -> None:
+        tmp = final.with_name(f".{final.name}.tmp")
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("rows", data=to_numpy(job.rows))
+            fh.create_dataset("ids", data=np.array([str(i) for i in job.ids], dtype=object), dtype=h5py.string_dtype())
+            if job.positions is not None:
+                fh.create_dataset("positions", data=job.positions.astype(np.int64))
+            fh.attrs["dtype"] = self.dtype
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
