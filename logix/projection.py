@@ -15,7 +15,7 @@ so ``G`` is never formed.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,12 +25,36 @@ from torch import Tensor
 from logix.errors import ConfigError, StatisticsError
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A projection cast to the hooks' device and dtype, laid out for ``F.linear``."""
+
+    p_in: Tensor | None  # (d_in_aug, k_in)
+    in_weight: Tensor | None  # (k_in, d_in): P_in[:d_in]^T, contiguous
+    in_bias: Tensor | None  # (k_in,): the bias row of P_in, or None
+    out_weight: Tensor | None  # (k_out, d_out): P_out^T, contiguous
+
+
 @dataclass
 class ModuleProjection:
     """Projection matrices of one module (None means identity)."""
 
     p_in: Tensor | None
     p_out: Tensor | None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def prepared(self, device: torch.device, dtype: torch.dtype, bias: bool) -> Prepared:
+        """The matrices on ``device`` in ``dtype`` (cached per device and dtype)."""
+        key = (device, dtype, bias)
+        if key not in self._cache:
+            p_in = None if self.p_in is None else self.p_in.to(device, dtype)
+            in_weight = in_bias = None
+            if p_in is not None:
+                in_weight = (p_in[:-1] if bias else p_in).T.contiguous()
+                in_bias = p_in[-1].contiguous() if bias else None
+            out_weight = None if self.p_out is None else self.p_out.to(device, dtype).T.contiguous()
+            self._cache[key] = Prepared(p_in, in_weight, in_bias, out_weight)
+        return self._cache[key]
 
     @property
     def k_in(self) -> int | None:

@@ -17,6 +17,7 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -129,17 +130,25 @@ class BatchCapture:
         return weights
 
     # ---- hooks ------------------------------------------------------------------------
-    def _forward_hook(self, w: Watched, module: nn.Module, inputs: tuple, output: object) -> None:
+    def _forward_hook(self, w: Watched, module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return  # no gradient will reach this call (no_grad, frozen branch)
         batch = output.shape[0]
+        broadcast = False
         if self.batch_size is not None and batch != self.batch_size:
-            raise BatchError(
-                f"data_id has {self.batch_size} ids but module {w.name!r} received a batch of "
-                f"{batch}. Pass one id per example (batch-first inputs)."
-            )
+            if batch != 1 or output.dim() < 2:
+                raise BatchError(
+                    f"data_id has {self.batch_size} ids but module {w.name!r} received a batch of "
+                    f"{batch}. Pass one id per example (batch-first inputs)."
+                )
+            # Shared across the batch (e.g. GPT-2 position embeddings, position_ids of shape
+            # (1, T)): hand the model an expanded view so the output gradient stays per example.
+            broadcast, batch = True, self.batch_size
         proj = self.projections[w.name]
-        ap = w.adapter.project_activations(module, inputs, proj.p_in, self.dtype)
+        ap = w.adapter.project_activations(module, inputs, proj, self.dtype)
+        if broadcast:
+            ap = ap.expand(batch, *ap.shape[1:])
+            output = output.expand(batch, *output.shape[1:])
         tok = tuple(ap.shape[1:-1])
         self._check_per_token(w.name, tok)
         ap = ap.reshape(batch, -1, ap.shape[-1])
@@ -152,6 +161,7 @@ class BatchCapture:
         st.pending[call] = (ap, weights)
         hook = functools.partial(self._grad_hook, w, call)
         self._handles.append(output.register_hook(hook))
+        return output if broadcast else None
 
     def _grad_hook(self, w: Watched, call: int, grad: Tensor) -> None:
         st = self.state[w.name]
@@ -161,8 +171,8 @@ class BatchCapture:
         st.grads_seen += 1
         g = w.adapter.output_grad(w.module, grad)
         g = g.reshape(ap.shape[0], -1, g.shape[-1]).to(self.dtype)
-        p_out = self.projections[w.name].p_out
-        gp = g if p_out is None else g @ p_out.to(self.dtype)
+        proj = self.projections[w.name]
+        gp = g if proj.p_out is None else F.linear(g, proj.prepared(g.device, self.dtype, w.shape.bias).out_weight)
         if weights is not None:
             gp = gp * weights.unsqueeze(-1).to(gp.dtype)
         if self.spec.gradients:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from logix.errors import UnsupportedModuleError
+from logix.projection import ModuleProjection
 
 
 @dataclass(frozen=True)
@@ -60,20 +61,22 @@ class LayerAdapter:
         """Output gradient as ``(B, *token_dims, d_out)``."""
         return grad
 
-    def project_activations(self, module: nn.Module, inputs: tuple, p_in: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """``a_aug @ P_in`` as ``(B, *token_dims, k_in)``; ``P_in`` is None for no projection.
+    def project_activations(
+        self, module: nn.Module, inputs: tuple, proj: ModuleProjection, dtype: torch.dtype
+    ) -> Tensor:
+        """``a_aug @ P_in`` as ``(B, *token_dims, k_in)`` (``a_aug`` itself without projection).
 
         The bias column is never materialised: ``a_aug @ P = a @ P[:-1] + P[-1]``.
         """
-        a = self.activations(module, inputs).to(dtype)
+        a = self.activations(module, inputs)
         bias = self.shape(module).bias
-        if p_in is None:
+        if proj.p_in is None:
+            a = a.to(dtype)
             if not bias:
                 return a
             return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        if bias:
-            return F.linear(a, p_in[:-1].T, p_in[-1])
-        return F.linear(a, p_in.T)
+        prep = proj.prepared(a.device, dtype, bias)
+        return F.linear(a.to(dtype), prep.in_weight, prep.in_bias)
 
     def weights(self, module: nn.Module) -> list[nn.Parameter]:
         params = [module.weight]
@@ -149,11 +152,13 @@ class EmbeddingAdapter(LayerAdapter):
         mask = self._token_mask(module, idx)
         return a if mask is None else a * mask
 
-    def project_activations(self, module: nn.Module, inputs: tuple, p_in: Tensor | None, dtype: torch.dtype) -> Tensor:
-        if p_in is None:
+    def project_activations(
+        self, module: nn.Module, inputs: tuple, proj: ModuleProjection, dtype: torch.dtype
+    ) -> Tensor:
+        if proj.p_in is None:
             return self.activations(module, inputs).to(dtype)
         idx = inputs[0]
-        a = p_in.to(dtype)[idx]
+        a = proj.prepared(idx.device, dtype, False).p_in[idx]
         mask = self._token_mask(module, idx)
         return a if mask is None else a * mask
 
