@@ -279,7 +279,7 @@ def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
     for key, value in data.items():
         if key not in fields:
             errors.append(
-                f"Unknown key {prefix}{key!r}. Valid keys: {sorted(fields)}."
+                f"Unknown key {prefix + str(key)!r}. Valid keys: {sorted(fields)}."
                 + _did_you_mean(str(key), list(fields))
             )
             continue

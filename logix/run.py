@@ -159,6 +159,7 @@ class Run:
         self.info.check_modules(self._module_record())
         self._init_projections()
         self._load_finished_state()
+        self._load_committed_ids()
         log.info("logix: watching %d modules: %s", len(names), names)
         return names
 
@@ -208,6 +209,13 @@ class Run:
             self._stats = Statistics.load(stats_dir / "log.safetensors")
         elif (stats_dir / "kfac.safetensors").exists():
             self._stats = Statistics.load(stats_dir / "kfac.safetensors")
+
+    def _load_committed_ids(self) -> None:
+        """Ids an interrupted earlier session committed (resume skips them)."""
+        manifest = read_manifest(self.dir / "stores" / TRAIN_STORE)
+        if manifest is not None and "log" not in self.info.done and manifest["shards"]:
+            self._committed = set(self.store().ids)
+            self._id_type = manifest.get("id_type")
 
     def _require_watch(self) -> None:
         if not self.watched:
@@ -259,10 +267,8 @@ class Run:
         state = store_dir / manifest["state"] if manifest.get("state") else None
         if state is not None:
             self._stats = Statistics.load(state, frozen=False)
-            committed = Store(store_dir)
-            self._committed = set(committed.ids)
-            self._id_type = manifest.get("id_type")
-            log.info("logix: resuming after %d committed rows", committed.n_rows)
+            self._load_committed_ids()
+            log.info("logix: resuming after %d committed rows", self._writer.committed_rows)
         elif self._stats is not None:  # A, S and eigenbases from the kfac pass
             self._stats = Statistics.from_flat(self._stats.flat())
         else:

@@ -76,7 +76,7 @@ class Layout:
         raise KeyError(f"No module {name!r} in this store. Modules: {self.names}.")
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [asdict(b) for b in self.blocks]
+        return [{**asdict(b), "shape": list(b.shape)} for b in self.blocks]
 
     @classmethod
     def from_json(cls, data: list[dict[str, Any]]) -> Layout:
