@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,15 +105,17 @@ class Projector:
         return torch.cat(out)
 
 
-def bench(step_fn, warmup: int, iters: int) -> tuple[float, float]:
-    """Run ``step_fn(step)`` ``warmup`` then ``iters`` times; return (seconds timed, setup RSS)."""
+def bench(step_fn, warmup: int, iters: int) -> tuple[list[float], float]:
+    """Run ``step_fn(step)`` ``warmup`` then ``iters`` times; return (timed step seconds, setup RSS)."""
     setup_rss = peak_rss_mb()
     for s in range(warmup):
         step_fn(s)
-    start = time.perf_counter()
+    times = []
     for s in range(warmup, warmup + iters):
+        start = time.perf_counter()
         step_fn(s)
-    return time.perf_counter() - start, setup_rss
+        times.append(time.perf_counter() - start)
+    return times, setup_rss
 
 
 def run_method(method: str, warmup: int, iters: int, dense_mb: float) -> dict:
@@ -143,7 +146,6 @@ def run_method(method: str, warmup: int, iters: int, dense_mb: float) -> dict:
         start = time.perf_counter()
         store = run.finalize()
         extra["finalize_s"] = time.perf_counter() - start
-        seconds += extra["finalize_s"]
         extra["rows"], extra["row_dim"] = store.n_rows, store.dim
         tmp.cleanup()
     else:
@@ -176,9 +178,13 @@ def run_method(method: str, warmup: int, iters: int, dense_mb: float) -> dict:
             raise SystemExit(f"unknown method {method!r}")
         seconds, setup = bench(step, warmup, iters)
     peak = peak_rss_mb()
-    return {"method": method, "examples": iters * BATCH, "seconds": seconds,
-            "examples_per_s": iters * BATCH / seconds, "peak_rss_mb": peak,
-            "setup_rss_mb": setup, "peak_rss_delta_mb": peak - setup, **extra}
+    # Median batch time (robust to other load on the machine) + finalize amortised per example.
+    per_example = statistics.median(seconds) / BATCH + extra.get("finalize_s", 0.0) / (iters * BATCH)
+    total = sum(seconds) + extra.get("finalize_s", 0.0)
+    return {"method": method, "examples": iters * BATCH, "seconds": total,
+            "examples_per_s": 1 / per_example, "examples_per_s_mean": iters * BATCH / total,
+            "batch_s_median": statistics.median(seconds), "batch_s_min": min(seconds),
+            "peak_rss_mb": peak, "setup_rss_mb": setup, "peak_rss_delta_mb": peak - setup, **extra}
 
 
 def main() -> None:

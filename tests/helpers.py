@@ -89,7 +89,7 @@ def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float64):
     torch.manual_seed(seed)
     cfg = GPT2Config(
         n_layer=2, n_embd=16, n_head=2, vocab_size=37, n_positions=16,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
     model = GPT2LMHeadModel(cfg).to(dtype)
     model.eval()

@@ -237,10 +237,10 @@ def test_per_token_rows_equal_token_gradients(tmp_path):
     assert store.per_token and store.n_rows == int(mask.sum())
     keys = [(i, int(p)) for i, p in zip(store.ids, store.positions)]
     assert keys[:3] == [("a", 0), ("a", 1), ("a", 2)]
-    for ex, (name, b) in enumerate([("a", 0), ("b", 1), ("c", 2)]):
+    for name, b in [("a", 0), ("b", 1), ("c", 2)]:
         for t in range(int(mask[b].sum())):
             token = x[b, t : t + 1]
-            oracle = per_example_grads(model, ["0", "2"], 1, lambda _: (model(token) ** 2).sum())
+            oracle = per_example_grads(model, ["0", "2"], 1, lambda _, tok=token: (model(tok) ** 2).sum())
             row = store.get([(name, t)]).double()
             want = torch.cat([oracle["0"].flatten(1), oracle["2"].flatten(1)], 1)
             assert rel_err(row, want) < 1e-5

@@ -1,0 +1,32 @@
+# Set-up and the two commands the README documents: `make demo` and `make test`.
+# Each creates .venv on first use, installing torch==2.13.0 (CPU) first, then logix.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/log_gpt2.py
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check logix tests examples benchmarks
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check logix tests examples benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_capture.py
+
+clean:
+	rm -rf $(VENV) logix_runs .pytest_cache
