@@ -85,8 +85,7 @@ class DuplicatePolicy(_ChoiceEnum):
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    if default is dataclasses.MISSING and "default_factory" not in kw:
-        return field(metadata={"help": text}, **kw)
+    """A dataclass field with help text (shown in docs/configuration.md)."""
     if default is dataclasses.MISSING:
         return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text}, **kw)
@@ -341,3 +340,24 @@ def resolve_config(config: Config | Mapping[str, Any] | str | Path | None) -> Co
     raise ConfigError(
         f"config must be a Config, a mapping or a YAML path, got {type(config).__name__}."
     )
+
+
+def config_reference() -> str:
+    """Markdown tables of every config key, its default and its help (docs/configuration.md)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        lines += [f"### `{section.name}`", "", section.metadata["help"], "",
+                  "| key | default | meaning |", "|---|---|---|"]
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = yaml.safe_dump(_plain(getattr(defaults, f.name)), default_flow_style=True).strip()
+            default = default.removesuffix("...").strip()
+            meaning = f.metadata["help"].replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+

@@ -30,3 +30,10 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         assert isinstance(logix.Config.from_yaml(path), logix.Config)
+
+
+def test_configuration_docs_are_in_sync():
+    from logix.config import config_reference
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert config_reference().strip() in text, "regenerate docs/configuration.md (see its header)"
