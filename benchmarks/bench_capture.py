@@ -190,30 +190,41 @@ def run_method(method: str, warmup: int, iters: int, dense_mb: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: few iterations, k=16 only")
-    ap.add_argument("--iters", type=int, help="timed batches per method (default 25, quick 3)")
+    ap.add_argument("--iters", type=int, help="timed batches per method (default 20, quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    ap.add_argument("--rounds", type=int, help="subprocess runs per method, best kept (default 2, quick 1)")
     ap.add_argument("--ranks", type=int, nargs="+", help="k per side (default 16 32, quick 16)")
     ap.add_argument("--dense-mb", type=float, default=1024,
                     help="baselines use a dense vec(G) projection only if all its matrices fit")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = ap.parse_args()
-    iters = args.iters or (3 if args.quick else 25)
+    iters = args.iters or (3 if args.quick else 20)
+    rounds = args.rounds or (1 if args.quick else 2)
     ranks = args.ranks or ([16] if args.quick else [16, 32])
     if args.method:
         print(json.dumps(run_method(args.method, args.warmup, iters, args.dense_mb)))
         return
 
     methods = ["plain"] + [f"{kind}-{k}" for k in ranks for kind in ("logix", "loop", "vmap")]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    load_before = os.getloadavg()
+    for r in range(rounds):  # rounds interleave methods; order rotates to spread background load
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+            cmd = [sys.executable, __file__, "--method", m, "--iters", str(iters),
+                   "--warmup", str(args.warmup), "--dense-mb", str(args.dense_mb)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{m} failed:\n{proc.stderr}")
+            runs[m].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{rounds} {m}: {runs[m][-1]['examples_per_s']:.2f} examples/s", flush=True)
+    # Per method: the least-disturbed round (fastest), with the peak RSS over all rounds.
     results = {}
-    for m in methods:
-        cmd = [sys.executable, __file__, "--method", m, "--iters", str(iters),
-               "--warmup", str(args.warmup), "--dense-mb", str(args.dense_mb)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{m} failed:\n{proc.stderr}")
-        results[m] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  ran {m}: {results[m]['seconds']:.1f}s", file=sys.stderr)
+    for m, rs in runs.items():
+        results[m] = dict(max(rs, key=lambda x: x["examples_per_s"]))
+        results[m]["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+        results[m]["peak_rss_delta_mb"] = max(x["peak_rss_delta_mb"] for x in rs)
+        results[m]["examples_per_s_rounds"] = [x["examples_per_s"] for x in rs]
     base = results["plain"]["examples_per_s"]
     ratios = {}
     for k in ranks:
@@ -232,10 +243,11 @@ def main() -> None:
 
     report = {
         "setup": {"model": "GPT-2 n_layer=4 n_embd=256 n_head=4 vocab=5000", "batch": BATCH, "seq_len": SEQ,
-                  "warmup": args.warmup, "iters": iters, "ranks": ranks, "quick": args.quick,
+                  "warmup": args.warmup, "iters": iters, "rounds": rounds, "ranks": ranks, "quick": args.quick,
                   "torch": torch.__version__, "transformers": transformers.__version__,
                   "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                  "platform": platform.platform(), "rss": "ru_maxrss of each method's own subprocess"},
+                  "platform": platform.platform(), "rss": "ru_maxrss of each method's own subprocess",
+                  "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "results": results,
         "ratios": ratios,
     }

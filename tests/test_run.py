@@ -262,3 +262,28 @@ def test_config_strict_loading(tmp_path):
     (tmp_path / "bad.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
         logix.Config.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_per_module_ranks_saved_projections_and_no_statistics(tmp_path):
+    model, x = _mlp(), torch.randn(5, 4)
+    cfg = {
+        "projection": {"rank_in": 2, "rank_out": 3, "ranks": {"2": [4, 1]}},
+        "statistics": {"kfac": False},
+    }
+    run = logix.init("ranks", config=cfg, root=tmp_path)
+    run.watch(model)
+    with run(data_id=list(range(5))):
+        model(x).sum().backward()
+    store = run.finalize()
+    assert [b.shape for b in store.layout.blocks] == [(3, 2), (1, 4)]
+    assert run.projections["0"].p_in.shape == (5, 2) and run.projections["2"].p_out.shape == (3, 1)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.dir / "projection.safetensors"))
+    for name, proj in run.projections.items():
+        assert torch.equal(saved[f"{name}::in"], proj.p_in) and torch.equal(saved[f"{name}::out"], proj.p_out)
+    assert run.statistics.modules == []
+    # the same seed gives the same projection in another process/run
+    other = logix.init("ranks2", config=cfg, root=tmp_path)
+    other.watch(model)
+    assert torch.equal(other.projections["2"].p_in, run.projections["2"].p_in)
