@@ -490,8 +490,7 @@ class Run:
                         f"statistics.raw_max_dim={cfg.raw_max_dim}; lower its ranks or disable raw."
                     )
                 self._stats.add(name, "raw", flat.T @ flat)
-            if cfg.ekfac or cfg.raw:
-                self._stats.add(name, "examples", n_new)
+            self._stats.add(name, "examples", n_new)
 
     def _flush_buffer(self) -> None:
         if not self._buffer:

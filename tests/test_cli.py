@@ -21,7 +21,7 @@ def test_inspect_run_and_store(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "store 'train': 3 rows in 1 shards, dtype float32, 12 values per row" in out
     assert "ids: x, y, z" in out and "(3, 2)" in out and "finalized: True" in out
-    assert "statistics ['A', 'S', 'tokens'] for 2 modules" in out
+    assert "statistics ['A', 'S', 'examples', 'tokens'] for 2 modules" in out
     assert main(["inspect", str(run.dir / "stores" / "train")]) == 0
 
 

@@ -1,0 +1,214 @@
+"""Preconditioners: the ``(H + damping)^-1`` applied to logged gradients, block-diagonal per module.
+
+Each module's block of a row is the logged gradient ``V`` (``k_out x k_in``). With the run's
+statistics (see :mod:`logix.statistics`):
+
+* ``identity``: ``V`` unchanged (gradient dot products; TracIn at one checkpoint).
+* ``raw``: ``(C + d I)^-1 vec(V)`` with ``C = E_n[vec G_n vec G_n^T]`` the raw covariance.
+* ``kfac``: ``H = (tokens/examples) A kron S``, applied in the eigenbases:
+  ``Q_S [(Q_S^T V Q_A) / (c lam_S lam_A^T + d)] Q_A^T``.
+* ``ekfac``: the same with the eigenvalue products replaced by the EK-FAC corrections
+  ``E_n[(Q_S^T G_n Q_A)^2]``.
+
+Damping ``d`` is per module: ``absolute`` uses the value as is; ``relative`` (the default)
+multiplies it by the mean of that module's curvature spectrum (the denominators above), so
+one setting transfers across modules and models of different scale. Everything is computed
+in float64 from copies: the stored statistics are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from logix.config import _ChoiceEnum
+from logix.errors import StatisticsError
+from logix.statistics import Statistics
+from logix.store.format import Layout
+
+
+class PreconditionerType(_ChoiceEnum):
+    IDENTITY = "identity"
+    RAW = "raw"
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+
+
+@dataclass(frozen=True)
+class Damping:
+    """``value`` times the mean curvature eigenvalue (relative) or ``value`` itself (absolute)."""
+
+    value: float = 0.1
+    relative: bool = True
+
+    def resolve(self, spectrum: Tensor) -> float:
+        if self.value < 0:
+            raise ValueError(f"Damping must be non-negative, got {self.value}.")
+        return float(self.value * spectrum.mean()) if self.relative else float(self.value)
+
+
+class ModulePreconditioner:
+    """Maps blocks ``(n, k_out, k_in)`` to ``(H_m + d)^-1`` applied to each."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], damping: float) -> None:
+        self._fn = fn
+        self.damping = damping
+
+    def __call__(self, blocks: Tensor) -> Tensor:
+        return self._fn(blocks.to(torch.float64))
+
+
+def _checked(stats: Statistics, module: str, key: str, mean: bool = True) -> Tensor:
+    value = stats.mean(module, key) if mean else stats.raw_sum(module, key)
+    value = value.to(torch.float64)
+    if not torch.isfinite(value).all():
+        raise StatisticsError(
+            f"Module {module!r}: statistic {key!r} contains NaN/Inf; cannot precondition. "
+            "Check the training run (divergence, fp16 overflow) and log again."
+        )
+    return value
+
+
+def _eigh(matrix: Tensor, module: str, key: str) -> tuple[Tensor, Tensor]:
+    matrix = 0.5 * (matrix + matrix.T)
+    evals, evecs = torch.linalg.eigh(matrix)
+    if not torch.isfinite(evals).all():
+        raise StatisticsError(f"Module {module!r}: eigendecomposition of {key} failed (NaN/Inf).")
+    return evals.clamp_min(0.0), evecs
+
+
+def _factor_eigens(stats: Statistics, module: str, key: str) -> tuple[Tensor, Tensor]:
+    if stats.has(module, f"{key}_evecs"):
+        return (
+            _checked(stats, module, f"{key}_evals", mean=False).clamp_min(0.0),
+            _checked(stats, module, f"{key}_evecs", mean=False),
+        )
+    return _eigh(_checked(stats, module, key), module, key)
+
+
+def _identity(stats: Statistics, module: str, shape: tuple[int, int], damping: Damping) -> ModulePreconditioner:
+    return ModulePreconditioner(lambda v: v, 0.0)
+
+
+def _raw(stats: Statistics, module: str, shape: tuple[int, int], damping: Damping) -> ModulePreconditioner:
+    if not stats.has(module, "raw"):
+        raise StatisticsError(
+            f"Module {module!r} has no raw covariance: log with statistics.raw=true to use 'raw'."
+        )
+    evals, evecs = _eigh(_checked(stats, module, "raw"), module, "raw")
+    d = damping.resolve(evals)
+    inv = (evecs / (evals + d)) @ evecs.T
+
+    def apply(v: Tensor) -> Tensor:
+        return (v.flatten(1) @ inv).reshape(v.shape)
+
+    return ModulePreconditioner(apply, d)
+
+
+def _eigenbasis(denominator: Callable, stats: Statistics, module: str, damping: Damping) -> ModulePreconditioner:
+    _, q_a = _factor_eigens(stats, module, "A")
+    _, q_s = _factor_eigens(stats, module, "S")
+    denom = denominator(stats, module)
+    d = damping.resolve(denom)
+    scale = 1.0 / (denom + d)
+
+    def apply(v: Tensor) -> Tensor:
+        return q_s @ ((q_s.T @ v @ q_a) * scale) @ q_a.T
+
+    return ModulePreconditioner(apply, d)
+
+
+def _kfac_denominator(stats: Statistics, module: str) -> Tensor:
+    lam_a, _ = _factor_eigens(stats, module, "A")
+    lam_s, _ = _factor_eigens(stats, module, "S")
+    ratio = stats.count(module, "tokens") / _examples(stats, module)
+    return ratio * lam_s[:, None] * lam_a[None, :]
+
+
+def _ekfac_denominator(stats: Statistics, module: str) -> Tensor:
+    if not stats.has(module, "ekfac"):
+        raise StatisticsError(
+            f"Module {module!r} has no EK-FAC corrections: log with statistics.ekfac=true to use 'ekfac'."
+        )
+    return _checked(stats, module, "ekfac").clamp_min(0.0)
+
+
+def _examples(stats: Statistics, module: str) -> float:
+    if not stats.has(module, "examples"):
+        raise StatisticsError(f"Module {module!r}: no example count in the statistics.")
+    return stats.count(module, "examples")
+
+
+def _kfac(stats, module, shape, damping):
+    if not stats.has(module, "A"):
+        raise StatisticsError(f"Module {module!r} has no KFAC factors: log with statistics.kfac=true.")
+    return _eigenbasis(_kfac_denominator, stats, module, damping)
+
+
+def _ekfac(stats, module, shape, damping):
+    return _eigenbasis(_ekfac_denominator, stats, module, damping)
+
+
+_REGISTRY: dict[PreconditionerType, Callable[..., ModulePreconditioner]] = {}
+
+
+def register_preconditioner(kind: PreconditionerType, builder: Callable[..., ModulePreconditioner]) -> None:
+    if kind in _REGISTRY:
+        raise ValueError(f"A preconditioner {kind.value!r} is already registered.")
+    _REGISTRY[kind] = builder
+
+
+for _kind, _builder in (
+    (PreconditionerType.IDENTITY, _identity),
+    (PreconditionerType.RAW, _raw),
+    (PreconditionerType.KFAC, _kfac),
+    (PreconditionerType.EKFAC, _ekfac),
+):
+    register_preconditioner(_kind, _builder)
+
+
+class Preconditioner:
+    """Block-diagonal preconditioner over full rows (every module's block)."""
+
+    def __init__(
+        self,
+        kind: PreconditionerType | str,
+        statistics: Statistics | None,
+        layout: Layout,
+        damping: Damping | float | dict[str, Damping | float] = Damping(),
+    ) -> None:
+        self.kind = PreconditionerType.parse(kind, "preconditioner")
+        if self.kind is not PreconditionerType.IDENTITY and statistics is None:
+            raise StatisticsError(f"Preconditioner {self.kind.value!r} needs the run's statistics.")
+        self.layout = layout
+        self.modules = {}
+        for block in layout.blocks:
+            damp = _damping_for(damping, block.name)
+            self.modules[block.name] = _REGISTRY[self.kind](statistics, block.name, block.shape, damp)
+
+    @property
+    def damping(self) -> dict[str, float]:
+        """The resolved absolute damping of each module."""
+        return {name: m.damping for name, m in self.modules.items()}
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        """``(n, dim)`` rows -> preconditioned rows, float64."""
+        rows = rows.to(torch.float64)
+        if self.kind is PreconditionerType.IDENTITY:
+            return rows
+        out = torch.empty_like(rows)
+        for block in self.layout.blocks:
+            v = rows[:, block.columns].reshape(rows.shape[0], *block.shape)
+            out[:, block.columns] = self.modules[block.name](v).reshape(rows.shape[0], -1)
+        return out
+
+
+def _damping_for(damping, module: str) -> Damping:
+    if isinstance(damping, dict):
+        damping = damping.get(module, damping.get("*", Damping()))
+    if isinstance(damping, (int, float)):
+        return Damping(float(damping))
+    return damping
