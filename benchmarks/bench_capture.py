@@ -4,20 +4,22 @@ Model: a seeded tiny GPT-2 (4 layers, d=256, vocab 5000, seq 128), float32 on CP
 tokens, batch 8, right padding on every other example (``attention_mask``; labels -100 on
 padding). Each example's loss is the SUM of its shifted next-token losses. Methods:
 
-* ``plain``      forward + backward, no logix (the reference);
-* ``logix-k``    the same inside ``with run(...)``: random projection k x k per module, KFAC
-                 statistics on, rows written to the store (``finalize`` is timed too);
-* ``loop-k``     one backward per example (batch of 1), then ``P_out^T G P_in`` (or a dense
-                 ``vec(G) @ P`` when the matrices fit ``--dense-mb``) of each captured module's
-                 materialised gradient ``G``;
-* ``vmap-k``     ``torch.func`` per-sample gradients (``vmap(grad(functional_call))``) + the
-                 same projection.
+* ``plain``    forward + backward, no logix (the reference);
+* ``logix-k``  the same inside ``with run(...)``: random projection k x k per module, KFAC
+               statistics on, rows written to the store (``finalize`` timed, amortised);
+* ``loop-k``   one backward per example (batch of 1), then ``P_out^T G P_in`` (or a dense
+               ``vec(G) @ P`` when all its matrices fit ``--dense-mb``) of each captured
+               module's materialised gradient ``G``;
+* ``vmap-k``   ``torch.func`` per-sample gradients (``vmap(grad(functional_call))``) + the
+               same projection.
 
-Every method runs in its own subprocess (``--method``), so the peak RSS (``ru_maxrss``) it
-reports is its own. Throughput is ``batch / median batch time`` (plus logix's ``finalize``
-amortised over the examples); ``--rounds`` repeats every method, interleaved, and keeps its
-fastest round, which damps other load on a shared machine (all rounds are in the JSON;
-``background_cpu`` is the share of the machine's CPU other processes used while timing).
+Each method runs in its own subprocess (``--method``): first alone (warm-up, then ``--iters``
+timed batches; ``ru_maxrss`` gives its own peak RSS), then ``--pairs`` batches alternating
+with plain batches in the same process. Throughput is ``batch / median batch time``; "vs
+plain" is the paired ratio, which cancels the slow drift in speed of a shared machine.
+``--rounds`` repeats everything, interleaved; the JSON keeps every round, and the table shows
+each method's fastest standalone round and the mean paired ratio. ``background_cpu`` is the
+share of the machine's CPU that other processes used while a method was timed.
 
 Baselines project the modules ``run.watch`` picks with logix's own random matrices, so their
 rows equal logix's, except that GPT-2 ties ``lm_head`` to ``wte``: for that pair they project
@@ -34,12 +36,12 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import mean, median
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; Linux."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
 def build_model() -> torch.nn.Module:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -71,19 +81,15 @@ def make_batch(step: int) -> dict[str, torch.Tensor]:
     for b in range(1, BATCH, 2):  # every other example is right-padded to a random length
         mask[b, int(torch.randint(SEQ // 4, SEQ, (1,), generator=gen)) :] = 0
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen).masked_fill(mask == 0, 0)
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": ids.masked_fill(mask == 0, -100),
-        "data_id": torch.arange(step * BATCH, (step + 1) * BATCH),
-    }
+    labels = ids.masked_fill(mask == 0, -100)
+    data_id = torch.arange(step * BATCH, (step + 1) * BATCH)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "data_id": data_id}
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Shifted LM loss summed over tokens and examples (the per-example loss is a sum)."""
-    return F.cross_entropy(
-        logits[..., :-1, :].flatten(0, -2), labels[..., 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
+    logits, labels = logits[..., :-1, :].flatten(0, -2), labels[..., 1:].flatten()
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
 class Projector:
@@ -121,110 +127,101 @@ class Projector:
         return torch.cat(out)
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; Linux."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+def timed(fn, step: int) -> float:
+    start = time.perf_counter()
+    fn(step)
+    return time.perf_counter() - start
 
 
-def bench(step_fn, warmup: int, iters: int) -> tuple[list[float], float, float]:
-    """Run ``step_fn(step)`` ``warmup`` then ``iters`` times.
-
-    Returns the timed step seconds, the peak RSS before the first step, and the share of the
-    machine's CPU that other processes used meanwhile (background load that slows the timing).
-    """
-    setup_rss = peak_rss_mb()
-    for s in range(warmup):
-        step_fn(s)
-    times = []
-    busy0, own0 = cpu_seconds()
-    for s in range(warmup, warmup + iters):
-        start = time.perf_counter()
-        step_fn(s)
-        times.append(time.perf_counter() - start)
-    busy1, own1 = cpu_seconds()
-    background = max(0.0, (busy1 - busy0) - (own1 - own0)) / (sum(times) * os.cpu_count())
-    return times, setup_rss, background
-
-
-def run_method(method: str, warmup: int, iters: int, dense_mb: float) -> dict:
+def run_method(method: str, warmup: int, iters: int, pairs: int, dense_mb: float) -> dict:
+    """Measure one method in this process (see the module docstring)."""
     model = build_model()
-    batches = [make_batch(s) for s in range(warmup + iters)]
+    n = warmup + iters
+    batches = [make_batch(s) for s in range(n + pairs)]
     kind, _, k = method.partition("-")
-    k = int(k or 0)
-    extra: dict = {}
+    k, extra = int(k or 0), {}
+    tmp = tempfile.TemporaryDirectory()
 
     def forward_backward(b: dict) -> None:
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         summed_loss(logits, b["labels"]).backward()
 
-    if kind == "plain":
-        seconds, setup, background = bench(lambda s: forward_backward(batches[s]), warmup, iters)
-    elif kind == "logix":
-        tmp = tempfile.TemporaryDirectory()
+    def plain(s: int) -> None:
+        forward_backward(batches[s])
+
+    step = plain
+    if kind == "logix":
         config = {"projection": {"type": "random", "rank_in": k, "rank_out": k}, "statistics": {"kfac": True}}
-        run = logix.init("bench", config=config, root=tmp.name, overwrite=True)
-        extra["modules"] = len(run.watch(model))
+        runs = [logix.init(f"bench{i}", config=config, root=tmp.name) for i in range(2)]  # alone, paired
+        for r in runs:
+            extra["modules"] = len(r.watch(model))
 
         def step(s: int) -> None:
-            with run(data_id=batches[s]["data_id"], mask=batches[s]["attention_mask"]):
+            with runs[s >= n](data_id=batches[s]["data_id"], mask=batches[s]["attention_mask"]):
                 forward_backward(batches[s])
 
-        seconds, setup, background = bench(step, warmup, iters)
-        start = time.perf_counter()
-        store = run.finalize()
-        extra["finalize_s"] = time.perf_counter() - start
-        extra["rows"], extra["row_dim"] = store.n_rows, store.dim
-        tmp.cleanup()
-    else:
+    elif kind in ("loop", "vmap"):
         proj = Projector(model, k, dense_mb)
         extra.update(projection_form=proj.form, dense_matrices_mb=round(proj.dense_mb, 1))
         rows: list[torch.Tensor] = []
-        if kind == "loop":
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        causal = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool))
 
-            def step(s: int) -> None:
-                b = batches[s]
+        def example_loss(p, ids, mask4, labels):
+            logits = functional_call(model, p, (ids[None],), {"attention_mask": mask4[None]}).logits
+            return summed_loss(logits, labels[None])
+
+        per_sample = vmap(grad(example_loss), in_dims=(None, 0, 0, 0))
+
+        def step(s: int) -> None:
+            b = batches[s]
+            if kind == "loop":
                 for i in range(BATCH):
                     forward_backward({key: v[i : i + 1] for key, v in b.items()})
                     rows.append(proj.one({n: p.grad for n, p in model.named_parameters()}))
-        elif kind == "vmap":
-            params = {n: p.detach() for n, p in model.named_parameters()}
-            causal = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool))
-
-            def example_loss(p, ids, mask4, labels):
-                logits = functional_call(model, p, (ids[None],), {"attention_mask": mask4[None]}).logits
-                return summed_loss(logits, labels[None])
-
-            per_sample = vmap(grad(example_loss), in_dims=(None, 0, 0, 0))
-
-            def step(s: int) -> None:
-                b = batches[s]
-                # A ready 4D mask: transformers' 2D-mask preprocessing branches on data (no vmap).
+            else:  # a ready 4D mask: transformers' 2D-mask preprocessing branches on data (no vmap)
                 mask4 = causal[None, None] & b["attention_mask"].bool()[:, None, None, :]
-                grads = per_sample(params, b["input_ids"], mask4, b["labels"])
-                rows.append(vmap(proj.one)(grads))
-        else:
-            raise SystemExit(f"unknown method {method!r}")
-        seconds, setup, background = bench(step, warmup, iters)
+                rows.append(vmap(proj.one)(per_sample(params, b["input_ids"], mask4, b["labels"])))
+
+    elif kind != "plain":
+        raise SystemExit(f"unknown method {method!r}")
+
+    setup_rss = peak_rss_mb()
+    for s in range(warmup):
+        step(s)
+    busy0, own0 = cpu_seconds()
+    times = [timed(step, s) for s in range(warmup, n)]
+    busy1, own1 = cpu_seconds()
+    per_example_extra = 0.0
+    if kind == "logix":
+        start = time.perf_counter()
+        store = runs[0].finalize()
+        extra["finalize_s"] = time.perf_counter() - start
+        extra["rows"], extra["row_dim"] = store.n_rows, store.dim
+        per_example_extra = extra["finalize_s"] / (iters * BATCH)  # amortised over the timed examples
     peak = peak_rss_mb()
-    # Median batch time (robust to other load on the machine) + finalize amortised per example.
-    per_example = statistics.median(seconds) / BATCH + extra.get("finalize_s", 0.0) / (iters * BATCH)
-    total = sum(seconds) + extra.get("finalize_s", 0.0)
+    paired = 1.0
+    if kind != "plain" and pairs:
+        t_plain, t_method = [], []
+        for s in range(n, n + pairs):
+            t_plain.append(timed(plain, s))
+            t_method.append(timed(step, s))
+        paired = (median(t_plain) / BATCH) / (median(t_method) / BATCH + per_example_extra)
+        extra["paired_batch_s_median"] = {"plain": median(t_plain), "method": median(t_method)}
+    if kind == "logix":
+        runs[1].close()
+    tmp.cleanup()
     return {
         "method": method,
-        "examples": iters * BATCH,
-        "seconds": total,
-        "examples_per_s": 1 / per_example,
-        "examples_per_s_mean": iters * BATCH / total,
-        "batch_s_median": statistics.median(seconds),
-        "batch_s_min": min(seconds),
+        "examples_per_s": 1 / (median(times) / BATCH + per_example_extra),
+        "vs_plain_paired": paired,
+        "batch_s_median": median(times),
+        "batch_s_min": min(times),
         "peak_rss_mb": peak,
-        "setup_rss_mb": setup,
-        "peak_rss_delta_mb": peak - setup,
-        "background_cpu": background,
+        "setup_rss_mb": setup_rss,
+        "peak_rss_delta_mb": peak - setup_rss,
+        "background_cpu": max(0.0, (busy1 - busy0) - (own1 - own0)) / (sum(times) * os.cpu_count()),
         **extra,
     }
 
@@ -232,86 +229,96 @@ def run_method(method: str, warmup: int, iters: int, dense_mb: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: few iterations, k=16 only")
-    ap.add_argument("--iters", type=int, help="timed batches per method (default 12, quick 3)")
+    ap.add_argument("--iters", type=int, help="timed batches per method alone (default 10, quick 3)")
+    ap.add_argument("--pairs", type=int, help="timed (plain, method) batch pairs (default 10, quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    ap.add_argument("--rounds", type=int, help="subprocess runs per method, best kept (default 3, quick 1)")
+    ap.add_argument("--rounds", type=int, help="subprocess runs per method (default 2, quick 1)")
     ap.add_argument("--ranks", type=int, nargs="+", help="k per side (default 16 32, quick 16)")
     ap.add_argument("--dense-mb", type=float, default=1024, help="dense baseline projection if it fits")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = ap.parse_args()
-    iters = args.iters or (3 if args.quick else 12)
-    rounds = args.rounds or (1 if args.quick else 3)
+    iters = args.iters or (3 if args.quick else 10)
+    pairs = args.pairs if args.pairs is not None else (3 if args.quick else 10)
+    rounds = args.rounds or (1 if args.quick else 2)
     ranks = args.ranks or ([16] if args.quick else [16, 32])
     if args.method:
-        print(json.dumps(run_method(args.method, args.warmup, iters, args.dense_mb)))
+        print(json.dumps(run_method(args.method, args.warmup, iters, pairs, args.dense_mb)))
         return
 
     methods = ["plain"] + [f"{kind}-{k}" for k in ranks for kind in ("logix", "loop", "vmap")]
+    common = ["--iters", str(iters), "--pairs", str(pairs), "--warmup", str(args.warmup)]
+    common += ["--dense-mb", str(args.dense_mb)]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    common = ["--iters", str(iters), "--warmup", str(args.warmup), "--dense-mb", str(args.dense_mb)]
-    load_before = os.getloadavg()
-    for r in range(rounds):  # rounds interleave methods; order rotates to spread background load
+    load_before, start = os.getloadavg(), time.perf_counter()
+    for r in range(rounds):  # rounds interleave methods; the order rotates
         for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
             cmd = [sys.executable, __file__, "--method", m, *common]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{m} failed:\n{proc.stderr}")
-            runs[m].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            res = runs[m][-1]
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[m].append(res)
             print(
-                f"  round {r + 1}/{rounds} {m:<9} {res['examples_per_s']:6.2f} ex/s  bg CPU {res['background_cpu']:.0%}"
+                f"  round {r + 1}/{rounds} {m:<9} {res['examples_per_s']:6.2f} ex/s, "
+                f"{res['vs_plain_paired']:.3f} x plain, bg CPU {res['background_cpu']:.0%}",
+                flush=True,
             )
-    # Per method: the least-disturbed round (fastest), with the peak RSS over all rounds.
     results = {}
     for m, rs in runs.items():
-        results[m] = dict(max(rs, key=lambda x: x["examples_per_s"]))
-        results[m]["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
-        results[m]["peak_rss_delta_mb"] = max(x["peak_rss_delta_mb"] for x in rs)
-        results[m]["examples_per_s_rounds"] = [x["examples_per_s"] for x in rs]
+        best = max(rs, key=lambda x: x["examples_per_s"])
+        results[m] = {
+            "examples_per_s": best["examples_per_s"],  # fastest standalone round
+            "vs_plain_paired": mean(x["vs_plain_paired"] for x in rs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            "peak_rss_delta_mb": max(x["peak_rss_delta_mb"] for x in rs),
+            "background_cpu": best["background_cpu"],
+            "projection_form": best.get("projection_form"),
+            "rounds": rs,
+        }
     base = results["plain"]["examples_per_s"]
-    ratios = {}
+    ratios, standalone = {}, {}
     for k in ranks:
-        logix_eps = results[f"logix-{k}"]["examples_per_s"]
-        ratios[f"logix-{k}/plain"] = logix_eps / base
-        ratios[f"logix-{k}/loop-{k}"] = logix_eps / results[f"loop-{k}"]["examples_per_s"]
-        ratios[f"logix-{k}/vmap-{k}"] = logix_eps / results[f"vmap-{k}"]["examples_per_s"]
+        lx = results[f"logix-{k}"]
+        for other in ("plain", f"loop-{k}", f"vmap-{k}"):
+            ratios[f"logix-{k}/{other}"] = lx["vs_plain_paired"] / results[other]["vs_plain_paired"]
+            standalone[f"logix-{k}/{other}"] = lx["examples_per_s"] / results[other]["examples_per_s"]
 
-    head = (
-        f"{'method':<10} {'examples/s':>11} {'vs plain':>9} {'peak RSS MB':>12} {'delta MB':>9} {'bg CPU':>7}"
+    print(
+        f"\n{'method':<9} {'examples/s':>10} {'vs plain':>9} {'standalone':>10} {'peak RSS MB':>11} ", end=""
     )
-    print(f"\n{head}  projection")
+    print(f"{'delta MB':>8} {'bg CPU':>6}  projection")
     for m, r in results.items():
-        note = r.get("projection_form", "")
         print(
-            f"{m:<10} {r['examples_per_s']:>11.2f} {r['examples_per_s'] / base:>9.3f} "
-            f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_delta_mb']:>9.0f} {r['background_cpu']:>7.0%}  {note}"
+            f"{m:<9} {r['examples_per_s']:>10.2f} {r['vs_plain_paired']:>9.3f} "
+            f"{r['examples_per_s'] / base:>10.3f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_delta_mb']:>8.0f} "
+            f"{r['background_cpu']:>6.0%}  {r['projection_form'] or ''}"
         )
+    print("\nratios (paired; standalone in brackets):")
     for name, value in ratios.items():
-        print(f"{name:<22} {value:.3f}")
+        print(f"  {name:<18} {value:6.3f}  ({standalone[name]:.3f})")
 
-    report = {
-        "setup": {
-            "model": "GPT-2 n_layer=4 n_embd=256 n_head=4 vocab=5000",
-            "batch": BATCH,
-            "seq_len": SEQ,
-            "warmup": args.warmup,
-            "iters": iters,
-            "rounds": rounds,
-            "ranks": ranks,
-            "quick": args.quick,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "rss": "ru_maxrss of each method's own subprocess",
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
-        "results": results,
-        "ratios": ratios,
+    setup = {
+        "model": "GPT-2 n_layer=4 n_embd=256 n_head=4 vocab=5000, float32, eval mode",
+        "batch": BATCH,
+        "seq_len": SEQ,
+        "warmup": args.warmup,
+        "iters": iters,
+        "pairs": pairs,
+        "rounds": rounds,
+        "ranks": ranks,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "rss": "ru_maxrss of each method's own subprocess, before its paired phase",
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "wall_s": time.perf_counter() - start,
     }
+    report = {"setup": setup, "results": results, "ratios_paired": ratios, "ratios_standalone": standalone}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from logix.capture.engine import BatchCapture, BatchResult, PassSpec, Watched
 from logix.capture.watch import select_modules
 from logix.config import Config, ProjectionType, resolve_config
-from logix.errors import BatchError, DuplicateIdError, PlanError, RunDirectoryError, WatchError
+from logix.errors import BatchError, PlanError, RunDirectoryError, WatchError
 from logix.projection import (
     ModuleProjection,
     load_projections,
@@ -40,13 +40,15 @@ from logix.projection import (
     save_projections,
 )
 from logix.runinfo import RunInfo, normalise_ids
+from logix.sink import StoreSink, committed_ids
 from logix.statistics import Statistics, eigendecompose
-from logix.store import Layout, ShardWriter, Store
+from logix.store import Layout, Store
 from logix.store.format import read_manifest
 
 log = logging.getLogger("logix")
 
 TRAIN_STORE = "train"
+QUERY_STORE = "queries"
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -99,13 +101,8 @@ class Run:
         self._stats: Statistics | None = None
         self._full_stats: Statistics | None = None
         self._current: PassSpec | None = None
-        self._writer: ShardWriter | None = None
-        self._buffer: list[tuple[Tensor, list, np.ndarray | None]] = []
-        self._buffered_rows = 0
-        self._committed: set = set()  # ids committed before this session (resume)
-        self._seen: set = set()  # ids logged in this session
-        self._skipped_duplicates = 0
-        self._id_type: str | None = None
+        self._sinks: dict[str, StoreSink] = {}  # stores being written: train, queries
+        self._committed: set = set()  # train ids an interrupted session committed (resume)
         self._compute_dtype = _DTYPES[self.config.capture.compute_dtype.value]
 
     # ---- passes -----------------------------------------------------------------------
@@ -212,10 +209,8 @@ class Run:
 
     def _load_committed_ids(self) -> None:
         """Ids an interrupted earlier session committed (resume skips them)."""
-        manifest = read_manifest(self.dir / "stores" / TRAIN_STORE)
-        if manifest is not None and "log" not in self.info.done and manifest["shards"]:
-            self._committed = set(self.store().ids)
-            self._id_type = manifest.get("id_type")
+        if "log" not in self.info.done:
+            self._committed, _ = committed_ids(self.dir / "stores" / TRAIN_STORE)
 
     def _require_watch(self) -> None:
         if not self.watched:
@@ -254,21 +249,22 @@ class Run:
     def _accum_dtype(self) -> torch.dtype:
         return _DTYPES[self.config.statistics.dtype.value]
 
-    def _open_log_pass(self) -> None:
-        store_dir = self.dir / "stores" / TRAIN_STORE
-        per_token = self.config.capture.per_token
-        self._writer = ShardWriter(
-            store_dir, self.layout, self.config.store.dtype.value, per_token,
-            self.config.store.queue_shards,
+    def _open_sink(self, name: str, state=None) -> StoreSink:
+        cfg = self.config
+        sink = StoreSink(
+            self.dir / "stores" / name, self.layout, cfg.store.dtype.value, cfg.capture.per_token,
+            cfg.store.shard_rows, cfg.store.queue_shards, cfg.store.duplicate_ids, state,
         )
+        self._sinks[name] = sink
+        return sink
+
+    def _open_log_pass(self) -> None:
+        sink = self._open_sink(TRAIN_STORE, state=lambda: self._stats.flat())
         if self.config.projection.type is not ProjectionType.NONE:
             save_projections(self.dir / "projection.safetensors", self.projections)
-        manifest = self._writer.manifest
-        state = store_dir / manifest["state"] if manifest.get("state") else None
-        if state is not None:
-            self._stats = Statistics.load(state, frozen=False)
-            self._load_committed_ids()
-            log.info("logix: resuming after %d committed rows", self._writer.committed_rows)
+        if sink.state_file is not None:
+            self._stats = Statistics.load(sink.state_file, frozen=False)
+            log.info("logix: resuming after %d committed rows", sink.writer.committed_rows)
         elif self._stats is not None:  # A, S and eigenbases from the kfac pass
             self._stats = Statistics.from_flat(self._stats.flat())
         else:
@@ -329,9 +325,10 @@ class Run:
         return stats
 
     def _finish_log(self, stats_dir: Path) -> None:
-        self._flush_buffer()
-        self._writer.close()
-        self._writer = None
+        sink = self._sinks.pop(TRAIN_STORE)
+        sink.close()
+        if sink.skipped_duplicates:
+            log.warning("logix: skipped %d duplicate ids", sink.skipped_duplicates)
         if self.config.statistics.raw or self.config.statistics.kfac or self.config.statistics.ekfac:
             self._check_stats(self._stats, "log")
         self._stats.freeze()
@@ -350,7 +347,20 @@ class Run:
     def pending(self, data_id: Sequence | Tensor) -> list:
         """The ids of ``data_id`` that this run has not stored yet (to skip done batches)."""
         ids, _ = normalise_ids(data_id)
-        return [i for i in ids if i not in self._committed and i not in self._seen]
+        if TRAIN_STORE in self._sinks:
+            return self._sinks[TRAIN_STORE].pending(ids)
+        if "log" in self.info.done:
+            return []
+        return [i for i in ids if i not in self._committed]
+
+    def log_queries(self, data_id: Sequence | Tensor, mask: Tensor | None = None) -> LogContext:
+        """Like ``run(...)``, but rows go to the ``queries`` store with the same projection.
+
+        Use it after the training rows are logged (the run is finalized, in this process or
+        an earlier one); statistics are not updated. Call ``run.finalize()`` (again) when
+        done to commit the query rows.
+        """
+        return LogContext(self, data_id, mask, store=QUERY_STORE)
 
     def _active_spec(self) -> PassSpec:
         self._require_watch()
@@ -369,15 +379,26 @@ class Run:
             self._start_pass(self._pass_specs()[-1])
         return self._current
 
+    def _query_spec(self) -> PassSpec:
+        self._require_watch()
+        if not self.info.finalized:
+            raise PlanError("Log queries after the training rows: call run.finalize() first.")
+        if QUERY_STORE not in self._sinks:
+            self._open_sink(QUERY_STORE)
+        return PassSpec("queries", "log", covariance=False, gradients=True,
+                        per_token=self.config.capture.per_token)
+
     def _begin(self, ctx: LogContext) -> BatchCapture | None:
-        spec = self._active_spec()
+        spec = self._query_spec() if ctx.store == QUERY_STORE else self._active_spec()
+        ctx.spec = spec
         ids, keep = None, None
         if spec.gradients:
             if ctx.data_id is None:
                 raise BatchError("data_id is required while logging rows: pass one id per example.")
             ids, id_type = normalise_ids(ctx.data_id)
-            self._check_id_type(id_type)
-            keep = self._keep_mask(ids)
+            sink = self._sinks[ctx.store]
+            sink.check_id_type(id_type)
+            keep = sink.keep_mask(ids)
             if not keep.any():
                 ctx.skipped = True
                 return None
@@ -398,13 +419,6 @@ class Run:
         capture.attach()
         return capture
 
-    def _check_id_type(self, id_type: str) -> None:
-        if self._id_type is None:
-            self._id_type = id_type
-            self._writer.set_id_type(id_type)
-        elif self._id_type != id_type:
-            raise BatchError(f"This run logs {self._id_type} ids; got {id_type} ids.")
-
     def _check_mask(self, mask: Tensor, n_ids: int | None) -> Tensor:
         if not isinstance(mask, Tensor) or mask.dim() < 1:
             raise BatchError("mask must be a tensor shaped like the model input (batch, seq_len).")
@@ -414,50 +428,32 @@ class Run:
             raise BatchError("mask must hold only 0 and 1 (1 = real token, 0 = padding).")
         return mask.to(torch.bool)
 
-    def _keep_mask(self, ids: list) -> Tensor:
-        """Which examples of the batch are new (resume and duplicate handling)."""
-        keep = torch.ones(len(ids), dtype=torch.bool)
-        in_batch: set = set()
-        for i, key in enumerate(ids):
-            if key in self._committed:
-                keep[i] = False
-            elif key in self._seen or key in in_batch:
-                if self.config.store.duplicate_ids.value == "error":
-                    raise DuplicateIdError(
-                        f"Id {key!r} was already logged in this run. Ids must be unique; set "
-                        "store.duplicate_ids=skip to keep the first row and drop repeats."
-                    )
-                keep[i] = False
-                self._skipped_duplicates += 1
-            in_batch.add(key)
-        return keep
-
     def _end(self, ctx: LogContext, capture: BatchCapture) -> None:
         result = capture.finish()
-        spec = self._current
+        spec = ctx.spec
+        if spec.name == "queries":
+            self._record_rows(ctx, result)
+            return
         if spec.space == "full":
             self._full_stats.merge(result.stats)
             return
         self._stats.merge(result.stats)
         if spec.gradients:
+            self._update_gradient_stats({n: g.detach().to("cpu") for n, g in result.grads.items()}, ctx.keep)
             self._record_rows(ctx, result)
 
     def _record_rows(self, ctx: LogContext, result: BatchResult) -> None:
         keep = ctx.keep
         grads = {n: g.detach().to("cpu") for n, g in result.grads.items()}
-        self._update_gradient_stats(grads, keep)
-        ids = [i for i, k in zip(ctx.ids, keep.tolist()) if k]
+        new_ids = [i for i, k in zip(ctx.ids, keep.tolist()) if k]
+        ids = new_ids
         store_dtype = _DTYPES[self.config.store.dtype.value]
         if result.token_grads is None:
             rows = torch.cat([grads[n][keep].flatten(1) for n in self._names()], dim=1)
             positions = None
         else:
             rows, ids, positions = self._token_rows(ctx, result, keep)
-        self._buffer.append((rows.to(store_dtype), ids, positions))
-        self._buffered_rows += rows.shape[0]
-        self._seen.update(ctx.ids[i] for i in range(len(ctx.ids)) if keep[i])
-        if self._buffered_rows >= self.config.store.shard_rows:
-            self._flush_buffer()
+        self._sinks[ctx.store].add(rows.to(store_dtype), ids, positions, new_ids)
 
     def _token_rows(self, ctx: LogContext, result: BatchResult, keep: Tensor):
         tok = {n: t.detach().to("cpu") for n, t in result.token_grads.items()}
@@ -492,18 +488,6 @@ class Run:
                 self._stats.add(name, "raw", flat.T @ flat)
             self._stats.add(name, "examples", n_new)
 
-    def _flush_buffer(self) -> None:
-        if not self._buffer:
-            return
-        rows = torch.cat([b[0] for b in self._buffer])
-        ids = [i for b in self._buffer for i in b[1]]
-        positions = None
-        if self.config.capture.per_token:
-            positions = np.concatenate([b[2] for b in self._buffer])
-        self._buffer.clear()
-        self._buffered_rows = 0
-        self._writer.submit(rows, ids, positions, state=self._stats.flat())
-
     # ---- ending -----------------------------------------------------------------------
     def finalize(self) -> Store:
         """Finish the log pass: commit buffered rows, save statistics, close the store.
@@ -519,19 +503,18 @@ class Run:
             raise PlanError(f"finalize() called before the passes {self.pending_passes} ran.")
         if not self.info.finalized:
             self.info.mark_finalized()
-        if self._skipped_duplicates:
-            log.warning("logix: skipped %d duplicate ids", self._skipped_duplicates)
+        if QUERY_STORE in self._sinks:
+            self._sinks.pop(QUERY_STORE).close()
         return self.store()
 
     def close(self) -> None:
         """Commit what was logged so far without finishing the pass (resume later)."""
-        if self._writer is not None:
-            try:
-                self._flush_buffer()
-                self._writer.close()
-            finally:
-                self._writer = None
-                self._current = None
+        try:
+            for sink in self._sinks.values():
+                sink.close()
+        finally:
+            self._sinks.clear()
+            self._current = None
 
     def __enter__(self) -> Run:
         return self
@@ -566,10 +549,12 @@ class Run:
 class LogContext:
     """``with run(data_id=..., mask=...):`` — captures one batch; hooks removed on exit."""
 
-    def __init__(self, run: Run, data_id: Any, mask: Tensor | None) -> None:
+    def __init__(self, run: Run, data_id: Any, mask: Tensor | None, store: str = "train") -> None:
         self.run = run
         self.data_id = data_id
         self.mask = mask
+        self.store = store
+        self.spec: PassSpec | None = None
         self.ids: list | None = None
         self.keep: Tensor | None = None
         self.skipped = False
