@@ -229,8 +229,8 @@ def run_method(method: str, warmup: int, iters: int, pairs: int, dense_mb: float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: few iterations, k=16 only")
-    ap.add_argument("--iters", type=int, help="timed batches per method alone (default 10, quick 3)")
-    ap.add_argument("--pairs", type=int, help="timed (plain, method) batch pairs (default 10, quick 3)")
+    ap.add_argument("--iters", type=int, help="timed batches per method alone (default 10, quick 2)")
+    ap.add_argument("--pairs", type=int, help="timed (plain, method) batch pairs (default 10, quick 2)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     ap.add_argument("--rounds", type=int, help="subprocess runs per method (default 2, quick 1)")
     ap.add_argument("--ranks", type=int, nargs="+", help="k per side (default 16 32, quick 16)")
@@ -238,8 +238,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = ap.parse_args()
-    iters = args.iters or (3 if args.quick else 10)
-    pairs = args.pairs if args.pairs is not None else (3 if args.quick else 10)
+    iters = args.iters or (2 if args.quick else 10)
+    pairs = args.pairs if args.pairs is not None else (2 if args.quick else 10)
     rounds = args.rounds or (1 if args.quick else 2)
     ranks = args.ranks or ([16] if args.quick else [16, 32])
     if args.method:

@@ -50,6 +50,9 @@ class Damping:
         return float(self.value * spectrum.mean()) if self.relative else float(self.value)
 
 
+DEFAULT_DAMPING = Damping()
+
+
 class ModulePreconditioner:
     """Maps blocks ``(n, k_out, k_in)`` to ``(H_m + d)^-1`` applied to each."""
 
@@ -178,7 +181,7 @@ class Preconditioner:
         kind: PreconditionerType | str,
         statistics: Statistics | None,
         layout: Layout,
-        damping: Damping | float | dict[str, Damping | float] = Damping(),
+        damping: Damping | float | dict[str, Damping | float] = DEFAULT_DAMPING,
     ) -> None:
         self.kind = PreconditionerType.parse(kind, "preconditioner")
         if self.kind is not PreconditionerType.IDENTITY and statistics is None:

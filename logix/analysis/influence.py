@@ -1,0 +1,253 @@
+"""Streaming influence scores: ``score(q, t) = precondition(g_q) . g_t`` for every pair.
+
+The train store is streamed in chunks whose size follows a memory budget (independent of
+``n_train``); each chunk costs one GEMM against the preconditioned queries. Kept in memory:
+the top-k proponents (largest scores) and opponents (smallest) of each query and, when asked,
+every train row's self-influence. The full ``n_query x n_train`` matrix can be streamed to HDF5.
+
+Sign and scale: a positive score means that up-weighting the train example would *decrease*
+the query's loss (``g_q^T H^-1 g_t > 0``: a gradient step on the train example is a descent
+step for the query), i.e. the train example is a proponent. See docs/influence.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from logix.analysis.precondition import Preconditioner
+from logix.config import _ChoiceEnum
+from logix.errors import LogixError
+from logix.store import Store
+
+
+class ScoreMode(_ChoiceEnum):
+    DOT = "dot"  # g_q^T H^-1 g_t
+    COSINE = "cosine"  # dot / (||g_q||_H ||g_t||_H), the cosine in the H^-1 metric
+    RELATIVE = "relative"  # RelatIF: dot / ||g_t||_H
+    UNIT = "unit"  # gradients scaled to unit Euclidean norm before preconditioning
+
+
+@dataclass
+class Checkpoint:
+    """Logs of one checkpoint: train store, query rows, preconditioner, and its weight."""
+
+    train: Store
+    queries: Tensor  # (n_query, dim) logged query rows
+    preconditioner: Preconditioner
+    weight: float = 1.0
+
+
+@dataclass
+class InfluenceResult:
+    """Top-k proponents/opponents per query, self-influence, and where the full matrix went."""
+
+    query_ids: list
+    train_ids: list
+    top_ids: list[list]
+    top_scores: Tensor  # (n_query, k), descending
+    bottom_ids: list[list]
+    bottom_scores: Tensor  # (n_query, k), ascending (most negative first)
+    self_influence: Tensor | None = None  # (n_train,)
+    per_module: dict[str, Tensor] = field(default_factory=dict)  # module -> (n_query, k) for top_ids
+    scores_path: Path | None = None
+
+    def to_records(self) -> list[dict]:
+        """One JSON-ready record per query."""
+        out = []
+        for q, qid in enumerate(self.query_ids):
+            out.append({
+                "query_id": qid,
+                "proponents": [{"id": i, "score": float(s)} for i, s in zip(self.top_ids[q], self.top_scores[q])],
+                "opponents": [{"id": i, "score": float(s)} for i, s in zip(self.bottom_ids[q], self.bottom_scores[q])],
+            })
+        return out
+
+
+def _chunk_rows(dim: int, n_query: int, budget_mb: float, prefetch: int) -> int:
+    """Rows per chunk so that the chunk, its copies and its score columns fit the budget."""
+    per_row = dim * (4 * (prefetch + 1) + 8 * 3) + n_query * 8 * 3
+    return max(1, int(budget_mb * 2**20 // per_row))
+
+
+def _self_influence(pre: Preconditioner, rows: Tensor) -> Tensor:
+    return (pre(rows) * rows.to(torch.float64)).sum(1)
+
+
+def _unit(rows: Tensor) -> Tensor:
+    rows = rows.to(torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+class _TopK:
+    """Running top-k (largest) values and global indices per query."""
+
+    def __init__(self, n_query: int, k: int, largest: bool) -> None:
+        self.k, self.largest = k, largest
+        fill = -float("inf") if largest else float("inf")
+        self.values = torch.full((n_query, 0), fill, dtype=torch.float64)
+        self.index = torch.zeros((n_query, 0), dtype=torch.long)
+
+    def update(self, scores: Tensor, start: int) -> None:
+        idx = torch.arange(start, start + scores.shape[1]).expand(scores.shape[0], -1)
+        values = torch.cat([self.values, scores], 1)
+        index = torch.cat([self.index, idx], 1)
+        k = min(self.k, values.shape[1])
+        self.values, pos = values.topk(k, dim=1, largest=self.largest, sorted=True)
+        self.index = index.gather(1, pos)
+
+
+def compute_influence(
+    checkpoints: Checkpoint | Sequence[Checkpoint],
+    query_ids: Sequence | None = None,
+    mode: ScoreMode | str = ScoreMode.DOT,
+    top_k: int = 10,
+    memory_budget_mb: float = 512.0,
+    chunk_rows: int | None = None,
+    scores_path: str | Path | None = None,
+    self_influence: bool = True,
+    per_module: bool = False,
+    progress: bool = True,
+) -> InfluenceResult:
+    """Score every (query, train) pair, streaming the train store(s).
+
+    Args:
+        checkpoints: one :class:`Checkpoint`, or several whose weighted scores are summed
+            (TracIn-style; their train stores must hold the same ids in the same order).
+        query_ids: ids of the query rows (default ``0..n_query-1``).
+        mode: ``dot`` | ``cosine`` | ``relative`` | ``unit`` (see :class:`ScoreMode`).
+        top_k: proponents and opponents kept per query.
+        memory_budget_mb: bound on the memory of the streamed chunks and their scores.
+        chunk_rows: fixed chunk size (overrides the budget).
+        scores_path: write the full score matrix (``scores``, n_query x n_train) to this HDF5 file.
+        self_influence: also return ``g_t^T H^-1 g_t`` for every train row.
+        per_module: per-module contributions of the top-k proponents' scores.
+    """
+    cps = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
+    mode = ScoreMode.parse(mode, "mode")
+    _check_checkpoints(cps)
+    n_query = cps[0].queries.shape[0]
+    train_ids = cps[0].train.ids
+    n_train = len(train_ids)
+    qids = list(range(n_query)) if query_ids is None else list(query_ids)
+    need_self = self_influence or mode in (ScoreMode.COSINE, ScoreMode.RELATIVE)
+    queries, q_norms = _prepare_queries(cps, mode)
+    rows_per_chunk = chunk_rows or _chunk_rows(cps[0].train.dim * len(cps), n_query, memory_budget_mb, 2)
+    top, bottom = _TopK(n_query, top_k, True), _TopK(n_query, top_k, False)
+    self_inf = torch.zeros(n_train, dtype=torch.float64) if need_self else None
+    h5 = _open_scores(scores_path, n_query, n_train)
+    try:
+        streams = [cp.train.iter_chunks(rows_per_chunk) for cp in cps]
+        bar = tqdm(total=n_train, desc="influence", unit="row", disable=not progress, leave=False)
+        for chunks in zip(*streams):
+            start, n = chunks[0].start, chunks[0].rows.shape[0]
+            scores, s_inf = _score_chunk(cps, queries, chunks, mode, need_self)
+            if need_self:
+                self_inf[start : start + n] = s_inf
+            scores = _normalise(scores, mode, q_norms, s_inf)
+            top.update(scores, start)
+            bottom.update(scores, start)
+            if h5 is not None:
+                h5["scores"][:, start : start + n] = scores.numpy().astype(np.float32)
+            bar.update(n)
+        bar.close()
+    finally:
+        if h5 is not None:
+            h5.close()
+    result = InfluenceResult(
+        qids, train_ids,
+        [[train_ids[i] for i in row] for row in top.index.tolist()], top.values,
+        [[train_ids[i] for i in row] for row in bottom.index.tolist()], bottom.values,
+        self_inf if self_influence else None, scores_path=None if scores_path is None else Path(scores_path),
+    )
+    if per_module:
+        result.per_module = _module_breakdown(cps, queries, top.index, mode, q_norms, self_inf)
+    return result
+
+
+def _check_checkpoints(cps: list[Checkpoint]) -> None:
+    if not cps:
+        raise LogixError("compute_influence needs at least one checkpoint.")
+    ref = cps[0]
+    for cp in cps:
+        if cp.queries.dim() != 2 or cp.queries.shape[1] != cp.train.dim:
+            raise LogixError(
+                f"Query rows have shape {tuple(cp.queries.shape)} but the train store has rows of "
+                f"{cp.train.dim} values: log queries with the same run (run.log_queries)."
+            )
+        if cp.queries.shape[0] != ref.queries.shape[0]:
+            raise LogixError("Every checkpoint must hold the same queries.")
+        if cp is not ref and cp.train.ids != ref.train.ids:
+            raise LogixError("Checkpoints' train stores must hold the same ids in the same order.")
+
+
+def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tensor], Tensor | None]:
+    """Preconditioned, weighted query rows per checkpoint, and their H-norms for cosine."""
+    prepared, norm_sq = [], None
+    for cp in cps:
+        q = _unit(cp.queries) if mode is ScoreMode.UNIT else cp.queries.to(torch.float64)
+        pq = cp.preconditioner(q)
+        prepared.append(pq * cp.weight)
+        if mode is ScoreMode.COSINE:
+            part = cp.weight * (pq * q).sum(1)
+            norm_sq = part if norm_sq is None else norm_sq + part
+    return prepared, None if norm_sq is None else norm_sq.clamp_min(0).sqrt()
+
+
+def _score_chunk(cps, queries, chunks, mode, need_self) -> tuple[Tensor, Tensor | None]:
+    scores, s_inf = None, None
+    for cp, pq, chunk in zip(cps, queries, chunks):
+        rows = _unit(chunk.rows) if mode is ScoreMode.UNIT else chunk.rows.to(torch.float64)
+        part = pq @ rows.T
+        scores = part if scores is None else scores + part
+        if need_self:
+            s = cp.weight * _self_influence(cp.preconditioner, rows)
+            s_inf = s if s_inf is None else s_inf + s
+    return scores, s_inf
+
+
+def _normalise(scores: Tensor, mode: ScoreMode, q_norms: Tensor | None, s_inf: Tensor | None) -> Tensor:
+    if mode is ScoreMode.RELATIVE:
+        return scores / s_inf.clamp_min(1e-30).sqrt()[None, :]
+    if mode is ScoreMode.COSINE:
+        return scores / (q_norms[:, None] * s_inf.clamp_min(1e-30).sqrt()[None, :]).clamp_min(1e-30)
+    return scores
+
+
+def _open_scores(path, n_query: int, n_train: int) -> h5py.File | None:
+    if path is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = h5py.File(path, "w")
+    fh.create_dataset("scores", shape=(n_query, n_train), dtype=np.float32,
+                      chunks=(min(n_query, 64), min(n_train, 4096)))
+    return fh
+
+
+def _module_breakdown(cps, queries, top_index, mode, q_norms, self_inf) -> dict[str, Tensor]:
+    """Per-module parts of each top-k score (they sum to the score)."""
+    out: dict[str, Tensor] = {}
+    for cp, pq in zip(cps, queries):
+        train_ids = cp.train.ids
+        for q in range(top_index.shape[0]):
+            idx = top_index[q].tolist()
+            rows = cp.train.get([train_ids[i] for i in idx]).to(torch.float64)
+            if mode is ScoreMode.UNIT:
+                rows = _unit(rows)
+            for block in cp.train.layout.blocks:
+                part = rows[:, block.columns] @ pq[q, block.columns]
+                if mode is ScoreMode.RELATIVE:
+                    part = part / self_inf[idx].clamp_min(1e-30).sqrt()
+                elif mode is ScoreMode.COSINE:
+                    part = part / (q_norms[q] * self_inf[idx].clamp_min(1e-30).sqrt())
+                slot = out.setdefault(block.name, torch.zeros(top_index.shape, dtype=torch.float64))
+                slot[q] += part
+    return out
