@@ -120,7 +120,7 @@ def test_self_influence_top_k_modes_chunks_and_repeatability(tmp_path):
     cp = load_checkpoint(run.dir, "ekfac")
     pairwise = Checkpoint(cp.train, cp.train.read_all(), cp.preconditioner)
     path = tmp_path / "scores.h5"
-    res = compute_influence(pairwise, top_k=5, scores_path=path, progress=False, chunk_rows=7)
+    res = compute_influence(pairwise, top_k=5, scores_path=path, progress=False, chunk_rows=7, query_batch=6)
     with h5py.File(path) as fh:
         full = torch.from_numpy(fh["scores"][()]).double()
     assert rel_err(res.self_influence, full.diagonal()) < 1e-5
@@ -130,7 +130,8 @@ def test_self_influence_top_k_modes_chunks_and_repeatability(tmp_path):
     assert res.bottom_ids == [[cp.train.ids[i] for i in row[:5]] for row in bottom.tolist()]
 
     base, base_res = _full_scores(cp)
-    for kw in ({"chunk_rows": 1}, {"chunk_rows": 13}, {"memory_budget_mb": 0.001}, {"memory_budget_mb": 1e4}):
+    for kw in ({"chunk_rows": 1}, {"chunk_rows": 13}, {"memory_budget_mb": 0.001}, {"memory_budget_mb": 1e4},
+               {"query_batch": 2, "chunk_rows": 9}, {"query_batch": 1}):
         scores, other = _full_scores(cp, **kw)  # equal up to GEMM summation order
         assert torch.allclose(scores, base, rtol=1e-12, atol=1e-12)
         assert torch.allclose(other.self_influence, base_res.self_influence, rtol=1e-12, atol=1e-12)

@@ -111,6 +111,7 @@ def compute_influence(
     top_k: int = 10,
     memory_budget_mb: float = 512.0,
     chunk_rows: int | None = None,
+    query_batch: int | None = None,
     scores_path: str | Path | None = None,
     self_influence: bool = True,
     per_module: bool = False,
@@ -124,8 +125,11 @@ def compute_influence(
         query_ids: ids of the query rows (default ``0..n_query-1``).
         mode: ``dot`` | ``cosine`` | ``relative`` | ``unit`` (see :class:`ScoreMode`).
         top_k: proponents and opponents kept per query.
-        memory_budget_mb: bound on the memory of the streamed chunks and their scores.
+        memory_budget_mb: bound on the memory of the streamed chunks, the preconditioned
+            queries and their scores, whatever ``n_train``.
         chunk_rows: fixed chunk size (overrides the budget).
+        query_batch: queries scored per pass over the train store (default: as many as fit in
+            half the budget).
         scores_path: write the full score matrix (``scores``, n_query x n_train) to this HDF5 file.
         self_influence: also return ``g_t^T H^-1 g_t`` for every train row.
         per_module: per-module contributions of the top-k proponents' scores.
@@ -133,43 +137,79 @@ def compute_influence(
     cps = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
     mode = ScoreMode.parse(mode, "mode")
     _check_checkpoints(cps)
-    n_query = cps[0].queries.shape[0]
+    n_query, dim = cps[0].queries.shape[0], cps[0].train.dim * len(cps)
     train_ids = cps[0].train.ids
     n_train = len(train_ids)
     qids = list(range(n_query)) if query_ids is None else list(query_ids)
+    if len(qids) != n_query:
+        raise LogixError(f"{len(qids)} query ids for {n_query} query rows.")
     need_self = self_influence or mode in (ScoreMode.COSINE, ScoreMode.RELATIVE)
+    batch = query_batch or max(1, int(memory_budget_mb * 2**20 / 2 // (dim * 8 * 2)))
+    batch = min(batch, n_query)
+    rows_per_chunk = chunk_rows or _chunk_rows(dim, batch, memory_budget_mb / 2, 2)
     queries, q_norms = _prepare_queries(cps, mode)
-    rows_per_chunk = chunk_rows or _chunk_rows(cps[0].train.dim * len(cps), n_query, memory_budget_mb, 2)
-    top, bottom = _TopK(n_query, top_k, True), _TopK(n_query, top_k, False)
-    self_inf = torch.zeros(n_train, dtype=torch.float64) if need_self else None
-    h5 = _open_scores(scores_path, n_query, n_train)
+    state = _Stream(n_query, n_train, top_k, need_self, scores_path)
     try:
-        streams = [cp.train.iter_chunks(rows_per_chunk) for cp in cps]
-        bar = tqdm(total=n_train, desc="influence", unit="row", disable=not progress, leave=False)
-        for chunks in zip(*streams):
-            start, n = chunks[0].start, chunks[0].rows.shape[0]
-            scores, s_inf = _score_chunk(cps, queries, chunks, mode, need_self)
-            if need_self:
-                self_inf[start : start + n] = s_inf
-            scores = _normalise(scores, mode, q_norms, s_inf)
-            top.update(scores, start)
-            bottom.update(scores, start)
-            if h5 is not None:
-                h5["scores"][:, start : start + n] = scores.numpy().astype(np.float32)
-            bar.update(n)
-        bar.close()
+        for q0 in range(0, n_query, batch):
+            _stream(cps, queries, q_norms, slice(q0, min(q0 + batch, n_query)), mode, rows_per_chunk, state, progress)
     finally:
-        if h5 is not None:
-            h5.close()
+        state.close()
+    top, bottom = state.top, state.bottom
     result = InfluenceResult(
         qids, train_ids,
         [[train_ids[i] for i in row] for row in top.index.tolist()], top.values,
         [[train_ids[i] for i in row] for row in bottom.index.tolist()], bottom.values,
-        self_inf if self_influence else None, scores_path=None if scores_path is None else Path(scores_path),
+        state.self_inf if self_influence else None,
+        scores_path=None if scores_path is None else Path(scores_path),
     )
     if per_module:
-        result.per_module = _module_breakdown(cps, queries, top.index, mode, q_norms, self_inf)
+        result.per_module = _module_breakdown(cps, queries, top.index, mode, q_norms, state.self_inf)
     return result
+
+
+class _Stream:
+    """What the passes over the train store accumulate."""
+
+    def __init__(self, n_query: int, n_train: int, top_k: int, need_self: bool, scores_path) -> None:
+        self.top, self.bottom = _TopK(n_query, top_k, True), _TopK(n_query, top_k, False)
+        self.self_inf = torch.zeros(n_train, dtype=torch.float64) if need_self else None
+        self.self_done = not need_self
+        self.h5 = _open_scores(scores_path, n_query, n_train)
+
+    def close(self) -> None:
+        if self.h5 is not None:
+            self.h5.close()
+
+
+def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _Stream, progress: bool) -> None:
+    """One pass over the train store for the queries ``rows``."""
+    sub = [q[rows] for q in queries]
+    norms = None if q_norms is None else q_norms[rows]
+    top, bottom = _TopK(len(sub[0]), state.top.k, True), _TopK(len(sub[0]), state.top.k, False)
+    streams = [cp.train.iter_chunks(chunk_rows) for cp in cps]
+    bar = tqdm(total=cps[0].train.n_rows, desc="influence", unit="row", disable=not progress, leave=False)
+    for chunks in zip(*streams):
+        start, n = chunks[0].start, chunks[0].rows.shape[0]
+        compute_self = not state.self_done
+        scores, s_inf = _score_chunk(cps, sub, chunks, mode, compute_self)
+        if compute_self:
+            state.self_inf[start : start + n] = s_inf
+        elif state.self_inf is not None:
+            s_inf = state.self_inf[start : start + n]
+        scores = _normalise(scores, mode, norms, s_inf)
+        top.update(scores, start)
+        bottom.update(scores, start)
+        if state.h5 is not None:
+            state.h5["scores"][rows, start : start + n] = scores.numpy().astype(np.float32)
+        bar.update(n)
+    bar.close()
+    state.self_done = True
+    for full, part in ((state.top, top), (state.bottom, bottom)):
+        if full.values.shape[1] != part.values.shape[1]:
+            full.values = full.values.new_zeros(full.values.shape[0], part.values.shape[1])
+            full.index = full.index.new_zeros(full.index.shape[0], part.index.shape[1])
+        full.values[rows] = part.values
+        full.index[rows] = part.index
 
 
 def _check_checkpoints(cps: list[Checkpoint]) -> None:

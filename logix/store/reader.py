@@ -135,17 +135,28 @@ class Store:
         return torch.cat(parts, dim=1)
 
     def _chunks(self, chunk_rows: int, modules: Sequence[str] | None) -> Iterator[Chunk]:
+        """Chunks of exactly ``chunk_rows`` rows (the last may be shorter), spanning shards, so
+        that two stores with the same number of rows chunk identically."""
         columns = self._columns(modules)
-        start = 0
+        parts: list[Chunk] = []
+        held, start = 0, 0
         for name, n in self._shards:
             with h5py.File(self.directory / name, "r") as fh:
                 ids = self._convert_ids(fh["ids"][()])
                 pos = fh["positions"][()] if self.per_token else None
-                for lo in range(0, n, chunk_rows):
-                    hi = min(lo + chunk_rows, n)
+                lo = 0
+                while lo < n:
+                    hi = min(n, lo + chunk_rows - held)
                     rows = self._read(fh, lo, hi, columns)
-                    yield Chunk(ids[lo:hi], rows, None if pos is None else pos[lo:hi], start + lo)
-            start += n
+                    parts.append(Chunk(ids[lo:hi], rows, None if pos is None else pos[lo:hi], start))
+                    held += hi - lo
+                    start += hi - lo
+                    lo = hi
+                    if held == chunk_rows:
+                        yield _join(parts)
+                        parts, held = [], 0
+        if parts:
+            yield _join(parts)
 
     def iter_chunks(
         self,
@@ -201,6 +212,14 @@ class Store:
             f"Store({str(self.directory)!r}, rows={self.n_rows}, dim={self.dim}, "
             f"dtype={self.dtype_name}, modules={len(self.layout.blocks)}, shards={self.n_shards})"
         )
+
+
+def _join(parts: list[Chunk]) -> Chunk:
+    if len(parts) == 1:
+        return parts[0]
+    positions = None if parts[0].positions is None else np.concatenate([p.positions for p in parts])
+    rows = torch.cat([p.rows for p in parts])
+    return Chunk([i for p in parts for i in p.ids], rows, positions, parts[0].start)
 
 
 def _prefetched(source: Iterator[Chunk], depth: int) -> Iterator[Chunk]:
