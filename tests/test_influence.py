@@ -211,3 +211,23 @@ def test_spearman_and_lds_on_a_hand_made_example():
     assert np.isclose(result.mean, 1 - 6 * 0 / (4 * 15))  # same order -> 1
     outputs2 = np.array([[0.1], [-2.0], [3.0], [4.0]])  # last two swapped
     assert np.isclose(lds(scores, masks, outputs2).mean, 1 - 6 * 2 / (4 * 15))
+
+
+def test_retraining_cache_and_topk_removal(tmp_path):
+    from logix.analysis import retrain_on_subsets, topk_removal_test
+
+    contrib = np.array([[5.0, -1.0, 0.5, 2.0, 0.0, -3.0]])  # a "model" whose output adds up examples
+    calls = []
+
+    def train_fn(mask):
+        calls.append(mask.copy())
+        return (contrib * mask).sum(1)
+
+    masks, outputs = retrain_on_subsets(train_fn, 6, n_subsets=8, cache=tmp_path / "gt.npz", progress=False)
+    assert masks.shape == (8, 6) and (masks.sum(1) == 3).all() and len(calls) == 8
+    assert np.allclose(outputs[:, 0], masks @ contrib[0])
+    again_masks, again = retrain_on_subsets(train_fn, 6, n_subsets=8, cache=tmp_path / "gt.npz", progress=False)
+    assert len(calls) == 8 and np.array_equal(again, outputs) and np.array_equal(again_masks, masks)
+    assert np.isclose(lds(contrib, masks, outputs).mean, 1.0)  # exact scores are perfectly ranked
+    result = topk_removal_test(contrib, train_fn, query=0, ks=(2,))
+    assert result[2]["top_k_removed"] == -(5.0 + 2.0)
