@@ -57,6 +57,7 @@ def _setup(tmp_path, projection="none", stats=None, name="inf", seed=0):
 
 
 def _full_scores(cp, **kw):
+    kw.setdefault("dtype", torch.float64)
     res = compute_influence(cp, top_k=N_TRAIN, progress=False, **kw)
     out = torch.zeros(N_QUERY, N_TRAIN, dtype=torch.float64)
     for q in range(N_QUERY):
@@ -120,7 +121,9 @@ def test_self_influence_top_k_modes_chunks_and_repeatability(tmp_path):
     cp = load_checkpoint(run.dir, "ekfac")
     pairwise = Checkpoint(cp.train, cp.train.read_all(), cp.preconditioner)
     path = tmp_path / "scores.h5"
-    res = compute_influence(pairwise, top_k=5, scores_path=path, progress=False, chunk_rows=7, query_batch=6)
+    res = compute_influence(
+        pairwise, top_k=5, scores_path=path, progress=False, chunk_rows=7, query_batch=6, dtype=torch.float64
+    )
     with h5py.File(path) as fh:
         full = torch.from_numpy(fh["scores"][()]).double()
     assert rel_err(res.self_influence, full.diagonal()) < 1e-5
@@ -130,6 +133,8 @@ def test_self_influence_top_k_modes_chunks_and_repeatability(tmp_path):
     assert res.bottom_ids == [[cp.train.ids[i] for i in row[:5]] for row in bottom.tolist()]
 
     base, base_res = _full_scores(cp)
+    fast, _ = _full_scores(cp, dtype=torch.float32)  # the default GEMM dtype
+    assert rel_err(fast, base) < 1e-5
     for kw in ({"chunk_rows": 1}, {"chunk_rows": 13}, {"memory_budget_mb": 0.001}, {"memory_budget_mb": 1e4},
                {"query_batch": 2, "chunk_rows": 9}, {"query_batch": 1}):
         scores, other = _full_scores(cp, **kw)  # equal up to GEMM summation order
@@ -163,7 +168,7 @@ def test_per_module_breakdown_sums_to_score(tmp_path):
     with run.log_queries(data_id=list(range(4))):
         nn.functional.cross_entropy(model(x[16:]), y[16:], reduction="sum").backward()
     run.finalize()
-    res = influence(run.dir, "kfac", top_k=4, per_module=True, progress=False, mode="relative")
+    res = influence(run.dir, "kfac", top_k=4, per_module=True, progress=False, mode="relative", dtype=torch.float64)
     total = sum(res.per_module.values())
     assert set(res.per_module) == {"0", "2"}
     assert torch.allclose(total, res.top_scores, rtol=1e-6, atol=1e-9)
