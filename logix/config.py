@@ -178,6 +178,209 @@ class StoreConfig:
         _positive_int(self.queue_shards, "store.queue_shards")
 
 
+class IdPolicy(_ChoiceEnum):
+    """Where the per-example ids of a dataset come from."""
+
+    AUTO = "auto"  # the id column when the data have one, else a hash of the tokens
+    COLUMN = "column"  # the data's id column (error when absent)
+    HASH = "hash"  # a stable hash of the example's tokens
+
+
+class DataFormat(_ChoiceEnum):
+    """How records of a JSONL file become token sequences."""
+
+    INSTRUCTION = "instruction"  # {instruction, input, output}, Alpaca-style prompt; loss on the response
+    TEXT = "text"  # {text}: plain language-model text; loss on every token
+
+
+class ModelArch(_ChoiceEnum):
+    """Architectures a seeded model can be built from a config (when ``model.name`` is empty)."""
+
+    GPT2 = "gpt2"
+    LLAMA = "llama"
+
+
+class ModelDtype(_ChoiceEnum):
+    """Dtype the model's weights are loaded in."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class CheckpointWeighting(_ChoiceEnum):
+    """How the scores of several logged checkpoints combine (TracIn-style)."""
+
+    LR = "lr"  # weight each checkpoint by its learning rate at logging time
+    UNIFORM = "uniform"  # equal weights
+    LAST = "last"  # only the last checkpoint
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """PEFT LoRA adapters added to the model before fine-tuning (``logix run``)."""
+
+    enabled: bool = _help("Wrap the model with PEFT LoRA adapters (logs the LoRA modules).", False)
+    r: int = _help("LoRA rank.", 8)
+    alpha: int = _help("LoRA alpha (scaling = alpha / r).", 16)
+    dropout: float = _help("LoRA dropout (0 keeps logged gradients deterministic).", 0.0)
+    target_modules: tuple[str, ...] = _help(
+        "Module names to adapt; empty lets PEFT pick the architecture's defaults.", ()
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int(self.r, "model.lora.r")
+        _positive_int(self.alpha, "model.lora.alpha")
+        _probability(self.dropout, "model.lora.dropout")
+        object.__setattr__(
+            self, "target_modules", _str_tuple(self.target_modules, "model.lora.target_modules")
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model ``logix run`` loads (a hub name or path) or builds with seeded weights."""
+
+    name: str = _help(
+        "Hub name or local path for from_pretrained (e.g. gpt2); empty builds `arch` from `arch_config`.", ""
+    )
+    arch: ModelArch = _help("Architecture built when `name` is empty: gpt2 | llama.", ModelArch.GPT2)
+    arch_config: Mapping[str, Any] = _help(
+        "Keyword arguments of the architecture's transformers config (e.g. {n_layer: 2, n_embd: 64}); "
+        "vocab_size defaults to the tokenizer's.",
+        default_factory=dict,
+    )
+    tokenizer: str = _help("Tokenizer: a tokenizer.json file, a directory or a hub name; empty: `name`.", "")
+    seed: int = _help("Seed of the built model's random weights.", 0)
+    dtype: ModelDtype = _help("Dtype of the weights.", ModelDtype.FLOAT32)
+    lora: LoraConfig = _help("Optional LoRA adapters.", default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", ModelArch.parse(self.arch, "model.arch"))
+        object.__setattr__(self, "dtype", ModelDtype.parse(self.dtype, "model.dtype"))
+        if not isinstance(self.arch_config, Mapping):
+            raise ConfigError(f"model.arch_config must be a mapping, got {self.arch_config!r}.")
+        object.__setattr__(self, "arch_config", types.MappingProxyType(dict(self.arch_config)))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data ``logix run`` / ``logix extract`` read: JSONL files of records."""
+
+    train: str = _help("JSONL of training records (relative: to the cwd, else to the config's folder).", "")
+    queries: str = _help("JSONL of query records whose influence is explained; empty: none.", "")
+    format: DataFormat = _help("instruction | text.", DataFormat.INSTRUCTION)
+    text_field: str = _help("Field of the text (format: text).", "text")
+    id_field: str = _help("Field holding each record's id.", "id")
+    ids: IdPolicy = _help("auto | column | hash: where example ids come from.", IdPolicy.AUTO)
+    category_field: str = _help("Field used to group records in reports (optional in the data).", "category")
+    max_length: int = _help("Tokens per example; longer ones are truncated.", 128)
+    train_on: str = _help("response | all: which tokens of an instruction example carry loss.", "response")
+    limit_train: int = _help("Use only the first N training records (0: all).", 0)
+    limit_queries: int = _help("Use only the first N query records (0: all).", 0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", DataFormat.parse(self.format, "data.format"))
+        object.__setattr__(self, "ids", IdPolicy.parse(self.ids, "data.ids"))
+        _positive_int(self.max_length, "data.max_length")
+        _non_negative_int(self.limit_train, "data.limit_train")
+        _non_negative_int(self.limit_queries, "data.limit_queries")
+        if self.train_on not in ("response", "all"):
+            raise ConfigError(f"Unknown value for data.train_on: {self.train_on!r}. Choose between ['response', 'all'].")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning with the HuggingFace Trainer before / while logging (``logix run``)."""
+
+    enabled: bool = _help("Fine-tune the model; false logs the model as loaded (extraction only).", True)
+    epochs: float = _help("Training epochs.", 1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use `epochs`).", -1)
+    batch_size: int = _help("Per-device train batch size.", 8)
+    grad_accum: int = _help("Gradient accumulation steps.", 1)
+    lr: float = _help("Peak learning rate.", 5e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    warmup_ratio: float = _help("Fraction of steps of linear warm-up.", 0.0)
+    scheduler: str = _help("transformers lr_scheduler_type (linear, cosine, constant, ...).", "linear")
+    seed: int = _help("Trainer seed (data order, dropout).", 0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be a positive number, got {self.epochs!r}.")
+        if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"train.max_steps must be -1 or a positive integer, got {self.max_steps!r}.")
+        _positive_int(self.batch_size, "train.batch_size")
+        _positive_int(self.grad_accum, "train.grad_accum")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}.")
+        _probability(self.warmup_ratio, "train.warmup_ratio")
+
+
+@dataclass(frozen=True)
+class LogScheduleConfig:
+    """When the Trainer callback logs, and how it reads the data.
+
+    At each named point the callback pauses training, logs every training example (and the
+    queries) with the model as it is then, and resumes; the optimizer, gradients, RNG state and
+    train/eval mode are restored exactly.
+    """
+
+    epochs: tuple[int, ...] = _help("Log at the end of these epochs (1-based).", ())
+    steps: tuple[int, ...] = _help("Log after these optimizer steps.", ())
+    every_n_steps: int = _help("Also log every N optimizer steps (0: never).", 0)
+    at_end: bool = _help("Log when training ends (the final model).", True)
+    at_start: bool = _help("Log before the first step (the initial model).", False)
+    batch_size: int = _help("Examples per logging batch.", 8)
+    max_examples: int = _help("Log only the first N training examples (0: all).", 0)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "steps"):
+            values = getattr(self, name)
+            if isinstance(values, int):
+                values = (values,)
+            if not isinstance(values, Sequence) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+            ):
+                raise ConfigError(f"schedule.{name} must be a list of positive integers, got {values!r}.")
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+        _non_negative_int(self.every_n_steps, "schedule.every_n_steps")
+        _positive_int(self.batch_size, "schedule.batch_size")
+        _non_negative_int(self.max_examples, "schedule.max_examples")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Influence scoring after logging (``logix run`` / ``logix influence``)."""
+
+    enabled: bool = _help("Score influence of the training rows on the queries after logging.", True)
+    preconditioner: str = _help("identity | raw | kfac | ekfac.", "kfac")
+    damping: float = _help("Damping added to the curvature (see `damping_relative`).", 0.1)
+    damping_relative: bool = _help("Damping is relative to each module's mean eigenvalue.", True)
+    mode: str = _help("dot | cosine | relative | unit.", "dot")
+    top_k: int = _help("Proponents and opponents kept per query.", 10)
+    self_influence: bool = _help("Also compute every training row's self-influence.", True)
+    save_scores: bool = _help("Write the full query x train score matrix to HDF5.", False)
+    memory_budget_mb: float = _help("Memory the scorer may use for train chunks.", 512.0)
+    checkpoints: CheckpointWeighting = _help(
+        "lr | uniform | last: how scores of several logged checkpoints combine.", CheckpointWeighting.LR
+    )
+
+    def __post_init__(self) -> None:
+        from logix.analysis.influence import ScoreMode
+        from logix.analysis.precondition import PreconditionerType
+
+        PreconditionerType.parse(self.preconditioner, "analysis.preconditioner")
+        ScoreMode.parse(self.mode, "analysis.mode")
+        object.__setattr__(
+            self, "checkpoints", CheckpointWeighting.parse(self.checkpoints, "analysis.checkpoints")
+        )
+        _positive_int(self.top_k, "analysis.top_k")
+        if not isinstance(self.damping, (int, float)) or self.damping < 0:
+            raise ConfigError(f"analysis.damping must be a number >= 0, got {self.damping!r}.")
+        if not isinstance(self.memory_budget_mb, (int, float)) or self.memory_budget_mb <= 0:
+            raise ConfigError(f"analysis.memory_budget_mb must be positive, got {self.memory_budget_mb!r}.")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything that defines a logix run."""
@@ -187,6 +390,13 @@ class Config:
     capture: CaptureConfig = _help("Module selection and hook behaviour.", default_factory=CaptureConfig)
     statistics: StatisticsConfig = _help("Running statistics.", default_factory=StatisticsConfig)
     store: StoreConfig = _help("HDF5 store.", default_factory=StoreConfig)
+    model: ModelConfig = _help("Model of `logix run` (ignored by logix.init).", default_factory=ModelConfig)
+    data: DataConfig = _help("Data of `logix run` / `logix extract`.", default_factory=DataConfig)
+    train: TrainConfig = _help("Fine-tuning of `logix run` (HF Trainer).", default_factory=TrainConfig)
+    schedule: LogScheduleConfig = _help(
+        "When the Trainer callback logs.", default_factory=LogScheduleConfig
+    )
+    analysis: AnalysisConfig = _help("Influence scoring after logging.", default_factory=AnalysisConfig)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -230,12 +440,13 @@ class Config:
     def identity(self) -> dict[str, Any]:
         """The part of the config that fixes what the stored rows mean.
 
-        Two runs may share a directory (resume) only when these agree; ``root``
-        is excluded because it is where the run lives, not what it logs.
+        Two runs may share a directory (resume) only when these agree: projection,
+        capture, statistics and store. ``root`` is where the run lives, and the
+        model / data / train / schedule / analysis sections say what a job does
+        around the logger, not what a stored row means.
         """
         data = self.to_dict()
-        data.pop("root")
-        return data
+        return {key: data[key] for key in IDENTITY_SECTIONS}
 
     def rank_for(self, module_name: str) -> tuple[int, int]:
         """``(rank_in, rank_out)`` of a module, honouring ``projection.ranks`` globs."""
@@ -247,12 +458,25 @@ class Config:
         return self.projection.rank_in, self.projection.rank_out
 
 
+IDENTITY_SECTIONS = ("projection", "capture", "statistics", "store")
+
+
 # ---- helpers -------------------------------------------------------------------------
 
 
 def _positive_int(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{where} must be a positive integer, got {value!r}.")
+
+
+def _non_negative_int(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} must be an integer >= 0, got {value!r}.")
+
+
+def _probability(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{where} must be a number in [0, 1), got {value!r}.")
 
 
 def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
@@ -344,20 +568,28 @@ def resolve_config(config: Config | Mapping[str, Any] | str | Path | None) -> Co
 
 def config_reference() -> str:
     """Markdown tables of every config key, its default and its help (docs/configuration.md)."""
-    lines = []
+    lines: list[str] = []
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
-        if not dataclasses.is_dataclass(cls):
-            continue
-        lines += [f"### `{section.name}`", "", section.metadata["help"], "",
-                  "| key | default | meaning |", "|---|---|---|"]
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            default = yaml.safe_dump(_plain(getattr(defaults, f.name)), default_flow_style=True).strip()
-            default = default.removesuffix("...").strip()
-            meaning = f.metadata["help"].replace("|", "\\|")
-            lines.append(f"| `{section.name}.{f.name}` | `{default}` | {meaning} |")
-        lines.append("")
+        if dataclasses.is_dataclass(cls):
+            lines += _reference_section(cls, section.name, section.metadata["help"])
     return "\n".join(lines)
 
 
+def _reference_section(cls: type, prefix: str, help_text: str) -> list[str]:
+    lines = [f"### `{prefix}`", "", help_text, "", "| key | default | meaning |", "|---|---|---|"]
+    nested = []
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested.append((hints[f.name], f"{prefix}.{f.name}", f.metadata["help"]))
+            continue
+        default = yaml.safe_dump(_plain(getattr(defaults, f.name)), default_flow_style=True).strip()
+        default = default.removesuffix("...").strip()
+        meaning = f.metadata["help"].replace("|", "\\|")
+        lines.append(f"| `{prefix}.{f.name}` | `{default}` | {meaning} |")
+    lines.append("")
+    for sub_cls, sub_prefix, sub_help in nested:
+        lines += _reference_section(sub_cls, sub_prefix, sub_help)
+    return lines

@@ -1,0 +1,240 @@
+"""Extraction: log every example of a dataset with a model held fixed.
+
+This is the loop a user would write around ``with run(...)``, packaged for datasets of
+dict items (``input_ids``, ``attention_mask``, ``labels`` and an optional id column), as the
+Trainer callback and ``logix extract`` use it:
+
+* ids come from the dataset's id column or a stable hash of the tokens (:class:`IdPolicy`),
+  read *before* the collator runs, so they survive collators that drop unknown keys;
+* the loss is the per-example **sum** of the next-token cross-entropy over the label tokens
+  (``-100`` ignored), whatever reduction the model or the Trainer would use;
+* the model is left exactly as it was: train/eval mode, parameter ``.grad`` tensors and the
+  RNG states are restored when extraction ends (also on errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from logix.config import IdPolicy
+from logix.errors import BatchError, ConfigError
+from logix.run import Run
+from logix.store import Store
+
+LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
+# Inputs every HF model accepts under these names, besides its forward signature.
+_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
+
+
+def summed_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Loss summed over the batch's examples and each example's label tokens.
+
+    Causal LM (``labels`` shaped like ``input_ids``): next-token cross-entropy of
+    ``logits[:, :-1]`` against ``labels[:, 1:]``, ``-100`` ignored. Classification
+    (``labels`` of shape ``(batch,)``): cross-entropy of the logits. The model is called
+    without ``labels`` so its own (mean) loss is never formed.
+
+    Raises:
+        BatchError: the batch has no ``labels``.
+    """
+    if "labels" not in batch:
+        raise BatchError("summed_loss needs `labels` in the batch (use -100 for tokens without loss).")
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def stable_token_id(token_ids: Sequence[int] | Tensor) -> str:
+    """A stable hash id of an example's tokens (same tokens, same id, on every machine)."""
+    from logix.data import stable_id
+
+    if isinstance(token_ids, Tensor):
+        token_ids = token_ids.tolist()
+    return stable_id([int(t) for t in token_ids])
+
+
+def example_id(item: Mapping[str, Any], policy: IdPolicy | str, id_field: str = "id") -> int | str:
+    """The id of one dataset item under ``policy`` (``auto`` | ``column`` | ``hash``)."""
+    policy = IdPolicy.parse(policy, "ids")
+    if policy is not IdPolicy.HASH and id_field in item:
+        value = item[id_field]
+        if isinstance(value, Tensor):
+            value = value.item()
+        if isinstance(value, np.integer):
+            value = int(value)
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise BatchError(f"Id column {id_field!r} must hold ints or strings, got {value!r}.")
+        return value
+    if policy is IdPolicy.COLUMN:
+        raise BatchError(
+            f"The dataset's items have no {id_field!r} column (keys: {sorted(item)}). Add one, set "
+            "data.ids=hash, or, under a Trainer that dropped it (remove_unused_columns=True), pass "
+            "the original dataset to LogixCallback(train_dataset=...)."
+        )
+    if "input_ids" not in item:
+        raise BatchError(f"Cannot hash an id: the item has no input_ids (keys: {sorted(item)}).")
+    return stable_token_id(item["input_ids"])
+
+
+def model_input_keys(model: nn.Module) -> set[str]:
+    """Batch keys the model's forward accepts (PEFT / wrapped models are looked through)."""
+    base = model
+    for attr in ("get_base_model", "module"):
+        inner = getattr(base, attr, None)
+        if callable(inner) and attr == "get_base_model":
+            base = inner()
+        elif isinstance(inner, nn.Module):
+            base = inner
+    params = inspect.signature(base.forward).parameters
+    return set(params) | set(_MODEL_KEYS)
+
+
+class _IdCollate:
+    """Reads each item's id, strips keys the model does not take, then runs the collator."""
+
+    def __init__(self, collator: Callable, keys: set[str], policy: IdPolicy, id_field: str) -> None:
+        self.collator, self.keys, self.policy, self.id_field = collator, keys, policy, id_field
+
+    def __call__(self, items: list[Mapping[str, Any]]) -> tuple[list, dict[str, Tensor]]:
+        ids = [example_id(item, self.policy, self.id_field) for item in items]
+        clean = [{k: v for k, v in item.items() if k in self.keys} for item in items]
+        return ids, dict(self.collator(clean))
+
+
+def loader_with_ids(
+    dataset: Dataset | Sequence[Mapping[str, Any]],
+    collator: Callable,
+    model: nn.Module,
+    batch_size: int,
+    ids: IdPolicy | str = IdPolicy.AUTO,
+    id_field: str = "id",
+    limit: int = 0,
+) -> DataLoader:
+    """A sequential loader of ``(ids, batch)``; ``limit`` keeps the first N items (0: all)."""
+    if limit and limit < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(limit))
+    collate = _IdCollate(collator, model_input_keys(model), IdPolicy.parse(ids, "ids"), id_field)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+@contextlib.contextmanager
+def held_fixed(model: nn.Module) -> Iterator[None]:
+    """Eval mode, parameter grads set aside and every RNG state saved; all restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.grad for p in model.parameters()}
+    rng = _rng_state()
+    try:
+        model.eval()
+        for p in grads:
+            p.grad = None
+        with torch.enable_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        for p, g in grads.items():
+            p.grad = g
+        _set_rng_state(rng)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
+                desc: str, progress: bool) -> None:
+    device = _device_of(model)
+    for ids, batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        with ctx_factory(data_id=ids, mask=batch.get("attention_mask")):
+            loss = loss_fn(model, batch)
+            if not loss.requires_grad:
+                raise ConfigError(
+                    "The loss does not require grad: no parameter of the model is trainable. Unfreeze "
+                    "the modules to log (requires_grad=True), e.g. the LoRA adapters."
+                )
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+
+def extract(
+    run: Run,
+    model: nn.Module,
+    dataset: Dataset | Sequence[Mapping[str, Any]],
+    collator: Callable,
+    *,
+    queries: Dataset | Sequence[Mapping[str, Any]] | None = None,
+    batch_size: int = 8,
+    ids: IdPolicy | str = IdPolicy.AUTO,
+    id_field: str = "id",
+    limit: int = 0,
+    loss_fn: LossFn = summed_loss,
+    progress: bool = True,
+) -> Store:
+    """Log every example of ``dataset`` (and ``queries``) with ``model`` held fixed.
+
+    Runs every pass of the run's plan (PCA covariance, KFAC eigenbasis, log), finalizes the
+    run, then logs ``queries`` into its ``queries`` store. A run interrupted earlier resumes:
+    committed ids are skipped. The model comes back exactly as it was (see :func:`held_fixed`).
+
+    Args:
+        run: the run to log into; ``run.watch(model)`` is called when nothing is watched yet.
+        model: the model, on its device.
+        dataset: items with ``input_ids`` (``attention_mask``, ``labels``, id column optional).
+        collator: turns a list of items (id column removed) into a batch of tensors.
+        queries: examples whose influence will be explained, logged with the same projection.
+        batch_size: examples per batch.
+        ids: ``auto`` | ``column`` | ``hash``; see :class:`logix.config.IdPolicy`.
+        id_field: name of the id column.
+        limit: log only the first N training examples (0: all).
+        loss_fn: per-example summed loss of a batch (default :func:`summed_loss`).
+        progress: show progress bars.
+
+    Returns:
+        The run's train store.
+    """
+    if not run.watched:
+        run.watch(model)
+    train = loader_with_ids(dataset, collator, model, batch_size, ids, id_field, limit)
+    with held_fixed(model):
+        if not run.finalized:
+            for pass_ in run.plan():
+                _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress)
+            run.finalize()
+        if queries is not None:  # committed query ids are skipped on a resumed run
+            q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field)
+            _log_loader(run.log_queries, model, q_loader, loss_fn, "logix queries", progress)
+            run.finalize()
+    return run.store()

@@ -1,0 +1,194 @@
+"""HuggingFace ``Trainer`` integration: logix in two lines.
+
+.. code-block:: python
+
+    from logix.integrations.huggingface import LogixCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[LogixCallback("configs/quickstart.yaml")])
+    trainer.train()
+
+At each point the config's ``schedule`` names (epoch ends, steps, every N steps, the start,
+the end), the callback pauses training and logs every training example -- and the queries,
+when given -- with the model as it is at that checkpoint, into
+``<root>/<project>/<checkpoint>``. The per-example loss is the *sum* over the example's label
+tokens (``-100`` ignored) whatever the Trainer's loss reduction; gradient accumulation does not
+matter (logging happens between optimizer steps); the optimizer state, parameter gradients,
+RNG states and train/eval mode are restored before training resumes, so training is exactly
+what it would be without the callback. ``TrainingArguments`` are never changed.
+
+Each checkpoint is an ordinary logix run (every pass its plan needs: PCA covariance, EK-FAC
+eigenbasis, log); ``checkpoints.json`` in the project directory lists them with their step,
+epoch and learning rate (the mean rate of the steps since the previous checkpoint), which
+:func:`logix.analysis.influence` turns into TracIn-style weighted influence.
+
+Under ``torch.distributed`` only the main process logs (the others wait at the next
+collective); see the docs for multi-process logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from logix.analysis import CHECKPOINTS_FILE
+from logix.config import Config, resolve_config
+from logix.integrations.extract import LossFn, extract, summed_loss
+from logix.run import Run
+from logix.store.format import write_json_atomic
+
+log = logging.getLogger("logix")
+
+
+
+class LogixCallback(TrainerCallback):
+    """Logs per-example projected gradients at the checkpoints ``config.schedule`` names.
+
+    Args:
+        config: a :class:`logix.Config`, a mapping or a YAML path.
+        project: directory of the checkpoints' runs under ``config.root``.
+        root: overrides ``config.root``.
+        train_dataset: examples to log (default: the Trainer's training dataset, as its
+            dataloader holds it). Pass it when the Trainer removed the id column.
+        queries: examples whose influence will be explained, logged at every checkpoint.
+        data_collator: collates logged examples (default: the Trainer's).
+        loss_fn: per-example summed loss (default :func:`logix.integrations.summed_loss`).
+        overwrite: delete an existing project directory first (default: resume it).
+        progress: show progress bars while logging.
+    """
+
+    def __init__(
+        self,
+        config: Config | Mapping | str | Path | None = None,
+        project: str = "trainer",
+        root: str | Path | None = None,
+        train_dataset: Dataset | Sequence[Mapping[str, Any]] | None = None,
+        queries: Dataset | Sequence[Mapping[str, Any]] | None = None,
+        data_collator: Callable | None = None,
+        loss_fn: LossFn = summed_loss,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.config = resolve_config(config)
+        if root is not None:
+            self.config = self.config.replace(root=str(root))
+        self.project = project
+        self.dir = Path(self.config.root) / project
+        if overwrite and self.dir.exists():
+            import shutil
+
+            shutil.rmtree(self.dir)
+        self.train_dataset = train_dataset
+        self.queries = queries
+        self.data_collator = data_collator
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.checkpoints: list[dict[str, Any]] = self._read_checkpoints()
+        self._dataloader = None
+        self._step_lr: dict[int, float] = {}  # optimizer step (1-based) -> its learning rate
+
+    # ---- Trainer events -------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._dataloader = kwargs.get("train_dataloader")
+        if self.config.schedule.at_start:
+            self._log(state, kwargs, "start")
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        lr = _learning_rate(kwargs, state)
+        if lr is not None:
+            self._step_lr.setdefault(state.global_step + 1, lr)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        sched, step = self.config.schedule, state.global_step
+        if step in sched.steps or (sched.every_n_steps and step % sched.every_n_steps == 0):
+            self._log(state, kwargs, f"step-{step}")
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        epoch = round(state.epoch or 0)
+        if epoch in self.config.schedule.epochs:
+            self._log(state, kwargs, f"epoch-{epoch}")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.config.schedule.at_end:
+            self._log(state, kwargs, "final")
+
+    # ---- logging one checkpoint ---------------------------------------------------------------
+    def _log(self, state: TrainerState, kwargs: dict[str, Any], name: str) -> None:
+        if not state.is_world_process_zero:
+            return
+        if any(c["step"] == state.global_step for c in self.checkpoints if c["name"] != name):
+            return  # this model state is already logged under another name
+        model: nn.Module = kwargs["model"]
+        run = Run(f"{self.project}/{name}", config=self.config)
+        sched = self.config.schedule
+        log.info("logix: logging checkpoint %s (step %d)", name, state.global_step)
+        extract(
+            run, model, self._dataset(), self._collator(), queries=self.queries,
+            batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
+            limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
+        )
+        self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
+
+    def _dataset(self) -> Dataset | Sequence:
+        if self.train_dataset is not None:
+            return self.train_dataset
+        if self._dataloader is None:
+            raise RuntimeError("LogixCallback has no training data: pass train_dataset=... .")
+        return self._dataloader.dataset
+
+    def _collator(self) -> Callable:
+        if self.data_collator is not None:
+            return self.data_collator
+        if self._dataloader is None:
+            raise RuntimeError("LogixCallback has no collator: pass data_collator=... .")
+        return self._dataloader.collate_fn
+
+    def _interval_lr(self, step: int) -> float | None:
+        """Mean learning rate of the optimizer steps since the previous logged checkpoint.
+
+        This is the checkpoint's TracIn / LESS weight: the learning-rate mass of the stretch of
+        training it stands for. ``None`` before any step (the ``start`` checkpoint).
+        """
+        previous = max((c["step"] for c in self.checkpoints if c["step"] < step), default=0)
+        lrs = [lr for s, lr in self._step_lr.items() if previous < s <= step]
+        return sum(lrs) / len(lrs) if lrs else None
+
+    def _record(self, name: str, state: TrainerState, lr: float | None, next_lr: float | None) -> None:
+        entry = {"name": name, "step": state.global_step, "epoch": state.epoch,
+                 "learning_rate": next_lr if lr is None else lr, "next_learning_rate": next_lr,
+                 "dir": name}
+        self.checkpoints = [c for c in self.checkpoints if c["name"] != name] + [entry]
+        write_json_atomic(self.dir / CHECKPOINTS_FILE, {"checkpoints": self.checkpoints})
+
+    def _read_checkpoints(self) -> list[dict[str, Any]]:
+        path = self.dir / CHECKPOINTS_FILE
+        return json.loads(path.read_text())["checkpoints"] if path.exists() else []
+
+    def runs(self) -> list[Run]:
+        """The logged checkpoints' runs, in logging order."""
+        return [Run(f"{self.project}/{c['dir']}", config=self.config) for c in self.checkpoints]
+
+
+def _learning_rate(kwargs: dict[str, Any], state: TrainerState) -> float | None:
+    """The learning rate the optimizer uses now (the scheduler's, else the last logged one)."""
+    scheduler = kwargs.get("lr_scheduler")
+    if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+        try:
+            return float(scheduler.get_last_lr()[0])
+        except (IndexError, TypeError):
+            pass
+    for entry in reversed(state.log_history or []):
+        if "learning_rate" in entry:
+            return float(entry["learning_rate"])
+    return None
