@@ -50,3 +50,7 @@ class StoreError(LogixError, RuntimeError):
 
 class StatisticsError(LogixError, RuntimeError):
     """Statistics are missing, frozen, or numerically invalid."""
+
+
+class DataError(LogixError, ValueError):
+    """A data file, record, tokenizer or batch cannot be turned into training examples."""
