@@ -1,15 +1,23 @@
 """The ``logix`` command line.
 
-    logix inspect RUN_DIR       what a run holds: passes, modules, stores, statistics
+    logix run CONFIG [key.sub=value ...]        fine-tune (or load) a model, log, score influence
+    logix extract CONFIG [key.sub=value ...]    log a dataset with the model held fixed (no training)
+    logix influence DIR [options]               score the queries logged in DIR against its train rows
+    logix inspect DIR                           what a run, project or store directory holds
+
+Every command exits 0 on success, and on a user error prints one line ``logix: error: ...``
+to stderr and exits 1 (2 for a malformed command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from logix.config import AnalysisConfig, Config
 from logix.errors import LogixError
 from logix.statistics import Statistics
 from logix.store import Store
@@ -24,10 +32,14 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+# ---- inspect -----------------------------------------------------------------------------------
 def inspect_run(run_dir: Path) -> str:
-    """A readable summary of a run directory (or of a single store directory)."""
+    """A readable summary of a run directory, a job / callback project, or a single store."""
     if read_manifest(run_dir) is not None:
         return _describe_store(run_dir.name, Store(run_dir))
+    index = run_dir / "checkpoints.json"
+    if index.exists():
+        return _describe_project(run_dir, json.loads(index.read_text())["checkpoints"])
     info_path = run_dir / "run.json"
     if not info_path.exists():
         raise LogixError(f"{run_dir} is not a logix run directory (no run.json).")
@@ -50,6 +62,20 @@ def inspect_run(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _describe_project(project: Path, entries: list[dict]) -> str:
+    lines = [f"project    {project} ({len(entries)} logged checkpoint(s))"]
+    for e in entries:
+        lr = e.get("learning_rate")
+        lines.append(f"  {e['name']:<12} step {e.get('step')}, epoch {e.get('epoch')}, "
+                     f"lr {'-' if lr is None else f'{lr:.3g}'}")
+    outputs = [p.name for p in sorted(project.glob("*")) if p.suffix in (".jsonl", ".csv", ".h5", ".json")]
+    lines.append(f"outputs    {', '.join(outputs) or '-'}")
+    last = project / entries[-1]["dir"] if entries else None
+    if last is not None and (last / "run.json").exists():
+        lines += ["", f"last checkpoint ({entries[-1]['name']}):", inspect_run(last)]
+    return "\n".join(lines)
+
+
 def _describe_store(name: str, store: Store) -> str:
     ids = store.ids
     head = ", ".join(map(str, ids[:3])) + (", ..." if len(ids) > 3 else "")
@@ -64,17 +90,124 @@ def _describe_store(name: str, store: Store) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="logix", description="logix: data attribution logs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_inspect = sub.add_parser("inspect", help="show what a run directory holds")
-    p_inspect.add_argument("run_dir", type=Path)
-    args = parser.parse_args(argv)
+# ---- run / extract -----------------------------------------------------------------------------
+def _job(args: argparse.Namespace):
+    from logix.pipeline import Job
+
+    return Job.from_yaml(args.config, args.overrides, project=args.project, overwrite=args.overwrite,
+                         progress=not args.quiet)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    result = _job(args).run()
+    print(result.summary(max_queries=args.show))
+    print(f"\noutputs in {result.dir}")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    result = _job(args).run(extract_only=True)
+    print(inspect_run(result.dir))
+
+
+# ---- influence ---------------------------------------------------------------------------------
+def _analysis_defaults(directory: Path) -> AnalysisConfig:
+    job = directory / "job.yaml"
+    return Config.from_yaml(job).analysis if job.exists() else AnalysisConfig()
+
+
+def cmd_influence(args: argparse.Namespace) -> None:
+    from logix.analysis import Damping, influence
+    from logix.pipeline import category_agreement, write_outputs
+
+    directory = args.run_dir
+    if not directory.is_dir():
+        raise LogixError(f"{directory} is not a directory.")
+    ac = _analysis_defaults(directory)
+    pre = args.preconditioner or ac.preconditioner
+    damping = Damping(ac.damping if args.damping is None else args.damping,
+                      ac.damping_relative if args.absolute_damping is None else not args.absolute_damping)
+    out = args.out or directory
+    out.mkdir(parents=True, exist_ok=True)
+    result = influence(
+        directory, preconditioner=pre, damping=damping, mode=args.mode or ac.mode,
+        weighting=args.weighting or ac.checkpoints.value, top_k=args.top_k or ac.top_k,
+        memory_budget_mb=ac.memory_budget_mb, scores_path=out / "scores.h5" if args.save_scores else None,
+        progress=not args.quiet,
+    )
+    texts = _job_texts(directory)
+    sanity = category_agreement(result, *texts[2:]) if texts else None
+    write_outputs(out, result, texts[0] if texts else {}, texts[1] if texts else {}, sanity)
+    print(f"scored {len(result.query_ids)} queries x {len(result.train_ids)} train rows "
+          f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}); "
+          f"wrote {out / 'influence.jsonl'}")
+    if sanity:
+        print(f"sanity: {sanity['same_category']:.1%} of top-{int(sanity['k'])} proponents share the "
+              f"query's category (random: {sanity['random']:.1%})")
+
+
+def _job_texts(directory: Path):
+    """(train texts, query texts, train categories, query categories) from the job's data, if any."""
+    job = directory / "job.yaml"
+    if not job.exists():
+        return None
+    from logix.pipeline import _categories, _texts, build_datasets, build_tokenizer
+
+    config = Config.from_yaml(job)
     try:
-        if args.command == "inspect":
-            print(inspect_run(args.run_dir))
-    except (LogixError, OSError, KeyError) as exc:
-        print(f"logix: error: {exc}", file=sys.stderr)
+        tokenizer = build_tokenizer(config, Path.cwd())
+        train, queries = build_datasets(config, tokenizer, Path.cwd())
+    except (LogixError, OSError) as exc:
+        logging.getLogger("logix").warning("logix: texts unavailable (%s)", exc)
+        return None
+    if queries is None:
+        return None
+    return (_texts(train), _texts(queries), _categories(train, config), _categories(queries, config))
+
+
+# ---- entry point -------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logix", description="logix: which training data made your "
+                                     "model do what it does.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "fine-tune (or load) a model, log it, score influence"),
+                            ("extract", "log a dataset with the model held fixed (no training)")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", type=Path, help="YAML config (see docs/configuration.md)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        p.add_argument("--project", default="job", help="directory under the config's root (default: job)")
+        p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "run":
+            p.add_argument("--show", type=int, default=5, help="queries printed (all are written)")
+    p = sub.add_parser("influence", help="score logged queries against the train rows",
+                       description="Score the queries logged in DIR (a run, or a job / Trainer project "
+                       "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--preconditioner", choices=["identity", "raw", "kfac", "ekfac"])
+    p.add_argument("--damping", type=float)
+    p.add_argument("--absolute-damping", action="store_true", default=None,
+                   help="damping is absolute, not relative to each module's mean eigenvalue")
+    p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"])
+    p.add_argument("--weighting", choices=["lr", "uniform", "last"], help="how checkpoints combine")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
+    p.add_argument("--out", type=Path, help="output folder (default: DIR)")
+    p.add_argument("--quiet", action="store_true")
+    p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds")
+    p_inspect.add_argument("run_dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    commands = {"run": cmd_run, "extract": cmd_extract, "influence": cmd_influence,
+                "inspect": lambda a: print(inspect_run(a.run_dir))}
+    try:
+        commands[args.command](args)
+    except (LogixError, OSError, KeyError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        print(f"logix: error: {reason}", file=sys.stderr)
         return 1
     return 0
 

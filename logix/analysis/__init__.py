@@ -52,6 +52,8 @@ def checkpoint_weights(entries: list[dict], weighting: str) -> list[float]:
     """Weights of logged checkpoints: ``lr`` (learning rates, normalised to sum 1),
     ``uniform`` or ``last`` (only the last checkpoint)."""
     n = len(entries)
+    if n == 1:
+        return [1.0]
     if weighting == "last":
         return [0.0] * (n - 1) + [1.0]
     if weighting == "uniform":
