@@ -1,4 +1,4 @@
-# Set-up and the two commands the README documents: `make demo` and `make test`.
+# Set-up and the two commands the README documents: `make demo` (the offline quickstart) and `make test`.
 # Each creates .venv on first use, installing torch==2.13.0 (CPU) first, then logix.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/log_gpt2.py
+	$(VENV)/bin/logix run configs/quickstart.yaml --project quickstart --overwrite
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check logix tests examples benchmarks

@@ -165,13 +165,20 @@ def _job_texts(directory: Path):
 
 
 # ---- entry point -------------------------------------------------------------------------------
+class _Formatter(argparse.HelpFormatter):
+    """Fixed width, so that ``--help`` (and docs/cli.md) reads the same on every terminal."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100, max_help_position=32)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logix", description="logix: which training data made your "
-                                     "model do what it does.")
+                                     "model do what it does.", formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "fine-tune (or load) a model, log it, score influence"),
                             ("extract", "log a dataset with the model held fixed (no training)")):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
         p.add_argument("config", type=Path, help="YAML config (see docs/configuration.md)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         p.add_argument("--project", default="job", help="directory under the config's root (default: job)")
@@ -179,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "run":
             p.add_argument("--show", type=int, default=5, help="queries printed (all are written)")
-    p = sub.add_parser("influence", help="score logged queries against the train rows",
+    p = sub.add_parser("influence", help="score logged queries against the train rows", formatter_class=_Formatter,
                        description="Score the queries logged in DIR (a run, or a job / Trainer project "
                        "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
     p.add_argument("run_dir", type=Path)
@@ -193,9 +200,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
     p.add_argument("--out", type=Path, help="output folder (default: DIR)")
     p.add_argument("--quiet", action="store_true")
-    p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds")
+    p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds",
+                               formatter_class=_Formatter)
     p_inspect.add_argument("run_dir", type=Path)
     return parser
+
+
+def cli_reference() -> str:
+    """Markdown of every command's ``--help`` (docs/cli.md; a test keeps it in sync)."""
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parts = ["```text", parser.format_help().strip(), "```", ""]
+    for name, command in sub.choices.items():
+        parts += [f"### `logix {name}`", "", "```text", command.format_help().strip(), "```", ""]
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

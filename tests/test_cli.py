@@ -1,12 +1,100 @@
-"""`logix inspect` reports what a run holds, and fails with one line on bad input."""
+"""The ``logix`` command line: every command in a subprocess, its files and its exit codes."""
 
 from __future__ import annotations
 
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+import yaml
 from torch import nn
 
 import logix
 from logix.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "examples" / "data"
+
+
+def logix_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "logix.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+@pytest.fixture
+def job_config(tmp_path) -> Path:
+    """A tiny job: 48 training records, 6 queries, a 1-layer GPT-2, 3 optimizer steps."""
+    cfg = {
+        "root": str(tmp_path / "runs"),
+        "model": {"tokenizer": str(DATA / "tokenizer.json"),
+                  "arch_config": {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64}},
+        "data": {"train": str(DATA / "instructions.jsonl"), "queries": str(DATA / "queries.jsonl"),
+                 "limit_train": 48, "limit_queries": 6, "max_length": 64},
+        "train": {"max_steps": 3, "batch_size": 16, "lr": 1e-3},
+        "schedule": {"steps": [2], "at_end": True, "batch_size": 16},
+        "projection": {"rank_in": 4, "rank_out": 4},
+        "analysis": {"top_k": 3},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_run_influence_extract_inspect(tmp_path, job_config):
+    done = logix_cli("run", str(job_config), "--project", "p", "--quiet", "--show", "2")
+    assert done.returncode == 0, done.stderr
+    assert "query q-arithmetic-0" in done.stdout and "sanity:" in done.stdout
+    project = tmp_path / "runs" / "p"
+    index = json.loads((project / "checkpoints.json").read_text())["checkpoints"]
+    assert [c["name"] for c in index] == ["step-2", "final"] and [c["step"] for c in index] == [2, 3]
+    records = [json.loads(line) for line in (project / "influence.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(len(r["proponents"]) == 3 for r in records)
+    assert records[0]["query_text"].startswith("### Instruction:")
+    assert all(p["text"] for r in records for p in r["proponents"])
+    with open(project / "self_influence.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["id", "self_influence"] and len(rows) == 49
+    assert (project / "environment.json").exists() and (project / "final" / "config.yaml").exists()
+
+    # influence again, other settings, into another folder: same queries, identity scores
+    out = tmp_path / "scores"
+    done = logix_cli("influence", str(project), "--preconditioner", "identity", "--top-k", "4",
+                     "--save-scores", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "scored 6 queries x 48 train rows (identity" in done.stdout
+    assert (out / "scores.h5").exists() and len((out / "influence.jsonl").read_text().splitlines()) == 6
+
+    # the resolved job.yaml replays from any folder
+    done = logix_cli("run", str(project / "job.yaml"), "--project", "replay", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    replay = [json.loads(line) for line in (tmp_path / "runs" / "replay" / "influence.jsonl").open()]
+    assert [r["proponents"] for r in replay] == [r["proponents"] for r in records]
+
+    done = logix_cli("extract", str(job_config), "--project", "ext", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "store 'train': 48 rows" in done.stdout and "store 'queries': 6 rows" in done.stdout
+
+    done = logix_cli("inspect", str(project))
+    assert done.returncode == 0 and "2 logged checkpoint(s)" in done.stdout
+
+
+def test_cli_errors_exit_nonzero_with_one_line(tmp_path, job_config):
+    done = logix_cli("run", str(job_config), "data.limt_train=3")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("logix: error:")
+    assert "Unknown key 'data.limt_train'" in done.stderr and "Did you mean 'limit_train'" in done.stderr
+    done = logix_cli("influence", str(tmp_path / "missing"))
+    assert done.returncode == 1 and "is not a directory" in done.stderr
+    done = logix_cli("run", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 1 and "Config file not found" in done.stderr
+    done = logix_cli("run", str(job_config), "train.lr=-1")
+    assert done.returncode == 1 and "train.lr must be a positive number" in done.stderr
+    assert logix_cli("frobnicate").returncode == 2
 
 
 def test_inspect_run_and_store(tmp_path, capsys):
@@ -29,3 +117,10 @@ def test_inspect_bad_directory_exits_nonzero(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("logix: error:") and "not a logix run directory" in err
+
+
+def test_cli_docs_are_in_sync():
+    from logix.cli import cli_reference
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    assert cli_reference().strip() in text, "regenerate docs/cli.md (see its Reference section)"
