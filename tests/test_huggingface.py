@@ -198,3 +198,25 @@ def test_missing_id_column_error_names_the_fix(tmp_path):
     run = logix.init("noid", config={**CONFIG, "data": {"ids": "column"}}, root=tmp_path)
     with pytest.raises(logix.LogixError, match="no 'id' column.*data.ids=hash"):
         extract(run, tiny_gpt2(), items, collate, ids="column", progress=False)
+
+
+def test_chosen_base_modules_of_a_lora_model(tmp_path):
+    """``trainable_only: false`` + globs log frozen base layers; LoRA B starts at 0, so the base
+    layer's gradient equals the plain model's gradient of the same layer (oracle)."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = tiny_gpt2()
+    peft_model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"],
+                                                        lora_dropout=0.0, fan_in_fan_out=True))
+    # projection none: random projections are seeded by module name, and the names differ
+    cfg = {"projection": {"type": "none"},
+           "capture": {"modules": ["*h.0.mlp.c_fc.base_layer"], "trainable_only": False}}
+    run = logix.init("base", config=cfg, root=tmp_path)
+    store = extract(run, peft_model, dataset(), collate, batch_size=5, progress=False)
+    assert store.modules == ["base_model.model.transformer.h.0.mlp.c_fc.base_layer"]
+    base = peft_model.get_base_model().transformer.h[0].mlp.c_fc.base_layer
+    assert not base.weight.requires_grad and base.weight.grad is None  # restored
+    oracle_cfg = {"projection": {"type": "none"}, "capture": {"modules": ["transformer.h.0.mlp.c_fc"]}}
+    oracle = manual_rows(tmp_path, plain, "plain", config=oracle_cfg)
+    ids = sorted(store.ids)
+    torch.testing.assert_close(store.get(ids), oracle.get(ids), rtol=1e-4, atol=1e-6)

@@ -168,6 +168,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def watched_weights_trainable(run: Run) -> Iterator[None]:
+    """Let gradients reach frozen watched modules (e.g. a LoRA model's base layers chosen with
+    ``capture.trainable_only: false``); their ``requires_grad`` flags are restored on exit."""
+    frozen = [p for w in run.watched for p in w.adapter.weights(w.module) if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -207,7 +221,9 @@ def extract(
 
     Runs every pass of the run's plan (PCA covariance, KFAC eigenbasis, log), finalizes the
     run, then logs ``queries`` into its ``queries`` store. A run interrupted earlier resumes:
-    committed ids are skipped. The model comes back exactly as it was (see :func:`held_fixed`).
+    committed ids are skipped. The model comes back exactly as it was (see :func:`held_fixed`);
+    watched modules whose weights are frozen get gradients while logging and are frozen again
+    after (:func:`watched_weights_trainable`).
 
     Args:
         run: the run to log into; ``run.watch(model)`` is called when nothing is watched yet.
@@ -228,7 +244,7 @@ def extract(
     if not run.watched:
         run.watch(model)
     train = loader_with_ids(dataset, collator, model, batch_size, ids, id_field, limit)
-    with held_fixed(model):
+    with held_fixed(model), watched_weights_trainable(run):
         if not run.finalized:
             for pass_ in run.plan():
                 _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress)
