@@ -82,6 +82,12 @@ def build_model(config: Config, tokenizer) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(mc.name, dtype=dtype)
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab:
+            raise ConfigError(
+                f"The tokenizer has {len(tokenizer)} tokens but {mc.name}'s vocabulary has {vocab}: set "
+                f"model.tokenizer to the model's own tokenizer (e.g. model.tokenizer={mc.name})."
+            )
     else:
         model = _seeded_model(config, tokenizer).to(dtype)
     if mc.lora.enabled:
