@@ -77,6 +77,13 @@ class ComputeDtype(_ChoiceEnum):
     FLOAT16 = "float16"
 
 
+class FisherType(_ChoiceEnum):
+    """Which labels the curvature statistics (A, S, EK-FAC corrections, raw) come from."""
+
+    EMPIRICAL = "empirical"  # the data's labels, in the logging pass itself (no extra pass)
+    TRUE = "true"  # labels sampled from the model's predictions, in passes of their own (GGN)
+
+
 class DuplicatePolicy(_ChoiceEnum):
     """What to do when an id that this run already logged is logged again."""
 
@@ -154,9 +161,15 @@ class StatisticsConfig:
     raw: bool = _help("Covariance of each module's logged (projected) gradient block.", False)
     raw_max_dim: int = _help("Refuse raw covariance for blocks larger than this (memory guard).", 4096)
     dtype: AccumDtype = _help("Accumulation dtype.", AccumDtype.FLOAT64)
+    fisher: FisherType = _help(
+        "empirical | true: curvature from the data's labels, or from labels sampled from the model "
+        "(the Gauss-Newton / true Fisher; adds statistics passes whose loss uses Pass.sample_labels).",
+        FisherType.EMPIRICAL,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", AccumDtype.parse(self.dtype, "statistics.dtype"))
+        object.__setattr__(self, "fisher", FisherType.parse(self.fisher, "statistics.fisher"))
         _positive_int(self.raw_max_dim, "statistics.raw_max_dim")
 
 

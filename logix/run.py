@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from logix.capture.engine import BatchCapture, BatchResult, PassSpec, Watched
 from logix.capture.watch import select_modules
-from logix.config import Config, ProjectionType, resolve_config
+from logix.config import Config, FisherType, ProjectionType, resolve_config
 from logix.errors import BatchError, PlanError, RunDirectoryError, WatchError
 from logix.projection import (
     ModuleProjection,
@@ -65,6 +65,7 @@ class Pass:
     index: int
     total: int
     writes_rows: bool
+    sample_labels: bool = False  # compute this pass's loss with labels sampled from the model
 
     def __str__(self) -> str:
         return f"pass {self.index + 1}/{self.total}: {self.name}"
@@ -109,13 +110,21 @@ class Run:
     def _pass_specs(self) -> list[PassSpec]:
         cfg = self.config
         per_token = cfg.capture.per_token
+        st = cfg.statistics
+        true_fisher = st.fisher is FisherType.TRUE and (st.kfac or st.ekfac or st.raw)
+        pca = cfg.projection.type is ProjectionType.PCA
         specs = []
-        if cfg.projection.type is ProjectionType.PCA:
-            specs.append(PassSpec("covariance", "full", covariance=True, gradients=False))
-        if cfg.statistics.ekfac and cfg.projection.type is not ProjectionType.PCA:
-            specs.append(PassSpec("kfac", "log", covariance=True, gradients=False))
-        log_cov = cfg.statistics.kfac and not cfg.statistics.ekfac
-        specs.append(PassSpec("log", "log", covariance=log_cov, gradients=True, per_token=per_token))
+        if pca:
+            specs.append(PassSpec("covariance", "full", covariance=True, gradients=False,
+                                  sample_labels=true_fisher))
+        if not pca and (st.ekfac or (true_fisher and st.kfac)):
+            specs.append(PassSpec("kfac", "log", covariance=True, gradients=False, sample_labels=true_fisher))
+        if true_fisher and (st.ekfac or st.raw):
+            specs.append(PassSpec("fisher", "log", covariance=False, gradients=True, rows=False,
+                                  sample_labels=True))
+        log_cov = st.kfac and not st.ekfac and not true_fisher
+        specs.append(PassSpec("log", "log", covariance=log_cov, gradients=True, per_token=per_token,
+                              gradient_stats=not true_fisher))
         return specs
 
     @property
@@ -204,6 +213,8 @@ class Run:
             self._full_stats = Statistics.load(stats_dir / "full.safetensors")
         if "log" in self.info.done:
             self._stats = Statistics.load(stats_dir / "log.safetensors")
+        elif "fisher" in self.info.done:
+            self._stats = Statistics.load(stats_dir / "fisher.safetensors")
         elif (stats_dir / "kfac.safetensors").exists():
             self._stats = Statistics.load(stats_dir / "kfac.safetensors")
 
@@ -229,7 +240,7 @@ class Run:
             if spec.name in self.info.done:
                 continue
             self._start_pass(spec)
-            yield Pass(spec.name, index, len(specs), spec.gradients)
+            yield Pass(spec.name, index, len(specs), spec.rows and spec.gradients, spec.sample_labels)
             self._finish_pass()
 
     def _start_pass(self, spec: PassSpec) -> None:
@@ -243,6 +254,9 @@ class Run:
             self._full_stats = Statistics(self._accum_dtype())
         elif spec.name == "kfac":
             self._stats = Statistics(self._accum_dtype())
+        elif spec.name == "fisher":  # continues the kfac pass's statistics (A, S, eigenbases)
+            self._stats = Statistics.from_flat(self._stats.flat()) if self._stats else Statistics(
+                self._accum_dtype())
         else:
             self._open_log_pass()
 
@@ -283,6 +297,10 @@ class Run:
             eigendecompose(self._stats, self._names())
             self._stats.freeze()
             self._stats.save(stats_dir / "kfac.safetensors")
+        elif spec.name == "fisher":
+            self._check_stats(self._stats, "fisher")
+            self._stats.freeze()
+            self._stats.save(stats_dir / "fisher.safetensors")
         else:
             self._finish_log(stats_dir)
         self._current = None
@@ -392,7 +410,7 @@ class Run:
         spec = self._query_spec() if ctx.store == QUERY_STORE else self._active_spec()
         ctx.spec = spec
         ids, keep = None, None
-        if spec.gradients:
+        if spec.gradients and spec.rows:
             if ctx.data_id is None:
                 raise BatchError("data_id is required while logging rows: pass one id per example.")
             ids, id_type = normalise_ids(ctx.data_id)
@@ -438,8 +456,13 @@ class Run:
             self._full_stats.merge(result.stats)
             return
         self._stats.merge(result.stats)
-        if spec.gradients:
-            self._update_gradient_stats({n: g.detach().to("cpu") for n, g in result.grads.items()}, ctx.keep)
+        if not spec.gradients:
+            return
+        if spec.gradient_stats:
+            grads = {n: g.detach().to("cpu") for n, g in result.grads.items()}
+            keep = ctx.keep if ctx.keep is not None else torch.ones(len(next(iter(grads.values()))), dtype=torch.bool)
+            self._update_gradient_stats(grads, keep)
+        if spec.rows:
             self._record_rows(ctx, result)
 
     def _record_rows(self, ctx: LogContext, result: BatchResult) -> None:

@@ -220,3 +220,39 @@ def test_chosen_base_modules_of_a_lora_model(tmp_path):
     oracle = manual_rows(tmp_path, plain, "plain", config=oracle_cfg)
     ids = sorted(store.ids)
     torch.testing.assert_close(store.get(ids), oracle.get(ids), rtol=1e-4, atol=1e-6)
+
+
+def test_summed_loss_sampling_is_seeded_and_follows_the_model():
+    from logix.integrations import summed_loss
+
+    model = tiny_gpt2().eval()
+    batch = collate(dataset(4))
+    real = summed_loss(model, batch)
+    gen = torch.Generator().manual_seed(0)
+    a = summed_loss(model, batch, sample_labels=True, generator=gen)
+    b = summed_loss(model, batch, sample_labels=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.equal(a, real)
+    # with one class made certain, every draw is that class: the loss is ~0 on every label token
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[7] = 0.0
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[7].fill_(100.0)
+    assert float(summed_loss(model, batch, sample_labels=True, generator=gen).detach()) < 1e-6
+    assert float(summed_loss(model, batch).detach()) > 100
+
+
+def test_extract_with_true_fisher_keeps_rows_and_changes_curvature(tmp_path):
+    model = tiny_gpt2()
+    runs = {}
+    for fisher in ("empirical", "true"):
+        cfg = {**CONFIG, "statistics": {"kfac": True, "fisher": fisher}}
+        run = logix.init(fisher, config=cfg, root=tmp_path)
+        extract(run, model, dataset(), collate, batch_size=5, progress=False)
+        runs[fisher] = run
+    assert runs["true"].passes == ["kfac", "log"]
+    assert_same_rows(runs["true"].store(), runs["empirical"].store())
+    name = "lm_head"
+    s_true, s_emp = runs["true"].statistics.mean(name, "S"), runs["empirical"].statistics.mean(name, "S")
+    assert not torch.allclose(s_true, s_emp, rtol=1e-2)
+    torch.testing.assert_close(runs["true"].statistics.mean(name, "A"), runs["empirical"].statistics.mean(name, "A"))

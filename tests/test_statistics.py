@@ -145,3 +145,55 @@ def test_finalized_statistics_are_immutable_and_reload_identically(tmp_path):
     again = logix.init("s", config=run.config, root=tmp_path)  # reopening a finished run
     again.watch(model, modules=["fc"])
     assert torch.equal(again.statistics.raw_sum("fc", "ekfac"), stats.raw_sum("fc", "ekfac"))
+
+
+@pytest.mark.parametrize("projection", ["random", "pca"])
+def test_true_fisher_statistics_use_the_sampled_labels_and_rows_the_real_ones(tmp_path, projection):
+    """statistics.fisher=true: every statistics pass runs the loop with ``pass_.sample_labels``;
+    A, S, EK-FAC corrections and raw covariance then equal the explicit formulas under the
+    sampled labels, while the stored rows are the real-label gradients."""
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    tokens, mask, labels = _data()
+    sampled = torch.randint(0, 4, labels.shape, generator=torch.Generator().manual_seed(9))
+    cfg = {"projection": {"type": projection, "rank_in": 3, "rank_out": 2, "seed": 3},
+           "capture": {"compute_dtype": "float64"},
+           "statistics": {"kfac": True, "ekfac": True, "raw": True, "fisher": "true"}}
+    run = logix.init("tf", config=cfg, root=tmp_path)
+    run.watch(model, modules=["fc"])
+    seen = []
+    for pass_ in run.plan():
+        seen.append((pass_.name, pass_.sample_labels, pass_.writes_rows))
+        use = sampled if pass_.sample_labels else labels
+        for lo in range(0, N, 5):
+            ids = list(range(lo, min(lo + 5, N)))
+            with run(data_id=ids, mask=mask[ids]):
+                _loss(model, tokens[ids], use[ids], mask[ids]).backward()
+    run.finalize()
+    first = "covariance" if projection == "pca" else "kfac"
+    assert seen == [(first, True, False), ("fisher", True, False), ("log", False, True)]
+    stats = run.statistics
+    proj = run.projections["fc"]
+    a_full, s_full = _explicit_factors(model, tokens, sampled, mask)
+    _, s_real = _explicit_factors(model, tokens, labels, mask)
+    s_exp = proj.p_out.double().T @ s_full @ proj.p_out.double()
+    assert rel_err(stats.mean("fc", "S"), s_exp) < 1e-10
+    assert rel_err(stats.mean("fc", "S"), proj.p_out.double().T @ s_real @ proj.p_out.double()) > 1e-3
+    assert rel_err(stats.mean("fc", "A"), proj.p_in.double().T @ a_full @ proj.p_in.double()) < 1e-10
+    fisher_grads = projected(run, "fc", _oracle_grads(model, tokens, sampled, mask))
+    q_a, q_s = stats.raw_sum("fc", "A_evecs"), stats.raw_sum("fc", "S_evecs")
+    assert rel_err(stats.mean("fc", "ekfac"), ((q_s.T @ fisher_grads @ q_a) ** 2).mean(0)) < 1e-10
+    flat = fisher_grads.flatten(1)
+    assert rel_err(stats.mean("fc", "raw"), flat.T @ flat / N) < 1e-10
+    assert stats.count("fc", "examples") == N
+    real_grads = projected(run, "fc", _oracle_grads(model, tokens, labels, mask))
+    rows = run.store().get(list(range(N))).double().reshape(N, *real_grads.shape[1:])
+    assert rel_err(rows, real_grads) < 1e-6
+
+
+def test_true_fisher_kfac_only_adds_one_covariance_pass(tmp_path):
+    cfg = {"statistics": {"kfac": True, "fisher": "true"}}
+    assert logix.init("a", config=cfg, root=tmp_path).passes == ["kfac", "log"]
+    assert logix.init("b", config={"statistics": {"kfac": True}}, root=tmp_path).passes == ["log"]
+    cfg = {"statistics": {"kfac": False, "raw": True, "fisher": "true"}}
+    assert logix.init("c", config=cfg, root=tmp_path).passes == ["fisher", "log"]

@@ -45,6 +45,9 @@ class PassSpec:
     covariance: bool  # accumulate A and S
     gradients: bool  # form per-example gradients (rows, EK-FAC corrections, raw covariance)
     per_token: bool = False
+    rows: bool = True  # with gradients: write them as rows of the train store
+    gradient_stats: bool = True  # with gradients: accumulate EK-FAC corrections / raw covariance
+    sample_labels: bool = False  # the loop should use labels sampled from the model (true Fisher)
 
 
 @dataclass

@@ -8,8 +8,9 @@ from logix.integrations.extract import (
     extract,
     held_fixed,
     loader_with_ids,
+    sample_from_logits,
     stable_token_id,
     summed_loss,
 )
 
-__all__ = ["example_id", "extract", "held_fixed", "loader_with_ids", "stable_token_id", "summed_loss"]
+__all__ = ["example_id", "extract", "held_fixed", "loader_with_ids", "sample_from_logits", "stable_token_id", "summed_loss"]

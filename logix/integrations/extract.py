@@ -37,13 +37,26 @@ LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
 
 
-def summed_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+def summed_loss(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    sample_labels: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Loss summed over the batch's examples and each example's label tokens.
 
     Causal LM (``labels`` shaped like ``input_ids``): next-token cross-entropy of
     ``logits[:, :-1]`` against ``labels[:, 1:]``, ``-100`` ignored. Classification
     (``labels`` of shape ``(batch,)``): cross-entropy of the logits. The model is called
     without ``labels`` so its own (mean) loss is never formed.
+
+    Args:
+        model: the model.
+        batch: ``input_ids`` (and ``attention_mask`` ...) and ``labels``.
+        sample_labels: replace every real label by one drawn from the model's own predictive
+            distribution (same positions): the loss of a true-Fisher statistics pass
+            (``Pass.sample_labels``).
+        generator: random generator of the draws (on the model's device).
 
     Raises:
         BatchError: the batch has no ``labels``.
@@ -52,12 +65,22 @@ def summed_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         raise BatchError("summed_loss needs `labels` in the batch (use -100 for tokens without loss).")
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
+    logits = model(**inputs).logits.float()
     if labels.dim() == 1:
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
+        if sample_labels:
+            labels = sample_from_logits(logits, generator)
+        return F.cross_entropy(logits, labels, reduction="sum")
+    logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    if sample_labels:
+        labels = torch.where(labels == -100, labels, sample_from_logits(logits, generator))
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One class per row of ``logits`` (n, classes), drawn from ``softmax(logits)``."""
+    with torch.no_grad():
+        probs = logits.detach().float().softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def stable_token_id(token_ids: Sequence[int] | Tensor) -> str:
@@ -188,12 +211,23 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
-                desc: str, progress: bool) -> None:
+                desc: str, progress: bool, sample_labels: bool = False, seed: int = 0) -> None:
     device = _device_of(model)
+    kwargs: dict[str, Any] = {}
+    if sample_labels:
+        kwargs = {"sample_labels": True, "generator": torch.Generator(device).manual_seed(seed)}
     for ids, batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with ctx_factory(data_id=ids, mask=batch.get("attention_mask")):
-            loss = loss_fn(model, batch)
+            try:
+                loss = loss_fn(model, batch, **kwargs)
+            except TypeError as exc:
+                if not kwargs:
+                    raise
+                raise ConfigError(
+                    "statistics.fisher=true needs a loss_fn accepting sample_labels= and generator= "
+                    f"(as logix.integrations.summed_loss does): {exc}"
+                ) from None
             if not loss.requires_grad:
                 raise ConfigError(
                     "The loss does not require grad: no parameter of the model is trainable. Unfreeze "
@@ -235,7 +269,9 @@ def extract(
         ids: ``auto`` | ``column`` | ``hash``; see :class:`logix.config.IdPolicy`.
         id_field: name of the id column.
         limit: log only the first N training examples (0: all).
-        loss_fn: per-example summed loss of a batch (default :func:`summed_loss`).
+        loss_fn: per-example summed loss of a batch (default :func:`summed_loss`); with
+            ``statistics.fisher: true`` it is called with ``sample_labels=True, generator=...``
+            in the statistics passes.
         progress: show progress bars.
 
     Returns:
@@ -247,7 +283,8 @@ def extract(
     with held_fixed(model), watched_weights_trainable(run):
         if not run.finalized:
             for pass_ in run.plan():
-                _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress)
+                _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress,
+                            pass_.sample_labels, run.config.projection.seed + pass_.index)
             run.finalize()
         if queries is not None:  # committed query ids are skipped on a resumed run
             q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field)
