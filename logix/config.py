@@ -103,8 +103,10 @@ class ProjectionConfig:
     """LoGra projection of activations (``P_in``) and output gradients (``P_out``)."""
 
     type: ProjectionType = _help("random | pca | none.", ProjectionType.RANDOM)
-    rank_in: int = _help("k_in: projected size of the (bias-augmented) input activations.", 16)
-    rank_out: int = _help("k_out: projected size of the output gradients.", 16)
+    rank_in: int = _help(
+        "k_in: projected size of the (bias-augmented) input activations (capped at each module's size).", 16
+    )
+    rank_out: int = _help("k_out: projected size of the output gradients (capped at each module's size).", 16)
     ranks: Mapping[str, tuple[int, int]] = _help(
         "Per-module overrides {glob: [rank_in, rank_out]}; the first matching glob wins.",
         default_factory=dict,

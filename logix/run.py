@@ -184,7 +184,7 @@ class Run:
             if ptype is ProjectionType.NONE:
                 self.projections[w.name] = ModuleProjection(None, None)
             elif ptype is ProjectionType.RANDOM:
-                k_in, k_out = self.config.rank_for(w.name)
+                k_in, k_out = self._ranks(w)
                 self.projections[w.name] = ModuleProjection(
                     random_projection(w.name, w.shape.d_in_aug, k_in, seed, "in"),
                     random_projection(w.name, w.shape.d_out, k_out, seed, "out"),
@@ -199,10 +199,16 @@ class Run:
             if self.config.projection.type is ProjectionType.NONE:
                 shape = (w.shape.d_out, w.shape.d_in_aug)
             else:
-                k_in, k_out = self.config.rank_for(w.name)
+                k_in, k_out = self._ranks(w)
                 shape = (k_out, k_in)
             entries.append((w.name, w.adapter.kind, shape))
         self.layout = Layout.build(entries)
+
+    def _ranks(self, w: Watched) -> tuple[int, int]:
+        """``(k_in, k_out)`` of a module: the configured ranks, capped at the module's own
+        dimensions (projecting to more dimensions than a side has adds bytes, not information)."""
+        k_in, k_out = self.config.rank_for(w.name)
+        return min(k_in, w.shape.d_in_aug), min(k_out, w.shape.d_out)
 
     def _names(self) -> list[str]:
         return [w.name for w in self.watched]
@@ -319,7 +325,7 @@ class Run:
         full.freeze()
         full.save(stats_dir / "full.safetensors")
         for w in self.watched:
-            k_in, k_out = self.config.rank_for(w.name)
+            k_in, k_out = self._ranks(w)
             self.projections[w.name] = ModuleProjection(
                 pca_projection(w.name, full.mean(w.name, "A"), k_in, "input"),
                 pca_projection(w.name, full.mean(w.name, "S"), k_out, "output-gradient"),

@@ -107,8 +107,9 @@ def test_inspect_run_and_store(tmp_path, capsys):
     run.finalize()
     assert main(["inspect", str(run.dir)]) == 0
     out = capsys.readouterr().out
-    assert "store 'train': 3 rows in 1 shards, dtype float32, 12 values per row" in out
-    assert "ids: x, y, z" in out and "(3, 2)" in out and "finalized: True" in out
+    assert "store 'train': 3 rows in 1 shards, dtype float32, 10 values per row" in out
+    # ranks are capped at each module's size: (3, 2) for Linear(3, 4), (2, 2) for Linear(4, 2)
+    assert "ids: x, y, z" in out and "(3, 2)" in out and "(2, 2)" in out and "finalized: True" in out
     assert "statistics ['A', 'S', 'examples', 'tokens'] for 2 modules" in out
     assert main(["inspect", str(run.dir / "stores" / "train")]) == 0
 

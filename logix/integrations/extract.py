@@ -64,7 +64,7 @@ def summed_loss(
     if "labels" not in batch:
         raise BatchError("summed_loss needs `labels` in the batch (use -100 for tokens without loss).")
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k != "labels" and isinstance(v, Tensor)}
     logits = model(**inputs).logits.float()
     if labels.dim() == 1:
         if sample_labels:
