@@ -256,3 +256,27 @@ def test_extract_with_true_fisher_keeps_rows_and_changes_curvature(tmp_path):
     s_true, s_emp = runs["true"].statistics.mean(name, "S"), runs["empirical"].statistics.mean(name, "S")
     assert not torch.allclose(s_true, s_emp, rtol=1e-2)
     torch.testing.assert_close(runs["true"].statistics.mean(name, "A"), runs["empirical"].statistics.mean(name, "A"))
+
+
+def test_rerun_with_another_model_is_an_error_not_stale_rows(tmp_path):
+    cfg = {**CONFIG, "schedule": {"at_end": True}}
+    train(tmp_path, steps=2, callback=LogixCallback(cfg, project="cb", root=tmp_path, progress=False))
+    again = LogixCallback(cfg, project="cb", root=tmp_path, progress=False)
+    with pytest.raises(logix.LogixError, match="another state of the model"):
+        train(tmp_path, steps=2, callback=again, model=tiny_gpt2(seed=1))
+    # the same training again resumes (same states), and overwrite=True starts afresh
+    train(tmp_path, steps=2, callback=LogixCallback(cfg, project="cb", root=tmp_path, progress=False))
+    fresh = LogixCallback(cfg, project="cb", root=tmp_path, progress=False, overwrite=True)
+    train(tmp_path, steps=2, callback=fresh, model=tiny_gpt2(seed=1))
+    assert [c["name"] for c in fresh.checkpoints] == ["final"]
+
+
+def test_checkpoints_of_an_earlier_training_run_are_dropped_from_the_index(tmp_path):
+    first = LogixCallback({**CONFIG, "schedule": {"steps": [1], "at_end": False}}, project="cb",
+                          root=tmp_path, progress=False)
+    train(tmp_path, steps=2, callback=first)
+    second = LogixCallback({**CONFIG, "schedule": {"steps": [2], "at_end": False}}, project="cb",
+                           root=tmp_path, progress=False)
+    train(tmp_path, steps=2, callback=second)
+    index = json.loads((tmp_path / "cb" / "checkpoints.json").read_text())["checkpoints"]
+    assert [c["name"] for c in index] == ["step-2"]

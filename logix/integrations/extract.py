@@ -15,7 +15,9 @@ Trainer callback and ``logix extract`` use it:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
+import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -28,10 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from logix.config import IdPolicy
-from logix.errors import BatchError, ConfigError
+from logix.errors import BatchError, ConfigError, RunDirectoryError
 from logix.run import Run
 from logix.store import Store
+from logix.store.format import write_json_atomic
 
+MODEL_FILE = "model.json"  # the fingerprint of the model state a run directory was logged with
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 # Inputs every HF model accepts under these names, besides its forward signature.
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
@@ -205,6 +209,41 @@ def watched_weights_trainable(run: Run) -> Iterator[None]:
             p.requires_grad_(False)
 
 
+def model_fingerprint(model: nn.Module, sample: int = 4096) -> str:
+    """A hash of the model's parameters (names, shapes and a strided sample of each one's values).
+
+    Training moves (nearly) every weight, so two states of a model differ in their fingerprint;
+    the sample keeps the cost negligible for large models.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name, param in model.named_parameters():
+        values = param.detach().flatten()
+        values = values[:: max(1, values.numel() // sample)][:sample]
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(values.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_model_state(run: Run, model: nn.Module) -> None:
+    """Record the model's fingerprint in the run directory, or check it against the recorded one.
+
+    Raises:
+        RunDirectoryError: the directory was logged with another model state, so resuming it
+            would mix (or silently reuse) rows of two models.
+    """
+    path = run.dir / MODEL_FILE
+    fingerprint = model_fingerprint(model)
+    if not path.exists():
+        write_json_atomic(path, {"fingerprint": fingerprint})
+        return
+    if json.loads(path.read_text())["fingerprint"] != fingerprint:
+        raise RunDirectoryError(
+            f"{run.dir} was logged with another state of the model (its weights differ), so its rows "
+            "do not describe this model. Use another project name, or overwrite=True (--overwrite) "
+            "to delete the old logs."
+        )
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -255,7 +294,8 @@ def extract(
 
     Runs every pass of the run's plan (PCA covariance, KFAC eigenbasis, log), finalizes the
     run, then logs ``queries`` into its ``queries`` store. A run interrupted earlier resumes:
-    committed ids are skipped. The model comes back exactly as it was (see :func:`held_fixed`);
+    committed ids are skipped; a directory logged with another model state is an error (its
+    fingerprint is recorded in ``model.json``). The model comes back exactly as it was (see :func:`held_fixed`);
     watched modules whose weights are frozen get gradients while logging and are frozen again
     after (:func:`watched_weights_trainable`).
 
@@ -279,6 +319,7 @@ def extract(
     """
     if not run.watched:
         run.watch(model)
+    check_model_state(run, model)
     train = loader_with_ids(dataset, collator, model, batch_size, ids, id_field, limit)
     with held_fixed(model), watched_weights_trainable(run):
         if not run.finalized:

@@ -59,7 +59,8 @@ class LogixCallback(TrainerCallback):
         queries: examples whose influence will be explained, logged at every checkpoint.
         data_collator: collates logged examples (default: the Trainer's).
         loss_fn: per-example summed loss (default :func:`logix.integrations.summed_loss`).
-        overwrite: delete an existing project directory first (default: resume it).
+        overwrite: delete an existing project directory first (default: resume it; a checkpoint
+            directory logged with another model state is then an error, never silently reused).
         progress: show progress bars while logging.
     """
 
@@ -92,11 +93,14 @@ class LogixCallback(TrainerCallback):
         self.checkpoints: list[dict[str, Any]] = self._read_checkpoints()
         self._dataloader = None
         self._step_lr: dict[int, float] = {}  # optimizer step (1-based) -> its learning rate
+        self._logged_steps: set[int] = set()  # model states logged during this training run
 
     # ---- Trainer events -------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._dataloader = kwargs.get("train_dataloader")
+        self._logged_steps = set()
+        self._fresh = state.global_step == 0  # a new training run, not a resumed one
         if self.config.schedule.at_start:
             self._log(state, kwargs, "start")
 
@@ -122,12 +126,25 @@ class LogixCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         if self.config.schedule.at_end:
             self._log(state, kwargs, "final")
+        if getattr(self, "_fresh", False) and state.is_world_process_zero:
+            self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        """Forget checkpoints an earlier training run logged that this one did not log again."""
+        stale = [c for c in self.checkpoints if c["step"] not in self._logged_steps]
+        if not stale:
+            return
+        log.warning("logix: %s lists checkpoints of an earlier training run (%s); they are dropped "
+                    "from the index (their directories are left in place)", self.dir / CHECKPOINTS_FILE,
+                    ", ".join(c["name"] for c in stale))
+        self.checkpoints = [c for c in self.checkpoints if c["step"] in self._logged_steps]
+        write_json_atomic(self.dir / CHECKPOINTS_FILE, {"checkpoints": self.checkpoints})
 
     # ---- logging one checkpoint ---------------------------------------------------------------
     def _log(self, state: TrainerState, kwargs: dict[str, Any], name: str) -> None:
         if not state.is_world_process_zero:
             return
-        if any(c["step"] == state.global_step for c in self.checkpoints if c["name"] != name):
+        if state.global_step in self._logged_steps:
             return  # this model state is already logged under another name
         model: nn.Module = kwargs["model"]
         run = Run(f"{self.project}/{name}", config=self.config)
@@ -138,6 +155,7 @@ class LogixCallback(TrainerCallback):
             batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
             limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
         )
+        self._logged_steps.add(state.global_step)
         self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
 
     def _dataset(self) -> Dataset | Sequence:
