@@ -169,9 +169,16 @@ class StatisticsConfig:
         FisherType.EMPIRICAL,
     )
 
+    fisher_samples: int = _help(
+        "With fisher: true, label draws per example: the statistics passes repeat the data loop this "
+        "many times (Pass.repeats). More draws, less Monte-Carlo noise in the curvature.",
+        1,
+    )
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", AccumDtype.parse(self.dtype, "statistics.dtype"))
         object.__setattr__(self, "fisher", FisherType.parse(self.fisher, "statistics.fisher"))
+        _positive_int(self.fisher_samples, "statistics.fisher_samples")
         _positive_int(self.raw_max_dim, "statistics.raw_max_dim")
 
 

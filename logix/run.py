@@ -66,6 +66,7 @@ class Pass:
     total: int
     writes_rows: bool
     sample_labels: bool = False  # compute this pass's loss with labels sampled from the model
+    repeats: int = 1  # loop over the data this many times in this pass (fresh label draws each)
 
     def __str__(self) -> str:
         return f"pass {self.index + 1}/{self.total}: {self.name}"
@@ -246,7 +247,8 @@ class Run:
             if spec.name in self.info.done:
                 continue
             self._start_pass(spec)
-            yield Pass(spec.name, index, len(specs), spec.rows and spec.gradients, spec.sample_labels)
+            repeats = self.config.statistics.fisher_samples if spec.sample_labels else 1
+            yield Pass(spec.name, index, len(specs), spec.rows and spec.gradients, spec.sample_labels, repeats)
             self._finish_pass()
 
     def _start_pass(self, spec: PassSpec) -> None:

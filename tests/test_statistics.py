@@ -197,3 +197,28 @@ def test_true_fisher_kfac_only_adds_one_covariance_pass(tmp_path):
     assert logix.init("b", config={"statistics": {"kfac": True}}, root=tmp_path).passes == ["log"]
     cfg = {"statistics": {"kfac": False, "raw": True, "fisher": "true"}}
     assert logix.init("c", config=cfg, root=tmp_path).passes == ["fisher", "log"]
+
+
+def test_fisher_samples_repeat_the_statistics_passes(tmp_path):
+    """fisher_samples=2: the statistics passes run the loop twice (a fresh draw each time); the
+    factors are the mean over both draws' tokens, the raw covariance over 2N gradients."""
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    tokens, mask, labels = _data()
+    draws = [torch.randint(0, 4, labels.shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    cfg = {"projection": {"type": "none"}, "capture": {"compute_dtype": "float64"},
+           "statistics": {"kfac": True, "raw": True, "fisher": "true", "fisher_samples": 2}}
+    run = logix.init("fs", config=cfg, root=tmp_path)
+    run.watch(model, modules=["fc"])
+    for pass_ in run.plan():
+        assert pass_.repeats == (2 if pass_.sample_labels else 1)
+        for r in range(pass_.repeats):
+            use = draws[r] if pass_.sample_labels else labels
+            with run(data_id=list(range(N)), mask=mask):
+                _loss(model, tokens, use, mask).backward()
+    run.finalize()
+    s_both = [_explicit_factors(model, tokens, d, mask)[1] for d in draws]
+    assert rel_err(run.statistics.mean("fc", "S"), (s_both[0] + s_both[1]) / 2) < 1e-10
+    assert run.statistics.count("fc", "tokens") == 2 * float(mask.sum())
+    g = torch.cat([_oracle_grads(model, tokens, d, mask).flatten(1) for d in draws])
+    assert rel_err(run.statistics.mean("fc", "raw"), g.T @ g / (2 * N)) < 1e-10

@@ -250,12 +250,14 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
-                desc: str, progress: bool, sample_labels: bool = False, seed: int = 0) -> None:
+                desc: str, progress: bool, sample_labels: bool = False, seed: int = 0,
+                repeats: int = 1) -> None:
     device = _device_of(model)
     kwargs: dict[str, Any] = {}
     if sample_labels:
         kwargs = {"sample_labels": True, "generator": torch.Generator(device).manual_seed(seed)}
-    for ids, batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    batches = (b for _ in range(repeats) for b in loader)
+    for ids, batch in tqdm(batches, total=repeats * len(loader), desc=desc, disable=not progress, leave=False):
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with ctx_factory(data_id=ids, mask=batch.get("attention_mask")):
             try:
@@ -325,7 +327,7 @@ def extract(
         if not run.finalized:
             for pass_ in run.plan():
                 _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress,
-                            pass_.sample_labels, run.config.projection.seed + pass_.index)
+                            pass_.sample_labels, run.config.projection.seed + pass_.index, pass_.repeats)
             run.finalize()
         if queries is not None:  # committed query ids are skipped on a resumed run
             q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field)
