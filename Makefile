@@ -17,10 +17,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check logix tests examples benchmarks
-	$(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check logix tests examples benchmarks
