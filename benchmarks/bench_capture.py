@@ -11,7 +11,10 @@ padding). Each example's loss is the SUM of its shifted next-token losses. Metho
                ``vec(G) @ P`` when all its matrices fit ``--dense-mb``) of each captured
                module's materialised gradient ``G``;
 * ``vmap-k``   ``torch.func`` per-sample gradients (``vmap(grad(functional_call))``) + the
-               same projection.
+               same projection;
+* ``loopdense-k`` the loop with the dense ``vec(G) @ P`` projection of the flattened gradient
+               whatever its size (the textbook baseline: P is 5.6 GB at k=16 for this model), run
+               only where P fits in half the available memory, with ``--dense-iters`` batches.
 
 Each method runs in its own subprocess (``--method``): first alone (warm-up, then ``--iters``
 timed batches; ``ru_maxrss`` gives its own peak RSS), then ``--pairs`` batches alternating
@@ -25,7 +28,7 @@ Baselines project the modules ``run.watch`` picks with logix's own random matric
 rows equal logix's, except that GPT-2 ties ``lm_head`` to ``wte``: for that pair they project
 the shared parameter's summed gradient (same cost, not the same numbers).
 
-    python benchmarks/bench_capture.py            # full run (< 6 min on 2 cores)
+    python benchmarks/bench_capture.py            # full run (~6 min on 2 cores, 12 GB free for loopdense-16)
     python benchmarks/bench_capture.py --quick    # smoke run (< 1 min)
 """
 
@@ -66,6 +69,28 @@ def cpu_seconds() -> tuple[float, float]:
         ticks = [int(x) for x in f.readline().split()[1:9]]
     own = resource.getrusage(resource.RUSAGE_SELF)
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def logix_version() -> str:
+    """The git commit of the logix being measured, ``+dirty`` when its sources differ from it."""
+    root = Path(logix.__file__).resolve().parent
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def dense_fits(k: int) -> bool:
+    """Whether the dense k*k projection matrices of every watched module fit in half of MemAvailable."""
+    numel = sum(w.shape.d_out * w.shape.d_in_aug for w in select_modules(build_model()))
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return numel * k * k * 4 <= available / 2
 
 
 def build_model() -> torch.nn.Module:
@@ -140,6 +165,8 @@ def run_method(method: str, warmup: int, iters: int, pairs: int, dense_mb: float
     batches = [make_batch(s) for s in range(n + pairs)]
     kind, _, k = method.partition("-")
     k, extra = int(k or 0), {}
+    if kind == "loopdense":
+        kind, dense_mb = "loop", float("inf")
     tmp = tempfile.TemporaryDirectory()
 
     def forward_backward(b: dict) -> None:
@@ -235,6 +262,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="subprocess runs per method (default 2, quick 1)")
     ap.add_argument("--ranks", type=int, nargs="+", help="k per side (default 16 32, quick 16)")
     ap.add_argument("--dense-mb", type=float, default=1024, help="dense baseline projection if it fits")
+    ap.add_argument("--dense-iters", type=int, default=3, help="timed batches and pairs of loopdense-k")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = ap.parse_args()
@@ -247,20 +275,22 @@ def main() -> None:
         return
 
     methods = ["plain"] + [f"{kind}-{k}" for k in ranks for kind in ("logix", "loop", "vmap")]
-    common = ["--iters", str(iters), "--pairs", str(pairs), "--warmup", str(args.warmup)]
-    common += ["--dense-mb", str(args.dense_mb)]
+    if not args.quick:
+        methods += [f"loopdense-{k}" for k in ranks if dense_fits(k)]
+    common = ["--warmup", str(args.warmup), "--dense-mb", str(args.dense_mb)]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     load_before, start = os.getloadavg(), time.perf_counter()
     for r in range(rounds):  # rounds interleave methods; the order rotates
         for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
-            cmd = [sys.executable, __file__, "--method", m, *common]
+            n_it, n_pairs = (args.dense_iters,) * 2 if m.startswith("loopdense") else (iters, pairs)
+            cmd = [sys.executable, __file__, "--method", m, "--iters", str(n_it), "--pairs", str(n_pairs), *common]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{m} failed:\n{proc.stderr}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[m].append(res)
             print(
-                f"  round {r + 1}/{rounds} {m:<9} {res['examples_per_s']:6.2f} ex/s, "
+                f"  round {r + 1}/{rounds} {m:<12} {res['examples_per_s']:6.2f} ex/s, "
                 f"{res['vs_plain_paired']:.3f} x plain, bg CPU {res['background_cpu']:.0%}",
                 flush=True,
             )
@@ -280,23 +310,25 @@ def main() -> None:
     ratios, standalone = {}, {}
     for k in ranks:
         lx = results[f"logix-{k}"]
-        for other in ("plain", f"loop-{k}", f"vmap-{k}"):
+        for other in ("plain", f"loop-{k}", f"vmap-{k}", f"loopdense-{k}"):
+            if other not in results:
+                continue
             ratios[f"logix-{k}/{other}"] = lx["vs_plain_paired"] / results[other]["vs_plain_paired"]
             standalone[f"logix-{k}/{other}"] = lx["examples_per_s"] / results[other]["examples_per_s"]
 
     print(
-        f"\n{'method':<9} {'examples/s':>10} {'vs plain':>9} {'standalone':>10} {'peak RSS MB':>11} ", end=""
+        f"\n{'method':<12} {'examples/s':>10} {'vs plain':>9} {'standalone':>10} {'peak RSS MB':>11} ", end=""
     )
     print(f"{'delta MB':>8} {'bg CPU':>6}  projection")
     for m, r in results.items():
         print(
-            f"{m:<9} {r['examples_per_s']:>10.2f} {r['vs_plain_paired']:>9.3f} "
+            f"{m:<12} {r['examples_per_s']:>10.2f} {r['vs_plain_paired']:>9.3f} "
             f"{r['examples_per_s'] / base:>10.3f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_delta_mb']:>8.0f} "
             f"{r['background_cpu']:>6.0%}  {r['projection_form'] or ''}"
         )
     print("\nratios (paired; standalone in brackets):")
     for name, value in ratios.items():
-        print(f"  {name:<18} {value:6.3f}  ({standalone[name]:.3f})")
+        print(f"  {name:<24} {value:6.3f}  ({standalone[name]:.3f})")
 
     setup = {
         "model": "GPT-2 n_layer=4 n_embd=256 n_head=4 vocab=5000, float32, eval mode",
@@ -305,9 +337,11 @@ def main() -> None:
         "warmup": args.warmup,
         "iters": iters,
         "pairs": pairs,
+        "dense_iters": args.dense_iters,
         "rounds": rounds,
         "ranks": ranks,
         "quick": args.quick,
+        "logix": f"{logix.__version__} {logix_version()} ({Path(logix.__file__).parent})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
