@@ -1,0 +1,1 @@
+"""Instruction-data contribution: which instruction samples are worth training on."""
