@@ -62,6 +62,11 @@ class LogixCallback(TrainerCallback):
         overwrite: delete an existing project directory first (default: resume it; a checkpoint
             directory logged with another model state is then an error, never silently reused).
         progress: show progress bars while logging.
+        optimizer_states: also save the optimizer's Adam moments, keyed by parameter name, in
+            each checkpoint's ``optimizer.safetensors`` (for LESS, :mod:`logix.contribution.less`).
+        adam_rows: also log each training example's projected Adam-preconditioned gradient
+            (LESS) into the checkpoint's ``train_adam`` / ``train_adam_code`` stores; ``True``:
+            both variants, or a list of ``"paper"`` / ``"code"``. Implies ``optimizer_states``.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class LogixCallback(TrainerCallback):
         loss_fn: LossFn = summed_loss,
         overwrite: bool = False,
         progress: bool = True,
+        optimizer_states: bool = False,
+        adam_rows: bool | Sequence[str] = False,
     ) -> None:
         self.config = resolve_config(config)
         if root is not None:
@@ -90,6 +97,8 @@ class LogixCallback(TrainerCallback):
         self.data_collator = data_collator
         self.loss_fn = loss_fn
         self.progress = progress
+        self.optimizer_states = optimizer_states or bool(adam_rows)
+        self.adam_rows = adam_rows
         self.checkpoints: list[dict[str, Any]] = self._read_checkpoints()
         self._dataloader = None
         self._step_lr: dict[int, float] = {}  # optimizer step (1-based) -> its learning rate
@@ -155,6 +164,14 @@ class LogixCallback(TrainerCallback):
             batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
             limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
         )
+        if self.optimizer_states:  # LESS: Adam moments by parameter name, Adam-preconditioned rows
+            from logix.contribution.less import log_less_checkpoint
+
+            log_less_checkpoint(
+                run, model, kwargs.get("optimizer"), self._dataset(), self._collator(), adam_rows=self.adam_rows,
+                batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
+                limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
+            )
         self._logged_steps.add(state.global_step)
         self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
 
