@@ -6,8 +6,11 @@ shard, even while a writer is still running or after a crash.
 
 from __future__ import annotations
 
+import mmap
 import queue
+import sys
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,11 @@ from logix.errors import StoreError
 from logix.store.format import TORCH_DTYPES, Layout, from_numpy, read_manifest
 
 Id = int | str
+
+_DISK_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}  # how rows lie in a shard
+_HOST_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bfloat16 bits
+_ZERO_COPY_MIN_ROWS = 256  # shards at least this large (or half a chunk) are mapped, not gathered
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a mapping's pages in, read-only, ahead of use
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Store:
         self._ids: list[Id] | None = None
         self._positions: np.ndarray | None = None
         self._index: dict[object, int] | None = None
+        self._row_sources: list[_Source] | None = None
 
     # ---- metadata ---------------------------------------------------------------------
     @property
@@ -128,60 +137,150 @@ class Store:
             return None
         return [self.layout.block(m).columns for m in modules]
 
+    def _width(self, columns: list[slice] | None) -> int:
+        return self.dim if columns is None else sum(c.stop - c.start for c in columns)
+
     def _read(self, fh: h5py.File, lo: int, hi: int, columns: list[slice] | None) -> torch.Tensor:
         if columns is None:
             return from_numpy(fh["rows"][lo:hi], self.dtype_name)
         parts = [from_numpy(fh["rows"][lo:hi, c], self.dtype_name) for c in columns]
         return torch.cat(parts, dim=1)
 
-    def _chunks(self, chunk_rows: int, modules: Sequence[str] | None) -> Iterator[Chunk]:
+    def _sources(self) -> list[_Source]:
+        """Where each shard's rows live (cached: committed shards never change)."""
+        if self._row_sources is None:
+            disk = np.dtype(_DISK_DTYPES[self.dtype_name])
+            sources = []
+            for name, n in self._shards:
+                path = self.directory / name
+                with h5py.File(path, "r") as fh:
+                    sources.append(_Source(path, disk, _raw_offset(fh["rows"], disk, (n, self.dim))))
+            self._row_sources = sources
+        return self._row_sources
+
+    def _plan(self, chunk_rows: int, align_to_shards: bool) -> Iterator[list[tuple[int, int, int]]]:
+        """Chunks as lists of ``(shard, lo, hi)`` pieces, in store order."""
+        pieces: list[tuple[int, int, int]] = []
+        held = 0
+        big = min(_ZERO_COPY_MIN_ROWS, max(1, chunk_rows // 2))
+        for s, (_, n) in enumerate(self._shards):
+            if align_to_shards and n >= big:
+                if pieces:  # small shards gathered so far
+                    yield pieces
+                    pieces, held = [], 0
+                count = -(-n // chunk_rows)  # equal pieces, none larger than chunk_rows
+                bounds = [n * i // count for i in range(count + 1)]
+                for lo, hi in zip(bounds[:-1], bounds[1:]):
+                    yield [(s, lo, hi)]
+                continue
+            lo = 0
+            while lo < n:
+                hi = min(n, lo + chunk_rows - held)
+                pieces.append((s, lo, hi))
+                held += hi - lo
+                lo = hi
+                if held == chunk_rows:
+                    yield pieces
+                    pieces, held = [], 0
+        if pieces:
+            yield pieces
+
+    def _chunks(
+        self, chunk_rows: int, modules: Sequence[str] | None, align_to_shards: bool = False,
+        ring: _Ring | None = None, populate: bool = False,
+    ) -> Iterator[Chunk]:
         """Chunks of exactly ``chunk_rows`` rows (the last may be shorter), spanning shards, so
-        that two stores with the same number of rows chunk identically."""
+        that two stores with the same number of rows chunk identically; with ``align_to_shards``,
+        chunks follow the shards instead (see :meth:`iter_chunks`)."""
         columns = self._columns(modules)
-        parts: list[Chunk] = []
-        held, start = 0, 0
-        for name, n in self._shards:
-            with h5py.File(self.directory / name, "r") as fh:
-                ids = self._convert_ids(fh["ids"][()])
-                pos = fh["positions"][()] if self.per_token else None
-                lo = 0
-                while lo < n:
-                    hi = min(n, lo + chunk_rows - held)
-                    rows = self._read(fh, lo, hi, columns)
-                    parts.append(Chunk(ids[lo:hi], rows, None if pos is None else pos[lo:hi], start))
-                    held += hi - lo
-                    start += hi - lo
-                    lo = hi
-                    if held == chunk_rows:
-                        yield _join(parts)
-                        parts, held = [], 0
-        if parts:
-            yield _join(parts)
+        width = self._width(columns)
+        sources = self._sources()
+        ring = ring or _Ring(1, _HOST_DTYPES[self.dtype_name])
+        labels = _Labels(self)
+        start = 0
+        for pieces in self._plan(chunk_rows, align_to_shards):
+            n = sum(hi - lo for _, lo, hi in pieces)
+            s, lo, hi = pieces[0]
+            if len(pieces) == 1 and columns is None and sources[s].offset is not None:
+                rows = _mapped(sources[s], lo, hi, self.dim, populate).view(_HOST_DTYPES[self.dtype_name])
+            else:
+                rows = ring.take(n, width)
+                at = 0
+                for s, lo, hi in pieces:
+                    self._fill(rows[at : at + hi - lo], s, lo, hi, columns)
+                    at += hi - lo
+            ids, positions = labels.get(start, n, pieces)
+            yield Chunk(ids, _to_torch(rows, self.dtype_name), positions, start)
+            rows = None  # the ring may reuse the buffer once the consumer drops the chunk
+            start += n
+
+    def _fill(self, dest: np.ndarray, s: int, lo: int, hi: int, columns: list[slice] | None) -> None:
+        """Copy rows ``lo:hi`` of shard ``s`` (their ``columns``) into ``dest``."""
+        source = self._sources()[s]
+        dest = dest.view(source.dtype)
+        if source.offset is not None and columns is None:
+            _pread_into(dest, source.path, source.offset + lo * dest.strides[0])
+            return
+        if source.offset is not None:
+            mapped = _mapped(source, lo, hi, self.dim, False)
+            at = 0
+            for c in columns:
+                np.copyto(dest[:, at : at + c.stop - c.start], mapped[:, c])
+                at += c.stop - c.start
+            return
+        with h5py.File(source.path, "r") as fh:
+            dset = fh["rows"]
+            if columns is None:
+                dset.read_direct(dest, np.s_[lo:hi])
+                return
+            at = 0
+            for c in columns:
+                dset.read_direct(dest, np.s_[lo:hi, c], np.s_[:, at : at + c.stop - c.start])
+                at += c.stop - c.start
 
     def iter_chunks(
         self,
         chunk_rows: int = 4096,
         modules: Sequence[str] | None = None,
         prefetch: int = 2,
+        align_to_shards: bool = False,
     ) -> Iterator[Chunk]:
         """Yield committed rows in chunks of at most ``chunk_rows`` rows.
 
-        Memory is bounded by ``(prefetch + 1) * chunk_rows * dim`` elements whatever
+        Memory is bounded by about ``(prefetch + 3) * chunk_rows * dim`` elements whatever
         the store size; ``prefetch > 0`` reads ahead in a background thread.
         ``modules`` restricts the columns to those modules' blocks (in that order).
+
+        By default every chunk but the last has exactly ``chunk_rows`` rows, spanning shards,
+        so that two stores with the same number of rows chunk identically. With
+        ``align_to_shards=True`` a shard of at least ``min(256, chunk_rows // 2)`` rows is
+        never mixed with another: it comes as one or more equal chunks of at most
+        ``chunk_rows`` rows that, for all modules, are zero-copy views of the shard file
+        (copy-on-write memory maps); smaller shards are gathered as usual.
+
+        Rows that are not views are read into a few reused buffers. A buffer is reused only
+        once nothing references the rows handed out from it (any tensor sharing their
+        memory keeps them), so keeping chunks, or views of them, is always safe: it only
+        costs fresh buffers. Writing into a chunk's rows never changes the store.
         """
         if chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}.")
+        ring = _Ring(max(prefetch, 0) + 3, _HOST_DTYPES[self.dtype_name])
         if prefetch <= 0:
-            yield from self._chunks(chunk_rows, modules)
+            yield from self._chunks(chunk_rows, modules, align_to_shards, ring)
             return
-        yield from _prefetched(self._chunks(chunk_rows, modules), prefetch)
+        yield from _prefetched(self._chunks(chunk_rows, modules, align_to_shards, ring, populate=True), prefetch)
 
     def read_all(self, modules: Sequence[str] | None = None) -> torch.Tensor:
         """All committed rows as one tensor (small stores only)."""
-        parts = [c.rows for c in self.iter_chunks(1 << 16, modules, prefetch=0)]
-        width = self.dim if modules is None else sum(self.layout.block(m).size for m in modules)
-        return torch.cat(parts) if parts else torch.empty(0, width, dtype=self.dtype)
+        columns = self._columns(modules)
+        out = np.empty((self.n_rows, self._width(columns)), _HOST_DTYPES[self.dtype_name])
+        at = 0
+        for s, (_, n) in enumerate(self._shards):
+            if n:
+                self._fill(out[at : at + n], s, 0, n, columns)
+            at += n
+        return _to_torch(out, self.dtype_name)
 
     def get(self, ids: Sequence[object], modules: Sequence[str] | None = None) -> torch.Tensor:
         """Rows of the given ids (or ``(id, position)`` keys), in the order asked."""
@@ -214,13 +313,125 @@ class Store:
         )
 
 
-def _join(parts: list[Chunk]) -> Chunk:
-    if len(parts) == 1:
-        return parts[0]
-    positions = None if parts[0].positions is None else np.concatenate([p.positions for p in parts])
-    rows = torch.cat([p.rows for p in parts])
-    return Chunk([i for p in parts for i in p.ids], rows, positions, parts[0].start)
 
+@dataclass(frozen=True)
+class _Source:
+    """One shard's rows: at byte ``offset`` of ``path`` as a plain C-ordered array, or, when
+    ``offset`` is None (chunked or filtered datasets, other byte orders), through HDF5 only."""
+
+    path: Path
+    dtype: np.dtype  # on disk
+    offset: int | None
+
+
+def _raw_offset(dset: h5py.Dataset, dtype: np.dtype, shape: tuple[int, int]) -> int | None:
+    if dset.shape != shape or dset.dtype != dtype or shape[0] == 0 or shape[1] == 0:
+        return None
+    plist = dset.id.get_create_plist()
+    if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters() or plist.get_external_count():
+        return None
+    offset = dset.id.get_offset()
+    return None if offset is None else int(offset)
+
+
+def _mapped(source: _Source, lo: int, hi: int, dim: int, populate: bool) -> np.ndarray:
+    """Rows ``lo:hi`` of a shard as a copy-on-write memory map of its file (no copy).
+
+    The mapping lives as long as an array (or tensor) referencing it; committed shards are
+    never modified in place, and writes to the map stay private to this process."""
+    row_bytes = dim * source.dtype.itemsize
+    begin = source.offset + lo * row_bytes
+    length = (hi - lo) * row_bytes
+    base = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(source.path, "rb") as fh:
+        try:
+            mapping = mmap.mmap(fh.fileno(), begin - base + length, access=mmap.ACCESS_COPY, offset=base)
+        except ValueError as exc:  # the file is shorter than its header says
+            raise StoreError(f"Shard {source.path} is truncated ({exc}); the store is damaged.") from exc
+    if populate and sys.platform.startswith("linux"):
+        try:  # fault the pages in here (the prefetch thread), not in the consumer's GEMM
+            mapping.madvise(_MADV_POPULATE_READ)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return np.frombuffer(mapping, source.dtype, count=(hi - lo) * dim, offset=begin - base).reshape(hi - lo, dim)
+
+
+def _pread_into(dest: np.ndarray, path: Path, offset: int) -> None:
+    """Fill the C-contiguous ``dest`` with the bytes of ``path`` at ``offset`` (one copy)."""
+    view = memoryview(dest).cast("B")
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        done = 0
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise StoreError(f"Shard {path} is truncated; the store is damaged.")
+            done += got
+
+
+def _to_torch(rows: np.ndarray, dtype_name: str) -> torch.Tensor:
+    tensor = torch.from_numpy(rows)  # shares memory and keeps ``rows`` alive
+    return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor
+
+
+class _Ring:
+    """Reused row buffers for chunks that are not zero-copy views.
+
+    A buffer is handed out again only once the array handed out from it is dead, i.e. once
+    no tensor shares its memory any more (``torch.from_numpy`` keeps the array alive). When
+    every buffer is still referenced (a consumer keeping chunks), a fresh one is allocated,
+    so a consumer never sees its rows change; at most ``capacity`` buffers are kept."""
+
+    def __init__(self, capacity: int, dtype) -> None:
+        self.capacity, self.dtype = capacity, np.dtype(dtype)
+        self._slots: list[list] = []  # [buffer, weakref to the rows last handed out or None]
+        self.allocated = 0  # buffers allocated so far (kept or not)
+
+    def take(self, n: int, width: int) -> np.ndarray:
+        size = n * width
+        for slot in self._slots:
+            if slot[1] is None or slot[1]() is None:
+                if slot[0].size < size:
+                    slot[0] = self._new(size)
+                rows = slot[0][:size].reshape(n, width)
+                slot[1] = weakref.ref(rows)
+                return rows
+        buffer = self._new(size)
+        rows = buffer.reshape(n, width)
+        if len(self._slots) < self.capacity:
+            self._slots.append([buffer, weakref.ref(rows)])
+        return rows
+
+    def _new(self, size: int) -> np.ndarray:
+        self.allocated += 1
+        return np.empty(size, self.dtype)
+
+
+class _Labels:
+    """Ids and positions of consecutive chunks (from the store's cache when loaded)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._shard, self._ids, self._positions = -1, [], None
+
+    def get(self, start: int, n: int, pieces: list[tuple[int, int, int]]) -> tuple[list[Id], np.ndarray | None]:
+        store = self.store
+        if store._ids is not None:
+            positions = None if store._positions is None else store._positions[start : start + n].copy()
+            return store._ids[start : start + n], positions
+        ids, positions = [], []
+        for s, lo, hi in pieces:
+            if s != self._shard:
+                with h5py.File(store.directory / store._shards[s][0], "r") as fh:
+                    self._ids = store._convert_ids(fh["ids"][()])
+                    self._positions = fh["positions"][()] if store.per_token else None
+                self._shard = s
+            ids.extend(self._ids[lo:hi])
+            if self._positions is not None:
+                positions.append(self._positions[lo:hi])
+        if not store.per_token:
+            return ids, None
+        return ids, positions[0].copy() if len(positions) == 1 else np.concatenate(positions)
 
 def _prefetched(source: Iterator[Chunk], depth: int) -> Iterator[Chunk]:
     buffer: queue.Queue = queue.Queue(maxsize=depth)
@@ -233,6 +444,7 @@ def _prefetched(source: Iterator[Chunk], depth: int) -> Iterator[Chunk]:
                 if stop.is_set():
                     return
                 buffer.put(item)
+                item = None  # hold no chunk while reading the next one
             buffer.put(done)
         except BaseException as exc:  # re-raised in the consumer
             buffer.put(exc)
