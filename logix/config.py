@@ -82,6 +82,11 @@ class FisherType(_ChoiceEnum):
 
     EMPIRICAL = "empirical"  # the data's labels, in the logging pass itself (no extra pass)
     TRUE = "true"  # labels sampled from the model's predictions, in passes of their own (GGN)
+    EXPECTED = "expected"  # every class enumerated, weighted by its probability: the exact GGN
+
+
+# fisher: expected runs one backward pass per class and example; above this it is refused.
+MAX_EXPECTED_CLASSES = 256
 
 
 class DuplicatePolicy(_ChoiceEnum):
@@ -161,12 +166,26 @@ class StatisticsConfig:
     kfac: bool = _help("Activation (A) and output-gradient (S) covariances per module.", True)
     ekfac: bool = _help("EK-FAC eigenvalue corrections (adds a pass in the KFAC eigenbasis).", False)
     raw: bool = _help("Covariance of each module's logged (projected) gradient block.", False)
-    raw_max_dim: int = _help("Refuse raw covariance for blocks larger than this (memory guard).", 4096)
+    raw_joint: bool = _help(
+        "Covariance of the whole logged row (every module's block concatenated): the statistic of the "
+        "raw-joint preconditioner (float64, dim^2 entries).",
+        False,
+    )
+    raw_max_dim: int = _help(
+        "Refuse raw covariance for blocks (raw) or whole rows (raw_joint) larger than this (memory guard).", 4096
+    )
     dtype: AccumDtype = _help("Accumulation dtype.", AccumDtype.FLOAT64)
     fisher: FisherType = _help(
-        "empirical | true: curvature from the data's labels, or from labels sampled from the model "
-        "(the Gauss-Newton / true Fisher; adds statistics passes whose loss uses Pass.sample_labels).",
+        "empirical | true | expected: curvature from the data's labels, from labels sampled from the "
+        "model (the Gauss-Newton / true Fisher; adds statistics passes whose loss uses "
+        "Pass.sample_labels), or from every class weighted by its probability (the exact GGN of a "
+        "classifier; needs fisher_classes).",
         FisherType.EMPIRICAL,
+    )
+    fisher_classes: int = _help(
+        "With fisher: expected, the number of classes C of the classifier's output: the statistics "
+        f"passes repeat the data loop C times (Pass.repeats), once per class (at most {MAX_EXPECTED_CLASSES}).",
+        0,
     )
 
     fisher_samples: int = _help(
@@ -180,6 +199,19 @@ class StatisticsConfig:
         object.__setattr__(self, "fisher", FisherType.parse(self.fisher, "statistics.fisher"))
         _positive_int(self.fisher_samples, "statistics.fisher_samples")
         _positive_int(self.raw_max_dim, "statistics.raw_max_dim")
+        if self.fisher is FisherType.EXPECTED:
+            if not isinstance(self.fisher_classes, int) or isinstance(self.fisher_classes, bool) or self.fisher_classes < 2:
+                raise ConfigError(
+                    "statistics.fisher: expected needs statistics.fisher_classes, the number of classes of "
+                    f"the model's output (>= 2), got {self.fisher_classes!r}."
+                )
+            if self.fisher_classes > MAX_EXPECTED_CLASSES:
+                raise ConfigError(
+                    f"statistics.fisher: expected enumerates every class (one backward pass per class and "
+                    f"example); {self.fisher_classes} classes is above {MAX_EXPECTED_CLASSES} (a language "
+                    "model's vocabulary is far too many). Use statistics.fisher: true with "
+                    "fisher_samples label draws instead."
+                )
 
 
 @dataclass(frozen=True)
@@ -375,7 +407,7 @@ class AnalysisConfig:
     """Influence scoring after logging (``logix run`` / ``logix influence``)."""
 
     enabled: bool = _help("Score influence of the training rows on the queries after logging.", True)
-    preconditioner: str = _help("identity | raw | kfac | ekfac.", "kfac")
+    preconditioner: str = _help("identity | raw | kfac | ekfac | raw-joint.", "kfac")
     damping: float = _help("Damping added to the curvature (see `damping_relative`).", 0.1)
     damping_relative: bool = _help("Damping is relative to each module's mean eigenvalue.", True)
     mode: str = _help("dot | cosine | relative | unit.", "dot")
@@ -404,6 +436,65 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class ContributionConfig:
+    """Instruction-data contribution and selection (``logix contribute``)."""
+
+    pool: str = _help("Candidate pool: .jsonl / .json / datasets file or folder (default: data.train).", "")
+    methods: tuple[str, ...] = _help(
+        "Scores to compute: icl | ifd | less | length | random (length and random are always added).",
+        ("icl", "ifd"),
+    )
+    sample_size: int = _help("Pool examples that get the model-based scores (0: all); the selector scores the rest.", 0)
+    probes: str = _help("Assessment set for icl / validation for less: a records file (default: data.queries, "
+                        "else a stratified sample of the pool).", "")
+    assessment_size: int = _help("Probes drawn from the pool when no probe file is given.", 32)
+    icl_control: str = _help("Random control of the icl score: chars | tokens | none.", "chars")
+    batch_size: int = _help("Sequences per forward pass of the scorers.", 8)
+    max_length: int = _help("Longest scored sequence in tokens (0: the model's limit).", 0)
+    warmup_epochs: float = _help("Fine-tune the model on the pool this long before scoring (the offline demo's "
+                                 "seeded model needs it; 0 for a pretrained model).", 0.0)
+    less_fraction: float = _help("less: fraction of the pool the LoRA warm-up trains on.", 0.05)
+    less_epochs: int = _help("less: warm-up epochs (one logged checkpoint each).", 4)
+    selector: str = _help("Head trained on the sample's scores to score the whole pool: ridge | logistic | mlp "
+                          "| lora | none.", "ridge")
+    pooling: str = _help("Embedding of a record for the selector: mean | last.", "mean")
+    holdout: float = _help("Fraction of the scored sample held out to report the selector's quality.", 0.2)
+    label_top_p: float = _help("Positive class of logistic / lora selectors and of the reported AUC.", 0.1)
+    select_by: str = _help("Score to select by (default: the first model-based method).", "")
+    top_p: float = _help("Fraction of the pool to select (ignored when top_k > 0).", 0.1)
+    top_k: int = _help("Number of examples to select (0: use top_p).", 0)
+    seed: int = _help("Seed of sampling, random controls and the random baseline.", 0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", _str_tuple(self.methods, "contribution.methods"))
+        valid = ("icl", "ifd", "less", "length", "random")
+        for m in self.methods:
+            if m not in valid:
+                raise ConfigError(f"contribution.methods: unknown method {m!r}.{_did_you_mean(m, valid)} "
+                                  f"Valid: {', '.join(valid)}.")
+        choices = {"icl_control": ("chars", "tokens", "none"), "pooling": ("mean", "last"),
+                   "selector": ("ridge", "logistic", "mlp", "lora", "none")}
+        for key, valid_values in choices.items():
+            if getattr(self, key) not in valid_values:
+                raise ConfigError(f"contribution.{key} must be one of {', '.join(valid_values)}, "
+                                  f"got {getattr(self, key)!r}.")
+        _non_negative_int(self.sample_size, "contribution.sample_size")
+        _positive_int(self.assessment_size, "contribution.assessment_size")
+        _positive_int(self.batch_size, "contribution.batch_size")
+        _non_negative_int(self.max_length, "contribution.max_length")
+        _non_negative_int(self.top_k, "contribution.top_k")
+        _positive_int(self.less_epochs, "contribution.less_epochs")
+        for key in ("holdout", "label_top_p", "less_fraction"):
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or not 0 < value < 1:
+                raise ConfigError(f"contribution.{key} must be a fraction in (0, 1), got {value!r}.")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"contribution.top_p must be a fraction in (0, 1], got {self.top_p!r}.")
+        if not isinstance(self.warmup_epochs, int | float) or self.warmup_epochs < 0:
+            raise ConfigError(f"contribution.warmup_epochs must be >= 0, got {self.warmup_epochs!r}.")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything that defines a logix run."""
 
@@ -419,6 +510,9 @@ class Config:
         "When the Trainer callback logs.", default_factory=LogScheduleConfig
     )
     analysis: AnalysisConfig = _help("Influence scoring after logging.", default_factory=AnalysisConfig)
+    contribution: ContributionConfig = _help(
+        "Instruction-data contribution and selection (`logix contribute`).", default_factory=ContributionConfig
+    )
 
     # ---- construction -------------------------------------------------------------
     @classmethod

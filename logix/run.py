@@ -41,7 +41,7 @@ from logix.projection import (
 )
 from logix.runinfo import RunInfo, normalise_ids
 from logix.sink import StoreSink, committed_ids
-from logix.statistics import Statistics, eigendecompose
+from logix.statistics import JOINT, Statistics, eigendecompose
 from logix.store import Layout, Store
 from logix.store.format import read_manifest
 
@@ -65,11 +65,24 @@ class Pass:
     index: int
     total: int
     writes_rows: bool
-    sample_labels: bool = False  # compute this pass's loss with labels sampled from the model
+    sample_labels: bool = False  # compute this pass's loss with labels from the model, not the data
     repeats: int = 1  # loop over the data this many times in this pass (fresh label draws each)
+    expected: bool = False  # fisher: expected: repeat r uses class r, weighted by sqrt(C p_r)
 
     def __str__(self) -> str:
         return f"pass {self.index + 1}/{self.total}: {self.name}"
+
+    def loss_kwargs(self, repeat: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Keyword arguments of :func:`logix.integrations.summed_loss` for repeat ``repeat``.
+
+        ``{}`` in a pass that uses the data's labels; ``sample_labels`` and ``generator`` in a
+        true-Fisher pass; ``label_class=repeat`` and ``num_classes`` in an expected-Fisher pass.
+        """
+        if self.expected:
+            return {"label_class": repeat, "num_classes": self.repeats}
+        if self.sample_labels:
+            return {"sample_labels": True, "generator": generator}
+        return {}
 
 
 class Run:
@@ -112,7 +125,8 @@ class Run:
         cfg = self.config
         per_token = cfg.capture.per_token
         st = cfg.statistics
-        true_fisher = st.fisher is FisherType.TRUE and (st.kfac or st.ekfac or st.raw)
+        raw = st.raw or st.raw_joint
+        true_fisher = st.fisher is not FisherType.EMPIRICAL and (st.kfac or st.ekfac or raw)
         pca = cfg.projection.type is ProjectionType.PCA
         specs = []
         if pca:
@@ -120,7 +134,7 @@ class Run:
                                   sample_labels=true_fisher))
         if not pca and (st.ekfac or (true_fisher and st.kfac)):
             specs.append(PassSpec("kfac", "log", covariance=True, gradients=False, sample_labels=true_fisher))
-        if true_fisher and (st.ekfac or st.raw):
+        if true_fisher and (st.ekfac or raw):
             specs.append(PassSpec("fisher", "log", covariance=False, gradients=True, rows=False,
                                   sample_labels=True))
         log_cov = st.kfac and not st.ekfac and not true_fisher
@@ -165,10 +179,22 @@ class Run:
         names = [w.name for w in self.watched]
         self.info.check_modules(self._module_record())
         self._init_projections()
+        self._check_joint_dim()
         self._load_finished_state()
         self._load_committed_ids()
         log.info("logix: watching %d modules: %s", len(names), names)
         return names
+
+    def _check_joint_dim(self) -> None:
+        st = self.config.statistics
+        dim = self.layout.dim
+        if st.raw_joint and dim > st.raw_max_dim:
+            raise WatchError(
+                f"statistics.raw_joint: a logged row has {dim} entries, above statistics.raw_max_dim="
+                f"{st.raw_max_dim}; its covariance would need {dim**2 * 8 / 2**20:,.0f} MB (float64) and "
+                "its inverse as much again. Lower the ranks, raise raw_max_dim, or use the per-module "
+                "raw covariance (statistics.raw) instead."
+            )
 
     def _module_record(self) -> list[dict[str, Any]]:
         return [
@@ -247,8 +273,11 @@ class Run:
             if spec.name in self.info.done:
                 continue
             self._start_pass(spec)
-            repeats = self.config.statistics.fisher_samples if spec.sample_labels else 1
-            yield Pass(spec.name, index, len(specs), spec.rows and spec.gradients, spec.sample_labels, repeats)
+            st = self.config.statistics
+            expected = spec.sample_labels and st.fisher is FisherType.EXPECTED
+            repeats = (st.fisher_classes if expected else st.fisher_samples) if spec.sample_labels else 1
+            yield Pass(spec.name, index, len(specs), spec.rows and spec.gradients, spec.sample_labels, repeats,
+                       expected)
             self._finish_pass()
 
     def _start_pass(self, spec: PassSpec) -> None:
@@ -355,7 +384,8 @@ class Run:
         sink.close()
         if sink.skipped_duplicates:
             log.warning("logix: skipped %d duplicate ids", sink.skipped_duplicates)
-        if self.config.statistics.raw or self.config.statistics.kfac or self.config.statistics.ekfac:
+        st = self.config.statistics
+        if st.raw or st.raw_joint or st.kfac or st.ekfac:
             self._check_stats(self._stats, "log")
         self._stats.freeze()
         self._stats.save(stats_dir / "log.safetensors")
@@ -518,6 +548,10 @@ class Run:
                     )
                 self._stats.add(name, "raw", flat.T @ flat)
             self._stats.add(name, "examples", n_new)
+        if cfg.raw_joint:  # the whole row's covariance (raw-joint preconditioner); dim checked in watch()
+            rows = torch.cat([grads[name][keep].to(dtype).flatten(1) for name in self._names()], dim=1)
+            self._stats.add(JOINT, "raw", rows.T @ rows)
+            self._stats.add(JOINT, "examples", n_new)
 
     # ---- ending -----------------------------------------------------------------------
     def finalize(self) -> Store:

@@ -1,4 +1,5 @@
-"""Preconditioners: the ``(H + damping)^-1`` applied to logged gradients, block-diagonal per module.
+"""Preconditioners: the ``(H + damping)^-1`` applied to logged gradients, block-diagonal per module
+(or, for ``raw-joint``, over the whole row).
 
 Each module's block of a row is the logged gradient ``V`` (``k_out x k_in``). With the run's
 statistics (see :mod:`logix.statistics`):
@@ -9,6 +10,10 @@ statistics (see :mod:`logix.statistics`):
   ``Q_S [(Q_S^T V Q_A) / (c lam_S lam_A^T + d)] Q_A^T``.
 * ``ekfac``: the same with the eigenvalue products replaced by the EK-FAC corrections
   ``E_n[(Q_S^T G_n Q_A)^2]``.
+* ``raw-joint``: ``(C + d I)^-1 r`` for the whole row ``r`` with ``C = E_n[r_n r_n^T]`` the
+  covariance of the concatenated rows (``statistics.raw_joint``): one dense preconditioner across
+  modules, so cross-module curvature is kept. One damping for the row (relative: times the mean
+  eigenvalue of ``C``).
 
 Damping ``d`` is per module: ``absolute`` uses the value as is; ``relative`` (the default)
 multiplies it by the mean of that module's curvature spectrum (the denominators above), so
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from logix.config import _ChoiceEnum
 from logix.errors import StatisticsError
-from logix.statistics import Statistics
+from logix.statistics import JOINT, Statistics
 from logix.store.format import Layout
 
 
@@ -35,6 +40,7 @@ class PreconditionerType(_ChoiceEnum):
     RAW = "raw"
     KFAC = "kfac"
     EKFAC = "ekfac"
+    RAW_JOINT = "raw-joint"
 
 
 @dataclass(frozen=True)
@@ -173,8 +179,27 @@ for _kind, _builder in (
     register_preconditioner(_kind, _builder)
 
 
+def _raw_joint(stats: Statistics, layout: Layout, damping: Damping) -> ModulePreconditioner:
+    """``(C + d I)^-1`` over the whole row, ``C`` the covariance of the concatenated rows."""
+    if not stats.has(JOINT, "raw"):
+        raise StatisticsError(
+            "This run has no whole-row covariance: log with statistics.raw_joint=true to use 'raw-joint'."
+        )
+    cov = _checked(stats, JOINT, "raw")
+    if cov.shape != (layout.dim, layout.dim):
+        raise StatisticsError(
+            f"The whole-row covariance is {tuple(cov.shape)} but the store's rows have {layout.dim} "
+            "entries: the statistics belong to another run."
+        )
+    evals, evecs = _eigh(cov, "<whole row>", "raw")
+    d = damping.resolve(evals)
+    inv = (evecs / (evals + d)) @ evecs.T
+    return ModulePreconditioner(lambda rows: rows @ inv, d)
+
+
 class Preconditioner:
-    """Block-diagonal preconditioner over full rows (every module's block)."""
+    """Block-diagonal preconditioner over full rows (every module's block); ``raw-joint`` is one
+    dense block over the whole row."""
 
     def __init__(
         self,
@@ -188,13 +213,24 @@ class Preconditioner:
             raise StatisticsError(f"Preconditioner {self.kind.value!r} needs the run's statistics.")
         self.layout = layout
         self.modules = {}
+        self._joint: ModulePreconditioner | None = None
+        if self.kind is PreconditionerType.RAW_JOINT:
+            if isinstance(damping, dict) and set(damping) - {"*"}:
+                raise StatisticsError(
+                    "'raw-joint' has one damping for the whole row; per-module dampings "
+                    f"({sorted(damping)}) do not apply. Pass one Damping (or {{'*': Damping}})."
+                )
+            self._joint = _raw_joint(statistics, layout, _damping_for(damping, "*"))
+            return
         for block in layout.blocks:
             damp = _damping_for(damping, block.name)
             self.modules[block.name] = _REGISTRY[self.kind](statistics, block.name, block.shape, damp)
 
     @property
     def damping(self) -> dict[str, float]:
-        """The resolved absolute damping of each module."""
+        """The resolved absolute damping of each module (``raw-joint``: the row's, for every module)."""
+        if self._joint is not None:
+            return {name: self._joint.damping for name in self.layout.names}
         return {name: m.damping for name, m in self.modules.items()}
 
     def __call__(self, rows: Tensor) -> Tensor:
@@ -202,6 +238,8 @@ class Preconditioner:
         rows = rows.to(torch.float64)
         if self.kind is PreconditionerType.IDENTITY:
             return rows
+        if self._joint is not None:
+            return self._joint(rows)
         out = torch.empty_like(rows)
         for block in self.layout.blocks:
             v = rows[:, block.columns].reshape(rows.shape[0], *block.shape)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from logix.config import IdPolicy
 from logix.errors import BatchError, ConfigError, RunDirectoryError
-from logix.run import Run
+from logix.run import Pass, Run
 from logix.store import Store
 from logix.store.format import write_json_atomic
 
@@ -46,6 +46,8 @@ def summed_loss(
     batch: Mapping[str, Tensor],
     sample_labels: bool = False,
     generator: torch.Generator | None = None,
+    label_class: int | None = None,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Loss summed over the batch's examples and each example's label tokens.
 
@@ -61,15 +63,24 @@ def summed_loss(
             distribution (same positions): the loss of a true-Fisher statistics pass
             (``Pass.sample_labels``).
         generator: random generator of the draws (on the model's device).
+        label_class: classifiers only (``statistics.fisher: expected``): every example's label
+            is this class and its loss is weighted by ``sqrt(C p_c)`` (``p`` detached, ``C`` the
+            number of classes), so the mean over the ``C`` repeats of a pass (class ``0..C-1``)
+            of any gradient second moment is exactly its expectation under the model's labels.
+        num_classes: with ``label_class``, the classes the pass enumerates (``Pass.repeats``);
+            checked against the logits.
 
     Raises:
-        BatchError: the batch has no ``labels``.
+        BatchError: the batch has no ``labels``; ``label_class`` with sequence labels, or with
+            logits of another number of classes.
     """
     if "labels" not in batch:
         raise BatchError("summed_loss needs `labels` in the batch (use -100 for tokens without loss).")
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels" and isinstance(v, Tensor)}
     logits = model(**inputs).logits.float()
+    if label_class is not None:
+        return expected_class_loss(logits, labels, label_class, num_classes)
     if labels.dim() == 1:
         if sample_labels:
             labels = sample_from_logits(logits, generator)
@@ -78,6 +89,32 @@ def summed_loss(
     if sample_labels:
         labels = torch.where(labels == -100, labels, sample_from_logits(logits, generator))
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def expected_class_loss(logits: Tensor, labels: Tensor, label_class: int, num_classes: int | None) -> Tensor:
+    """``sum_n sqrt(C p_nc) CE(logits_n, c)`` with ``p`` detached: the loss of repeat ``c`` of an
+    expected-Fisher pass (see :func:`summed_loss`). Its per-example gradient is
+    ``sqrt(C p_c) g_c``, so averaging ``g g^T`` over ``c = 0..C-1`` gives ``sum_c p_c g_c g_c^T``,
+    which for softmax cross-entropy is the Gauss-Newton matrix ``J^T (diag p - p p^T) J``."""
+    classes = logits.shape[-1]
+    if labels.dim() != 1 or logits.dim() != 2:
+        raise BatchError(
+            "statistics.fisher: expected needs one label per example (a classifier, labels of shape "
+            f"(batch,)); got labels of shape {tuple(labels.shape)}. With several label tokens per example "
+            "(a language model) the per-example gradient mixes every token's class and enumerating "
+            "classes is not exact: use statistics.fisher: true with fisher_samples draws."
+        )
+    if num_classes is not None and num_classes != classes:
+        raise BatchError(
+            f"statistics.fisher_classes is {num_classes} but the model outputs {classes} classes: set "
+            f"statistics.fisher_classes: {classes}."
+        )
+    if not 0 <= label_class < classes:
+        raise BatchError(f"label_class {label_class} is outside the model's {classes} classes.")
+    target = torch.full((logits.shape[0],), label_class, dtype=torch.long, device=logits.device)
+    with torch.no_grad():
+        weight = (classes * logits.softmax(-1)[:, label_class]).sqrt()
+    return (weight * F.cross_entropy(logits, target, reduction="none")).sum()
 
 
 def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -250,14 +287,15 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
-                desc: str, progress: bool, sample_labels: bool = False, seed: int = 0,
-                repeats: int = 1) -> None:
+                desc: str, progress: bool, pass_: Pass | None = None, seed: int = 0) -> None:
+    sample_labels = pass_ is not None and pass_.sample_labels
+    repeats = 1 if pass_ is None else pass_.repeats
     device = _device_of(model)
-    kwargs: dict[str, Any] = {}
-    if sample_labels:
-        kwargs = {"sample_labels": True, "generator": torch.Generator(device).manual_seed(seed)}
-    batches = (b for _ in range(repeats) for b in loader)
-    for ids, batch in tqdm(batches, total=repeats * len(loader), desc=desc, disable=not progress, leave=False):
+    generator = torch.Generator(device).manual_seed(seed) if sample_labels else None
+    batches = ((r, b) for r in range(repeats) for b in loader)
+    for repeat, (ids, batch) in tqdm(batches, total=repeats * len(loader), desc=desc, disable=not progress,
+                                     leave=False):
+        kwargs = pass_.loss_kwargs(repeat, generator) if pass_ is not None else {}
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with ctx_factory(data_id=ids, mask=batch.get("attention_mask")):
             try:
@@ -266,7 +304,7 @@ def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, los
                 if not kwargs:
                     raise
                 raise ConfigError(
-                    "statistics.fisher=true needs a loss_fn accepting sample_labels= and generator= "
+                    f"statistics.fisher=true / expected needs a loss_fn accepting {sorted(kwargs)} "
                     f"(as logix.integrations.summed_loss does): {exc}"
                 ) from None
             if not loss.requires_grad:
@@ -313,7 +351,7 @@ def extract(
         limit: log only the first N training examples (0: all).
         loss_fn: per-example summed loss of a batch (default :func:`summed_loss`); with
             ``statistics.fisher: true`` it is called with ``sample_labels=True, generator=...``
-            in the statistics passes.
+            (``fisher: expected``: ``label_class=c, num_classes=C``) in the statistics passes.
         progress: show progress bars.
 
     Returns:
@@ -326,8 +364,8 @@ def extract(
     with held_fixed(model), watched_weights_trainable(run):
         if not run.finalized:
             for pass_ in run.plan():
-                _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress,
-                            pass_.sample_labels, run.config.projection.seed + pass_.index, pass_.repeats)
+                _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress, pass_,
+                            run.config.projection.seed + pass_.index)
             run.finalize()
         if queries is not None:  # committed query ids are skipped on a resumed run
             q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field)

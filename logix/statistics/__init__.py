@@ -11,6 +11,12 @@ key         running sum                                    divided by
 ``raw``     ``sum_n vec(G_n) vec(G_n)^T``                   ``examples``
 ==========  =============================================  ==============
 
+With ``statistics.raw_joint`` the pseudo-module :data:`JOINT` holds ``raw`` and
+``examples`` of the whole logged row ``r_n`` (every module's ``vec(G_n)``
+concatenated in layout order): ``sum_n r_n r_n^T``, the statistic of the
+``raw-joint`` preconditioner. It is accumulated wherever ``raw`` is (the log pass,
+or the ``fisher`` pass with model labels), so it uses the same curvature labels.
+
 ``a_t`` includes the bias column, ``g_t`` is the gradient of the per-example
 *summed* loss, ``G_n = sum_t g_t a_t^T`` (all in the space the pass logs in:
 projected, or full for ``projection: none`` and the PCA covariance pass). With
@@ -35,6 +41,7 @@ from torch import Tensor
 from logix.errors import StatisticsError
 
 SEP = "::"
+JOINT = "__row__"  # pseudo-module of the whole-row (cross-module) raw covariance
 _COUNT_OF = {"A": "tokens", "S": "tokens", "ekfac": "examples", "raw": "examples"}
 
 
