@@ -24,6 +24,7 @@ from logix.contribution.less import (
     adam_transform,
     less_scores,
     load_moments,
+    log_adam_rows,
     module_moments,
     optimizer_moments,
     token_mean_loss,
@@ -94,10 +95,43 @@ def train(tmp_path, steps=4, callback=None):
 def logged(tmp_path_factory):
     """A LoRA model trained 4 steps, logged after step 2 and at the end with Adam rows."""
     tmp = tmp_path_factory.mktemp("less")
-    callback = LogixCallback(CONFIG, project="p", root=tmp, queries=VAL, loss_fn=token_mean_loss,
+    calls = []
+
+    def counted_loss(model, batch, **kwargs):
+        calls.append(len(batch["input_ids"]))
+        return token_mean_loss(model, batch, **kwargs)
+
+    callback = LogixCallback(CONFIG, project="p", root=tmp, queries=VAL, loss_fn=counted_loss,
                              adam_rows=True, progress=False)
     trainer = train(tmp, callback=callback)
+    callback.loss_calls = calls
     return tmp / "p", trainer, callback
+
+
+def test_adam_rows_ride_along_the_log_pass(logged):
+    """One forward / backward per logged batch: 12 train examples in batches of 5 and one batch
+    of 5 validation examples, at each of the 2 checkpoints (no second pass for the Adam rows)."""
+    assert logged[2].loss_calls == [5, 5, 2, 5] * 2
+
+
+def test_standalone_adam_rows_equal_the_fused_ones(tmp_path, logged):
+    """log_adam_rows (a separate pass, what a resumed checkpoint uses) writes the same rows."""
+    import shutil
+
+    project, trainer, _ = logged
+    copy = tmp_path / "final"
+    shutil.copytree(project / "final", copy)
+    shutil.rmtree(copy / "stores" / "train_adam")
+    run = Run("final", config=CONFIG, root=tmp_path)
+    run.watch(trainer.model)
+    moments = load_moments(copy / MOMENTS_FILE)
+    stores = log_adam_rows(run, trainer.model, TRAIN[::-1], collate, moments, batch_size=3, progress=False)
+    assert set(stores) == {"paper", "code"}
+    fused = Store(project / "final" / "stores" / "train_adam")
+    again = stores["paper"]
+    assert sorted(again.ids) == sorted(fused.ids)
+    assert torch.allclose(again.get(fused.ids), fused.read_all(), rtol=1e-4, atol=1e-6)
+    assert stores["code"].n_rows == len(TRAIN)  # the kept store was complete: nothing re-logged
 
 
 def param_grads(model, item) -> dict[str, torch.Tensor]:

@@ -446,25 +446,49 @@ def log_adam_rows(
     return {v: Store(run.dir / "stores" / ADAM_STORES[v]) for v in writer.variants}
 
 
-def log_less_checkpoint(
+def less_extract(
     run: Run,
     model: nn.Module,
-    optimizer: Any,
-    dataset: Dataset | Sequence[Mapping[str, Any]] | None = None,
-    collator: Callable | None = None,
+    dataset: Dataset | Sequence[Mapping[str, Any]],
+    collator: Callable,
     *,
+    optimizer: Any,
     adam_rows: bool | Sequence[str] = True,
     **kwargs: Any,
-) -> Moments:
-    """What LESS adds to a logged checkpoint: the optimizer's Adam moments (``optimizer.safetensors``
-    in the run directory) and, with ``adam_rows`` (True: both variants, or a list of variants),
-    the Adam rows of ``dataset`` (:func:`log_adam_rows`, ``kwargs`` passed on)."""
+) -> Store:
+    """:func:`~logix.integrations.extract` plus what LESS needs of a checkpoint.
+
+    Saves the optimizer's Adam moments by parameter name (``optimizer.safetensors`` in the run
+    directory) and, with ``adam_rows`` (True: both variants, or a list of variants), writes the
+    Adam rows of ``dataset`` in the same forward / backward passes as the plain train rows (the
+    Adam capture rides along the log pass); rows a resumed or earlier-finalized run did not
+    produce there are logged by :func:`log_adam_rows`. ``kwargs`` go to ``extract``.
+    """
+    from logix.integrations.extract import extract
+
     moments = optimizer_moments(model, optimizer)
     save_moments(run.dir / MOMENTS_FILE, moments)
-    if adam_rows:
-        variants = VARIANTS if adam_rows is True else tuple(adam_rows)
-        log_adam_rows(run, model, dataset, collator, moments, variants=variants, **kwargs)
-    return moments
+    if not adam_rows:
+        return extract(run, model, dataset, collator, **kwargs)
+    variants = VARIANTS if adam_rows is True else tuple(adam_rows)
+    for v in variants:
+        _check_variant(v)
+    writer: AdamRowWriter | None = None
+
+    def capture(data_id: Any = None, mask: Tensor | None = None) -> _AdamContext:
+        nonlocal writer
+        if writer is None:  # built once the run is watched (and a PCA projection exists)
+            writer = AdamRowWriter(run, model, moments, variants)
+        return writer(data_id, mask)
+
+    try:
+        store = extract(run, model, dataset, collator, row_capture=capture, **kwargs)
+    finally:
+        if writer is not None:
+            writer.close()
+    rows_kwargs = {k: kwargs[k] for k in ("batch_size", "ids", "id_field", "limit", "loss_fn", "progress") if k in kwargs}
+    log_adam_rows(run, model, dataset, collator, moments, variants=variants, **rows_kwargs)
+    return store
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -776,7 +800,7 @@ __all__ = [
     "less_scores",
     "load_moments",
     "log_adam_rows",
-    "log_less_checkpoint",
+    "less_extract",
     "module_moments",
     "optimizer_moments",
     "project_block",

@@ -329,6 +329,7 @@ def extract(
     limit: int = 0,
     loss_fn: LossFn = summed_loss,
     progress: bool = True,
+    row_capture: Callable | None = None,
 ) -> Store:
     """Log every example of ``dataset`` (and ``queries``) with ``model`` held fixed.
 
@@ -353,6 +354,9 @@ def extract(
             ``statistics.fisher: true`` it is called with ``sample_labels=True, generator=...``
             (``fisher: expected``: ``label_class=c, num_classes=C``) in the statistics passes.
         progress: show progress bars.
+        row_capture: a context factory ``(data_id=, mask=)`` entered with the run's own around
+            each batch of the pass that writes the train rows, so one forward / backward feeds
+            both (LESS's Adam rows, :func:`logix.contribution.less.less_extract`).
 
     Returns:
         The run's train store.
@@ -364,7 +368,8 @@ def extract(
     with held_fixed(model), watched_weights_trainable(run):
         if not run.finalized:
             for pass_ in run.plan():
-                _log_loader(run, model, train, loss_fn, f"logix {pass_}", progress, pass_,
+                ctx = run if row_capture is None or not pass_.writes_rows else _together(run, row_capture)
+                _log_loader(ctx, model, train, loss_fn, f"logix {pass_}", progress, pass_,
                             run.config.projection.seed + pass_.index)
             run.finalize()
         if queries is not None:  # committed query ids are skipped on a resumed run
@@ -372,3 +377,16 @@ def extract(
             _log_loader(run.log_queries, model, q_loader, loss_fn, "logix queries", progress)
             run.finalize()
     return run.store()
+
+
+def _together(*factories: Callable) -> Callable:
+    """A context factory entering every one of ``factories`` with the same ``data_id`` and ``mask``."""
+
+    @contextlib.contextmanager
+    def both(data_id: Any = None, mask: Tensor | None = None) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for factory in factories:
+                stack.enter_context(factory(data_id=data_id, mask=mask))
+            yield
+
+    return both

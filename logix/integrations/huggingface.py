@@ -27,6 +27,7 @@ collective); see the docs for multi-process logging.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -159,19 +160,16 @@ class LogixCallback(TrainerCallback):
         run = Run(f"{self.project}/{name}", config=self.config)
         sched = self.config.schedule
         log.info("logix: logging checkpoint %s (step %d)", name, state.global_step)
-        extract(
+        log_fn: Callable = extract
+        if self.optimizer_states:  # LESS: Adam moments by parameter name, Adam-preconditioned rows
+            from logix.contribution.less import less_extract
+
+            log_fn = functools.partial(less_extract, optimizer=kwargs.get("optimizer"), adam_rows=self.adam_rows)
+        log_fn(
             run, model, self._dataset(), self._collator(), queries=self.queries,
             batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
             limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
         )
-        if self.optimizer_states:  # LESS: Adam moments by parameter name, Adam-preconditioned rows
-            from logix.contribution.less import log_less_checkpoint
-
-            log_less_checkpoint(
-                run, model, kwargs.get("optimizer"), self._dataset(), self._collator(), adam_rows=self.adam_rows,
-                batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
-                limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
-            )
         self._logged_steps.add(state.global_step)
         self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
 
