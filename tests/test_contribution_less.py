@@ -341,3 +341,21 @@ def test_warmup_and_log_end_to_end(tmp_path):
     assert result.per_task.abs().max() <= 1 + 1e-9
     with pytest.raises(StatisticsError, match="adam_rows"):
         less_scores(warm.project_dir, variant="code", progress=False)
+
+
+@pytest.mark.slow
+def test_less_selection_example_prefers_the_target_families(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(root / "examples" / "less_selection.py"), "--root", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, check=True, cwd=root, env=env).stdout
+    shares = dict(re.findall(r"^  (LESS \(paper\)|LESS \(code\)|random pick)\s+([\d.]+)%", out, re.M))
+    assert set(shares) == {"LESS (paper)", "LESS (code)", "random pick"}, out
+    assert float(shares["LESS (paper)"]) > 1.5 * float(shares["random pick"]), out
+    assert "top 8 candidates" in out

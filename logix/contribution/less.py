@@ -573,8 +573,10 @@ def _store(run_dir: Path, name: str, what: str) -> Store:
             variant = next(v for v, s in ADAM_STORES.items() if s == name)
             fix = (f"log the checkpoints with LogixCallback(..., adam_rows=True) (or adam_rows=['{variant}']), "
                    "or use warmup_and_log()")
-        else:
+        elif name == QUERY_STORE:
             fix = "log the validation examples as the callback's queries=..."
+        else:
+            fix = "log the candidates as the callback's training examples"
         raise StatisticsError(f"Checkpoint {run_dir} has no {what} store {name!r}: {fix}.")
     return Store(path)
 
@@ -606,6 +608,7 @@ def less_scores(
     *,
     tasks: Sequence[str] | None = None,
     weighting: str = "lr",
+    train_store: str | None = None,
     chunk_rows: int = 8192,
     progress: bool = True,
 ) -> LessResult:
@@ -622,6 +625,8 @@ def less_scores(
             ``code`` (mean of the per-example cosines; ``eps`` inside the sqrt).
         tasks: score against these subtasks only.
         weighting: checkpoint weights, ``lr`` (mean learning rate, normalised; LESS), ``uniform``, ``last``.
+        train_store: score the rows of this store instead of the variant's Adam store; ``"train"``
+            (the plain SGD gradients) gives the ablation without Adam preconditioning.
         chunk_rows: candidates scored per chunk (memory bound).
         progress: show a progress bar.
 
@@ -642,7 +647,8 @@ def less_scores(
     train_ids: list | None = None
     index: dict | None = None
     per_task: Tensor | None = None
-    stores = [(e, w, _store(root / e["dir"], ADAM_STORES[variant], "LESS Adam"),
+    candidates = train_store or ADAM_STORES[variant]
+    stores = [(e, w, _store(root / e["dir"], candidates, "LESS Adam" if train_store is None else "candidate"),
                _store(root / e["dir"], QUERY_STORE, "validation")) for e, w in used]
     total = sum(math.ceil(s.n_rows / chunk_rows) for _, _, s, _ in stores)
     bar = tqdm(total=total, desc=f"LESS scores ({variant})", disable=not progress, leave=False)
@@ -765,7 +771,7 @@ def warmup_and_log(
     defaults = dict(
         output_dir=str(project_dir / "trainer_output"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0.03, weight_decay=0.0, seed=seed,
-        save_strategy="no", report_to=[], logging_strategy="epoch", disable_tqdm=not progress,
+        save_strategy="no", report_to=[], logging_strategy="epoch" if progress else "no", disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
     )
     defaults.update(training_args or {})
