@@ -4,6 +4,8 @@
     logix extract CONFIG [key.sub=value ...]    log a dataset with the model held fixed (no training)
     logix influence DIR [options]               score the queries logged in DIR against its train rows
     logix inspect DIR                           what a run, project or store directory holds
+    logix contribute CONFIG [key.sub=value ...] score instruction data, fit a selector, select a subset
+    logix select --scores F --pool F --by NAME  select the top of a score table and export the subset
 
 Every command exits 0 on success, and on a user error prints one line ``logix: error: ...``
 to stderr and exits 1 (2 for a malformed command line).
@@ -164,6 +166,32 @@ def _job_texts(directory: Path):
     return (_texts(train), _texts(queries), _categories(train, config), _categories(queries, config))
 
 
+# ---- contribution ------------------------------------------------------------------------------
+def cmd_contribute(args: argparse.Namespace) -> None:
+    from logix.contribution.job import ContributionJob
+
+    config = Config.from_yaml(args.config, args.overrides)
+    job = ContributionJob(config, project=args.project, config_dir=args.config.resolve().parent,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    print(job.run().summary())
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from logix.contribution import ScoreTable, export_selection, format_summary, load_pool, select
+    from logix.data import PromptTemplate
+
+    if (args.top_p is None) == (args.top_k is None):
+        raise LogixError("give exactly one of --top-p or --top-k")
+    table = ScoreTable.load(args.scores)
+    pool = load_pool(args.pool, id_field=args.id_field)
+    template = PromptTemplate(output_field=args.output_field)
+    selection = select(table, args.by, top_p=args.top_p, top_k=args.top_k, pool=pool, template=template,
+                       category_key=args.category_field, seed=args.seed)
+    paths = export_selection(selection, pool, args.out, name=args.name)
+    print(format_summary(selection.summary))
+    print(f"wrote {paths['subset']} and {paths['summary']}")
+
+
 # ---- entry point -------------------------------------------------------------------------------
 class _Formatter(argparse.HelpFormatter):
     """Fixed width, so that ``--help`` (and docs/cli.md) reads the same on every terminal."""
@@ -200,6 +228,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
     p.add_argument("--out", type=Path, help="output folder (default: DIR)")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("contribute", help="score instruction data, fit a selector, select a subset",
+                       formatter_class=_Formatter, description="Score a pool of instruction samples (in-context "
+                       "contribution, LESS, IFD, baselines), learn the scores of a sample with a selector, select "
+                       "the top and export it, as the config's contribution section says.")
+    p.add_argument("config", type=Path, help="YAML config (see docs/configuration.md)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--project", default="contribution", help="directory under the config's root")
+    p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("select", help="select the top of a score table and export the subset",
+                       formatter_class=_Formatter, description="Rank a pool by one score of a score table "
+                       "(scores.jsonl / .csv: an id column and one column per score), write the top records in "
+                       "the pool's own format, and a summary beside the length and random baselines.")
+    p.add_argument("--scores", type=Path, required=True, help="score table (.jsonl or .csv)")
+    p.add_argument("--pool", type=Path, required=True, help="the records: .jsonl, .json, or a datasets file/folder")
+    p.add_argument("--by", required=True, help="score column to rank by (higher is better)")
+    p.add_argument("--top-p", type=float, help="fraction of the scored examples to keep")
+    p.add_argument("--top-k", type=int, help="number of examples to keep")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--name", default="selected.jsonl", help="subset file name (.json: a JSON list)")
+    p.add_argument("--id-field", default="id", help="record field holding ids (content hashes when absent)")
+    p.add_argument("--category-field", default="category", help="record field counted in the summary")
+    p.add_argument("--output-field", default="output", help="record field holding the response")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds",
                                formatter_class=_Formatter)
     p_inspect.add_argument("run_dir", type=Path)
@@ -220,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     commands = {"run": cmd_run, "extract": cmd_extract, "influence": cmd_influence,
-                "inspect": lambda a: print(inspect_run(a.run_dir))}
+                "inspect": lambda a: print(inspect_run(a.run_dir)), "contribute": cmd_contribute,
+                "select": cmd_select}
     try:
         commands[args.command](args)
     except (LogixError, OSError, KeyError, ValueError) as exc:

@@ -47,12 +47,21 @@ def test_ifd_equals_direct_reference():
     for i, r in enumerate(RECORDS):
         q = tok(t.prompt(r), add_special_tokens=False)["input_ids"]
         a = tok(t.response(r), add_special_tokens=False)["input_ids"]
-        conditioned = _mean_loss(model, q + a, len(q))
-        unconditioned = _mean_loss(model, a, 1)  # no BOS: the first response token has no context
+        bos = [tok.bos_token_id]  # the tokenizer has one: both terms start with it
+        conditioned = _mean_loss(model, bos + q + a, 1 + len(q))
+        unconditioned = _mean_loss(model, bos + a, 1)
         assert result.conditioned[i] == pytest.approx(conditioned, rel=1e-5)
         assert result.unconditioned[i] == pytest.approx(unconditioned, rel=1e-5)
         assert result.ifd[i] == pytest.approx(conditioned / unconditioned, rel=1e-5)
         assert result.n_tokens[i] == len(a)
+
+
+def test_ifd_scores_one_token_responses():
+    tok = load_tokenizer(TOKENIZER)
+    record = {"instruction": "Capital of Romania?", "input": "", "output": "a"}
+    assert len(tok(" a", add_special_tokens=False)["input_ids"]) == 1
+    result = ifd_scores(_model(len(tok)), tok, [record], drop_above_one=False, progress=False)
+    assert np.isfinite(result.ifd[0]) and result.n_tokens[0] == 1
 
 
 def test_ifd_drops_scores_at_or_above_one():

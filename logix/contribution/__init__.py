@@ -1,1 +1,82 @@
-"""Instruction-data contribution: which instruction samples are worth training on."""
+"""Instruction-data contribution: which instruction samples are worth training on.
+
+Scores (higher = more worth training on, see docs/contribution.md):
+
+* :func:`icl_contribution` — in-context contribution (gradient-free, ICon/RICo-style): how much a
+  candidate, shown as a demonstration, lowers the perplexity of probe responses, against a random
+  control of the same length.
+* :func:`less_scores` — LESS: lr-weighted cosine of a candidate's Adam-preconditioned LoRA
+  gradient with the validation subtasks' gradients, from logix logs of a warm-up run.
+* :func:`ifd_scores` — instruction-following difficulty ``s(A|Q) / s(A)``.
+* :func:`response_length`, :func:`random_scores` — baselines.
+
+Scaling and selection: :func:`embed_records` + :class:`Selector` / :class:`LoraSelector`
+(:func:`fit_selector`) learn a score from a sample and score a whole pool in one pass;
+:func:`select` + :func:`export_selection` pick the top and write it in the input's format with a
+summary beside the baselines. :class:`ContributionJob` (``logix contribute``) does all of it from a
+config.
+"""
+
+from logix.contribution.baselines import random_scores, response_length
+from logix.contribution.ifd import IfdResult, ifd_scores
+from logix.contribution.pool import Pool, load_pool, record_id, record_ids, write_records
+from logix.contribution.scores import ScoreTable
+from logix.contribution.select import Selection, export_selection, format_summary, select
+from logix.contribution.selector import (
+    LoraSelector,
+    Selector,
+    SelectorReport,
+    SelectorResult,
+    auc,
+    embed_records,
+    fit_selector,
+)
+
+_LAZY = {
+    "icl_contribution": "logix.contribution.icl",
+    "assessment_set": "logix.contribution.icl",
+    "load_icl_scores": "logix.contribution.icl",
+    "IclResult": "logix.contribution.icl",
+    "sigmoid_map": "logix.contribution.icl",
+    "less_scores": "logix.contribution.less",
+    "warmup_and_log": "logix.contribution.less",
+    "LessResult": "logix.contribution.less",
+    "response_nll": "logix.contribution.lm",
+    "ContributionJob": "logix.contribution.job",
+    "ContributionResult": "logix.contribution.job",
+}
+
+
+def __getattr__(name: str):
+    """Heavier scorers load on first use (``from logix.contribution import icl_contribution`` works)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'logix.contribution' has no attribute {name!r}")
+
+
+__all__ = [
+    "IfdResult",
+    "LoraSelector",
+    "Pool",
+    "ScoreTable",
+    "Selection",
+    "Selector",
+    "SelectorReport",
+    "SelectorResult",
+    "auc",
+    "embed_records",
+    "export_selection",
+    "fit_selector",
+    "format_summary",
+    "ifd_scores",
+    "load_pool",
+    "random_scores",
+    "record_id",
+    "record_ids",
+    "response_length",
+    "select",
+    "write_records",
+    *_LAZY,
+]

@@ -49,6 +49,7 @@ def ifd_scores(
     batch_size: int = 8,
     max_length: int | None = None,
     drop_above_one: bool = True,
+    bos: bool | str = "auto",
     progress: bool = True,
 ) -> IfdResult:
     """IFD of every record under a frozen causal LM (two forward passes per record, batched).
@@ -61,6 +62,8 @@ def ifd_scores(
         batch_size: Sequences per forward pass.
         max_length: Longest sequence; longer prompts are truncated from the left (see ``response_nll``).
         drop_above_one: Report IFD >= 1 as NaN (never selected).
+        bos: Prepend the BOS token to both sequences: ``"auto"`` does whenever the tokenizer has one
+            (GPT-2's ``<|endoftext|>`` included), so every response token is scored in both terms.
         progress: Show a progress bar.
 
     Raises:
@@ -71,7 +74,10 @@ def ifd_scores(
     template = template or PromptTemplate()
     prompts = [template.prompt(r) for r in records]
     responses = [template.response(r) for r in records]
-    kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
+    # BOS whenever the tokenizer has one, so that s(A) scores every response token (a one-token
+    # response has nothing to score without a context) and both terms see the same context start.
+    bos = tokenizer.bos_token_id is not None if bos == "auto" else bos
+    kw = dict(batch_size=batch_size, max_length=max_length, progress=progress, bos=bos)
     nll_q, n_q = response_nll(model, tokenizer, prompts, responses, **kw)
     nll_a, n_a = response_nll(model, tokenizer, [""] * len(records), responses, **kw)
     conditioned = nll_q / np.maximum(n_q, 1)
