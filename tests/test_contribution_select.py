@@ -163,6 +163,17 @@ def test_summary_counts_overlap_and_export(tmp_path):
     assert sel.summary["agreement"]["random"]["spearman"] == pytest.approx(rho)
     assert sel.summary["agreement"]["random"]["baseline"] is True
     assert "vs random" in format_summary(sel.summary)
+    # a score computed on a sample is compared on that sample only
+    partial = np.full(30, np.nan)
+    half = np.arange(0, 30, 2)
+    partial[half] = -score[half]  # the reverse order of the chosen score
+    table.add("sample_score", partial)
+    agreement = select(table, "icl", top_k=10, pool=pool).summary["agreement"]["sample_score"]
+    shared = [i for i in sel.ids if pool.ids.index(i) % 2 == 0]
+    top = set(np.array(pool.ids)[half][np.argsort(score[half], kind="stable")[:len(shared)]])
+    assert agreement["compared"] == len(shared)
+    assert agreement["overlap"] == len(top & set(shared)) / len(shared)
+    assert agreement["spearman"] == pytest.approx(-1.0)
 
     paths = export_selection(sel, pool, tmp_path / "out")
     lines = (tmp_path / "out" / "selected.jsonl").read_text().splitlines()

@@ -156,11 +156,15 @@ def summarize(selection: Selection, pool: Pool | None, *, template: PromptTempla
         if name == selection.by:
             continue
         other = table.column(name)
-        top = [table.ids[i] for i in rank(other)[:n]]
+        # overlap among the examples both scores rank: the selected ones `other` scored, vs `other`'s
+        # own top of that many (a score computed on a sample is compared on that sample only)
+        scored_other = {table.ids[i] for i in np.flatnonzero(~np.isnan(other))}
+        shared = len(picked_set & scored_other)
+        top = {table.ids[i] for i in rank(other)[:shared]}
         both = ~np.isnan(chosen) & ~np.isnan(other)
         rho = float(spearman(chosen[both][:, None], other[both][:, None])[0]) if both.sum() > 2 else math.nan
-        agreement[name] = {"overlap": len(picked_set.intersection(top)) / n if top else math.nan,
-                           "spearman": rho, "baseline": name in BASELINES}
+        agreement[name] = {"overlap": len(picked_set & top) / shared if shared else math.nan,
+                           "compared": shared, "spearman": rho, "baseline": name in BASELINES}
     summary["agreement"] = agreement
     return summary
 
@@ -202,7 +206,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         tag = " (baseline)" if a.get("baseline") else ""
         rho = a.get("spearman")
         rho_text = "n/a" if rho is None or (isinstance(rho, float) and math.isnan(rho)) else f"{rho:+.3f}"
-        lines.append(f"  vs {name:<12}{tag:<11} overlap of top-n {a['overlap']:.3f}  spearman {rho_text}")
+        overlap = a.get("overlap")
+        overlap_text = "n/a" if overlap is None or (isinstance(overlap, float) and math.isnan(overlap)) else f"{overlap:.3f}"
+        lines.append(f"  vs {name:<20}{tag:<11} overlap {overlap_text} (of {a.get('compared', 0)})  spearman {rho_text}")
     if "categories" in summary:
         lines.append("  category              pool   selected")
         for c, v in summary["categories"].items():
