@@ -22,6 +22,7 @@ from logix.contribution.less import (
     ADAM_STORES,
     MOMENTS_FILE,
     adam_transform,
+    less_extract,
     less_scores,
     load_moments,
     log_adam_rows,
@@ -181,35 +182,68 @@ def test_moments_by_name_match_the_trainers_adamw_state(logged):
     assert set(raw) == {f"{n}::{k}" for n in final.names for k in ("exp_avg", "exp_avg_sq")}
 
 
+def expected_adam_row(model, optimizer, item, modules, projections, variant) -> torch.Tensor:
+    """An example's Adam row written out: autograd gradient, one Adam step from the optimizer's
+    own moments (read by parameter), the run's projection ``P_out^T Gamma P_in`` (or none)."""
+    grads = param_grads(model, item)
+    opt = getattr(optimizer, "optimizer", optimizer)
+    params = dict(model.named_parameters())
+    (b1, b2), eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+    blocks = []
+    for module in modules:
+        state = opt.state[params[f"{module}.weight"]]
+        g = grads[f"{module}.weight"].double()
+        m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+        m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        gamma = m2 / (v2.sqrt() + eps) if variant == "paper" else m2 / torch.sqrt(v2 + eps)
+        if f"{module}::in" in projections:
+            gamma = projections[f"{module}::out"].double().T @ gamma @ projections[f"{module}::in"].double()
+        blocks.append(gamma.flatten())
+    return torch.cat(blocks)
+
+
+def assert_rows_match(store, model, optimizer, projections, variant, items):
+    modules = store.layout.names
+    assert modules and all("lora_" in m for m in modules)
+    for item in items:
+        expected = expected_adam_row(model, optimizer, item, modules, projections, variant)
+        got = store.get([item["id"]])[0].double()
+        assert torch.allclose(got, expected, rtol=2e-4, atol=1e-5 * expected.abs().max()), item["id"]
+
+
 @pytest.mark.parametrize("variant", ["paper", "code"])
 def test_adam_rows_equal_explicit_adam_step_of_autograd_gradients(logged, variant):
     project, trainer, _ = logged
-    model = trainer.model
     run_dir = project / "final"
     store = Store(run_dir / "stores" / ADAM_STORES[variant])
     assert sorted(store.ids) == sorted(it["id"] for it in TRAIN)
     projections = load_file(str(run_dir / "projection.safetensors"))
-    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    state = {n: opt.state[p] for n, p in model.named_parameters() if p.requires_grad}
-    group = opt.param_groups[0]
-    (b1, b2), eps = group["betas"], group["eps"]
-    modules = store.layout.names
-    assert modules and all("lora_" in m for m in modules)
-    for item in TRAIN[:5]:
-        grads = param_grads(model, item)
-        blocks = []
-        for module in modules:
-            g = grads[f"{module}.weight"].double()
-            m = state[f"{module}.weight"]["exp_avg"].double()
-            v = state[f"{module}.weight"]["exp_avg_sq"].double()
-            m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-            gamma = m2 / (v2.sqrt() + eps) if variant == "paper" else m2 / torch.sqrt(v2 + eps)
-            p_in = projections[f"{module}::in"].double()
-            p_out = projections[f"{module}::out"].double()
-            blocks.append((p_out.T @ gamma @ p_in).flatten())
-        expected = torch.cat(blocks)
-        got = store.get([item["id"]])[0].double()
-        assert torch.allclose(got, expected, rtol=2e-4, atol=1e-5 * expected.abs().max()), item["id"]
+    assert_rows_match(store, trainer.model, trainer.optimizer, projections, variant, TRAIN[:5])
+
+
+@pytest.mark.parametrize("projection", ["pca", "none"])
+def test_less_extract_with_pca_or_no_projection(tmp_path, projection):
+    """Without the Trainer: AdamW steps by hand, then less_extract on the model as it is."""
+    model = lora_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for start in (0, 4, 8):
+        model(**collate(TRAIN[start:start + 4])).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    config = {"projection": {"type": projection, "rank_in": 3, "rank_out": 2}, "statistics": {"kfac": False}}
+    run = Run("ckpt", config=config, root=tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    less_extract(run, model, TRAIN, collate, optimizer=opt, queries=VAL, batch_size=5, loss_fn=token_mean_loss,
+                 progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    path = run.dir / "projection.safetensors"
+    projections = load_file(str(path)) if path.exists() else {}
+    assert bool(projections) == (projection == "pca")
+    for variant in ("paper", "code"):
+        store = Store(run.dir / "stores" / ADAM_STORES[variant])
+        assert store.dim == Store(run.dir / "stores" / "queries").dim
+        assert_rows_match(store, model, opt, projections, variant, TRAIN[::3])
 
 
 def test_adam_transform_formula():

@@ -609,7 +609,7 @@ def less_scores(
     tasks: Sequence[str] | None = None,
     weighting: str = "lr",
     train_store: str | None = None,
-    chunk_rows: int = 8192,
+    chunk_rows: int | None = None,
     progress: bool = True,
 ) -> LessResult:
     """LESS scores of every candidate logged under ``checkpoints_root``.
@@ -627,7 +627,7 @@ def less_scores(
         weighting: checkpoint weights, ``lr`` (mean learning rate, normalised; LESS), ``uniform``, ``last``.
         train_store: score the rows of this store instead of the variant's Adam store; ``"train"``
             (the plain SGD gradients) gives the ablation without Adam preconditioning.
-        chunk_rows: candidates scored per chunk (memory bound).
+        chunk_rows: candidates scored per chunk (default: about 256 MB of float32 rows).
         progress: show a progress bar.
 
     Raises:
@@ -650,6 +650,8 @@ def less_scores(
     candidates = train_store or ADAM_STORES[variant]
     stores = [(e, w, _store(root / e["dir"], candidates, "LESS Adam" if train_store is None else "candidate"),
                _store(root / e["dir"], QUERY_STORE, "validation")) for e, w in used]
+    if chunk_rows is None:
+        chunk_rows = min(65536, max(256, (256 << 20) // (4 * max(1, stores[0][2].dim))))
     total = sum(math.ceil(s.n_rows / chunk_rows) for _, _, s, _ in stores)
     bar = tqdm(total=total, desc=f"LESS scores ({variant})", disable=not progress, leave=False)
     for entry, weight, adam, val in stores:
@@ -667,9 +669,9 @@ def less_scores(
                     f"({len(ids)} vs {len(train_ids)} rows): log the same pool at every checkpoint."
                 )
             index = {i: k for k, i in enumerate(train_ids)}
-        targets = _targets(val, val_tasks, variant)
+        targets = _targets(val, val_tasks, variant).to(torch.float32)
         for chunk in adam.iter_chunks(chunk_rows):
-            cos = F.normalize(chunk.rows.to(torch.float64), dim=1) @ targets.T
+            cos = (F.normalize(chunk.rows.to(torch.float32), dim=1) @ targets.T).to(torch.float64)
             if ids == train_ids:
                 per_task[chunk.start: chunk.start + len(chunk.ids)] += weight * cos
             else:
