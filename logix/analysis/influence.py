@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from logix.analysis.precondition import Preconditioner
+from logix.analysis.precondition import Preconditioner, PreconditionerType
 from logix.config import _ChoiceEnum
 from logix.errors import LogixError
 from logix.store import Store
@@ -71,19 +71,56 @@ class InfluenceResult:
         return out
 
 
+_BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many elements (8 MB)
+
+
 def _chunk_rows(dim: int, n_query: int, budget_mb: float, prefetch: int) -> int:
-    """Rows per chunk so that the chunk, its copies and its score columns fit the budget."""
-    per_row = dim * (4 * (prefetch + 1) + 8 * 3) + n_query * 8 * 3
-    return max(1, int(budget_mb * 2**20 // per_row))
+    """Rows per chunk so that the chunks in flight and their score columns fit the budget.
+
+    In flight: up to ``prefetch + 3`` chunks (the consumer's, the queue's, the one being
+    read; 4 bytes per value at most). Per row of scores: float32 GEMM output, its float64
+    copy and one normalised copy. Conversions (self-influence, float64 GEMMs, half-precision
+    stores) run in fixed blocks of ``_BLOCK_ELEMS`` values, set aside from the budget."""
+    per_row = dim * 4 * (prefetch + 3) + n_query * (4 + 8 * 2)
+    fixed = 6 * 8 * _BLOCK_ELEMS  # a block, its preconditioned copy and the intermediates
+    return max(1, int(max(budget_mb * 2**20 - fixed, budget_mb * 2**19) // per_row))
+
+
+def _block_rows(dim: int) -> int:
+    return max(1, _BLOCK_ELEMS // max(1, dim))
+
+
+def _row_dots(rows: Tensor, transform=None) -> Tensor:
+    """``r . transform(r)`` (``r . r`` without one) of every row, in float64, a block of rows
+    at a time: no full-chunk float64 copy."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    step = _block_rows(rows.shape[1])
+    for lo in range(0, rows.shape[0], step):
+        block = rows[lo : lo + step].to(torch.float64)
+        out[lo : lo + step] = torch.linalg.vecdot(block, block if transform is None else transform(block))
+    return out
 
 
 def _self_influence(pre: Preconditioner, rows: Tensor) -> Tensor:
-    return (pre(rows) * rows.to(torch.float64)).sum(1)
+    """``g^T H^-1 g`` of every row, float64."""
+    return _row_dots(rows, None if pre.kind is PreconditionerType.IDENTITY else pre)
 
 
 def _unit(rows: Tensor) -> Tensor:
     rows = rows.to(torch.float64)
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _scores(pq: Tensor, rows: Tensor) -> Tensor:
+    """``pq @ rows.T`` in ``pq``'s dtype, as float64; rows of another dtype are converted a
+    block at a time."""
+    if rows.dtype == pq.dtype:
+        return (pq @ rows.T).to(torch.float64)
+    out = torch.empty(pq.shape[0], rows.shape[0], dtype=torch.float64)
+    step = _block_rows(rows.shape[1])
+    for lo in range(0, rows.shape[0], step):
+        out[:, lo : lo + step] = pq @ rows[lo : lo + step].to(pq.dtype).T
+    return out
 
 
 class _TopK:
@@ -96,9 +133,10 @@ class _TopK:
         self.index = torch.zeros((n_query, 0), dtype=torch.long)
 
     def update(self, scores: Tensor, start: int) -> None:
-        idx = torch.arange(start, start + scores.shape[1]).expand(scores.shape[0], -1)
-        values = torch.cat([self.values, scores], 1)
-        index = torch.cat([self.index, idx], 1)
+        k = min(self.k, scores.shape[1])
+        values, pos = scores.topk(k, dim=1, largest=self.largest, sorted=False)  # this chunk's best
+        values = torch.cat([self.values, values], 1)
+        index = torch.cat([self.index, pos + start], 1)
         k = min(self.k, values.shape[1])
         self.values, pos = values.topk(k, dim=1, largest=self.largest, sorted=True)
         self.index = index.gather(1, pos)
@@ -190,7 +228,10 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     sub = [q[rows] for q in queries]
     norms = None if q_norms is None else q_norms[rows]
     top, bottom = _TopK(len(sub[0]), state.top.k, True), _TopK(len(sub[0]), state.top.k, False)
-    streams = [cp.train.iter_chunks(chunk_rows) for cp in cps]
+    # Chunks that follow the shards are zero-copy views of the shard files; checkpoints' stores
+    # must chunk alike, so that is only done when they are sharded alike.
+    aligned = all(cp.train.shard_rows == cps[0].train.shard_rows for cp in cps)
+    streams = [cp.train.iter_chunks(chunk_rows, align_to_shards=aligned) for cp in cps]
     bar = tqdm(total=cps[0].train.n_rows, desc="influence", unit="row", disable=not progress, leave=False)
     for chunks in zip(*streams):
         start, n = chunks[0].start, chunks[0].rows.shape[0]
@@ -248,11 +289,17 @@ def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tenso
 def _score_chunk(cps, queries, chunks, mode, need_self) -> tuple[Tensor, Tensor | None]:
     scores, s_inf = None, None
     for cp, pq, chunk in zip(cps, queries, chunks):
-        rows = _unit(chunk.rows) if mode is ScoreMode.UNIT else chunk.rows
-        part = (pq @ rows.to(pq.dtype).T).to(torch.float64)
+        rows = chunk.rows
+        part = _scores(pq, rows)
+        if mode is ScoreMode.UNIT:  # score of unit rows = score of rows / their norm (no unit copy)
+            sq_norms = _row_dots(rows)
+            part /= sq_norms.sqrt().clamp_min(1e-30)[None, :]
         scores = part if scores is None else scores + part
         if need_self:
-            s = cp.weight * _self_influence(cp.preconditioner, rows)
+            s = _self_influence(cp.preconditioner, rows)
+            if mode is ScoreMode.UNIT:
+                s /= sq_norms.sqrt().clamp_min(1e-30) ** 2
+            s = cp.weight * s
             s_inf = s if s_inf is None else s_inf + s
     return scores, s_inf
 

@@ -68,6 +68,11 @@ class Store:
         return len(self._shards)
 
     @property
+    def shard_rows(self) -> list[int]:
+        """Rows of each committed shard, in store order."""
+        return [n for _, n in self._shards]
+
+    @property
     def dim(self) -> int:
         return self.layout.dim
 
