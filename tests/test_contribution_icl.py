@@ -394,52 +394,59 @@ def test_sigmoid_map():
 
 @pytest.mark.slow
 def test_planted_signal_same_task_demonstrations_help(gpt2_tok):
-    """Train a tiny LM on few-shot sequences of the shipped rule tasks; then a demonstration of the
-    probe's own task beats random text, and clean demonstrations beat shuffled-response ones."""
+    """Train a tiny LM on 3-shot episodes of the shipped rule tasks (a demonstration tells the task),
+    then score, per task, clean demonstrations of the task, shuffled-response ones (the task's
+    instruction with another task's output) and a random-text candidate against the task's probes:
+    every clean one beats the random text, and clean ones beat shuffled ones in most tasks."""
     tok = gpt2_tok
     t = PromptTemplate()
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=192))
-    by_task: dict[str, list[dict]] = {}
-    for r in POOL:
-        by_task.setdefault(r["category"], []).append(r)
-    rng = np.random.default_rng(0)
-    sep = encode(tok, [SEP])[0]
-    eos = tok.eos_token_id
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=len(tok), n_positions=192,
+                                           bos_token_id=0, eos_token_id=0))
+        by_task: dict[str, list[dict]] = {}
+        for r in POOL:
+            by_task.setdefault(r["category"], []).append(r)
+        tasks = sorted(by_task)
+        seen = {task: [encode(tok, [t.prompt(r) + t.response(r)])[0] for r in by_task[task][:300]] for task in tasks}
+        rng = np.random.default_rng(0)
+        sep = encode(tok, [SEP])[0]
+        eos = tok.eos_token_id
 
-    def episode() -> list[int]:
-        task = sorted(by_task)[rng.integers(len(by_task))]
-        ids: list[int] = []
-        for k in rng.choice(300, size=3, replace=False):  # records 300+ stay unseen
-            r = by_task[task][k]
-            ids += encode(tok, [t.prompt(r) + t.response(r)])[0] + sep
-        return ids[:-len(sep)] + [eos]
+        def episode() -> list[int]:
+            task = tasks[rng.integers(len(tasks))]
+            ids: list[int] = []
+            for k in rng.choice(300, size=3, replace=False):  # records 300+ stay unseen
+                ids += seen[task][k] + sep
+            return ids[:-len(sep)] + [eos]
 
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(250):
-        batch = [episode() for _ in range(16)]
-        width = max(map(len, batch))
-        ids = torch.tensor([b + [eos] * (width - len(b)) for b in batch])
-        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
-        loss = model(input_ids=ids[:, :192], labels=labels[:, :192]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(200):
+            batch = [episode() for _ in range(8)]
+            width = max(map(len, batch))
+            ids = torch.tensor([b + [eos] * (width - len(b)) for b in batch])
+            labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
 
-    tasks = sorted(by_task)
-    probes = [r for task in tasks for r in by_task[task][400:403]]
-    clean = [dict(by_task[task][450], id=f"clean-{task}") for task in tasks]
-    shuffled = [dict(by_task[task][460], id=f"shuf-{task}", output=by_task[tasks[(k + 1) % len(tasks)]][460]["output"])
-                for k, task in enumerate(tasks)]
-    noise = [{"id": "noise", "instruction": "qz xv " * 8, "input": "", "output": "lk jh wq"}]
-    res = icl_contribution(model, tok, clean + shuffled + noise, probes, seed=0, batch_size=8, progress=False)
-    c = res.c
-    task_of_probe = np.array([p["category"] for p in probes])
-    own = [c[k, task_of_probe == task].mean() for k, task in enumerate(tasks)]
-    noise_row = c[len(tasks) * 2]
-    for k, task in enumerate(tasks):
-        assert own[k] > noise_row[task_of_probe == task].mean(), task
-    score = dict(zip(res.ids, res.score))
-    assert np.mean([score[f"clean-{x}"] for x in tasks]) > np.mean([score[f"shuf-{x}"] for x in tasks])
+        wins = 0
+        for task in tasks:
+            others = [x for x in tasks if x != task]
+            probes = by_task[task][400:406]
+            clean = [dict(by_task[task][450 + m], id=f"clean-{m}") for m in range(4)]
+            shuffled = [dict(by_task[task][460 + m], id=f"shuf-{m}", output=by_task[others[m % 5]][460 + m]["output"])
+                        for m in range(4)]
+            noise = [{"id": "noise", "instruction": "qz xv " * 8, "input": "", "output": "lk jh wq"}]
+            res = icl_contribution(model, tok, clean + shuffled + noise, probes, seed=0, batch_size=8, progress=False)
+            score = res.score
+            assert score[:4].min() > score[8], (task, score)
+            wins += score[:4].mean() > score[4:8].mean()
+        assert wins >= 4, wins
+    finally:
+        torch.set_num_threads(threads)
