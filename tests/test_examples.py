@@ -121,3 +121,15 @@ def test_configuration_docs_are_in_sync():
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     assert config_reference().strip() in text, "regenerate docs/configuration.md (see its header)"
+
+
+@pytest.mark.slow
+def test_instruction_selection_example(tmp_path):
+    out = run_example("instruction_selection.py", "--out", str(tmp_path / "subset"))
+    assert "vs random" in out and "(baseline)" in out
+    assert len((tmp_path / "subset" / "selected.jsonl").read_text().splitlines()) == 120
+    share = {m.group(1): float(m.group(2)) for m in re.finditer(r"top 10% by (\w+)\s+([\d.]+)% corrupted", out)}
+    # planted signal: the pool holds 20 % corrupted records; the in-context score keeps fewer
+    assert share["icl"] < 20.0 and share["selector"] < 20.0
+    means = re.search(r"mean icl: corrupted ([+-][\d.]+) .*clean ([+-][\d.]+)", out)
+    assert means and float(means.group(1)) < float(means.group(2))
