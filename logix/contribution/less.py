@@ -467,9 +467,10 @@ def less_extract(
     from logix.integrations.extract import extract
 
     moments = optimizer_moments(model, optimizer)
-    save_moments(run.dir / MOMENTS_FILE, moments)
     if not adam_rows:
-        return extract(run, model, dataset, collator, **kwargs)
+        store = extract(run, model, dataset, collator, **kwargs)
+        save_moments(run.dir / MOMENTS_FILE, moments)  # after extract checked the model state
+        return store
     variants = VARIANTS if adam_rows is True else tuple(adam_rows)
     for v in variants:
         _check_variant(v)
@@ -486,6 +487,7 @@ def less_extract(
     finally:
         if writer is not None:
             writer.close()
+    save_moments(run.dir / MOMENTS_FILE, moments)  # after extract checked the model state
     rows_kwargs = {k: kwargs[k] for k in ("batch_size", "ids", "id_field", "limit", "loss_fn", "progress") if k in kwargs}
     log_adam_rows(run, model, dataset, collator, moments, variants=variants, **rows_kwargs)
     return store
