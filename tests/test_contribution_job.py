@@ -99,3 +99,18 @@ def test_contribution_config_round_trips(tmp_path):
     cfg = Config.from_dict(_config(tmp_path))
     again = Config.from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again.contribution == cfg.contribution
+
+
+@pytest.mark.slow
+def test_contribute_job_with_less_scores_every_candidate(tmp_path):
+    from logix.contribution import less_scores
+
+    cfg = _config(tmp_path, methods=["less"], less_epochs=2, less_fraction=0.2)
+    result = ContributionJob(Config.from_dict(cfg), progress=False).run()
+    less = result.table.column("less")
+    assert not np.isnan(less).any() and len(less) == 54
+    # the job's column is what less_scores computes from the logs it left
+    direct = less_scores(result.dir / "less", progress=False)
+    where = {i: k for k, i in enumerate(result.table.ids)}
+    np.testing.assert_allclose([less[where[i]] for i in direct.train_ids], direct.scores.double().numpy())
+    assert result.selection.by == "less" and len(result.selection.ids) == 5
