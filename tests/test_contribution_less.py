@@ -244,6 +244,21 @@ def test_less_extract_with_pca_or_no_projection(tmp_path, projection):
         store = Store(run.dir / "stores" / ADAM_STORES[variant])
         assert store.dim == Store(run.dir / "stores" / "queries").dim
         assert_rows_match(store, model, opt, projections, variant, TRAIN[::3])
+    if projection == "none":  # stored full per-example gradients + stored moments -> the Adam rows
+        plain = Store(run.dir / "stores" / "train")
+        stored = load_moments(run.dir / MOMENTS_FILE)
+        for variant in ("paper", "code"):
+            adam = Store(run.dir / "stores" / ADAM_STORES[variant])
+            for block in plain.layout.blocks:
+                g = plain.get(adam.ids, modules=[block.name]).double().view(-1, *block.shape)
+                name = f"{block.name}.weight"
+                (b1, b2), eps = stored.betas[name], stored.eps[name]
+                m, v = stored.exp_avg[name].double(), stored.exp_avg_sq[name].double()
+                m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+                gamma = m2 / (v2.sqrt() + eps) if variant == "paper" else m2 / torch.sqrt(v2 + eps)
+                got = adam.read_all(modules=[block.name]).double().view_as(gamma)
+                assert torch.allclose(got, gamma, rtol=1e-5, atol=1e-6 * gamma.abs().max()), block.name
+            assert stored.step[name] == 3 and (b1, b2, eps) == (0.9, 0.999, 1e-8)
 
 
 def test_adam_transform_formula():
