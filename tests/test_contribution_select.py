@@ -301,3 +301,24 @@ def test_fit_selector_scores_the_whole_pool():
     assert spearman(result.predictions[:, None], truth[:, None])[0] > 0.99
     with pytest.raises(DataError, match="not in the pool"):
         fit_selector(Selector(), ids, x, {"nope": 1.0})
+
+
+@pytest.mark.slow
+def test_lora_selector_learns_a_planted_category_and_leaves_the_lm_untouched():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from logix.contribution.selector import LoraSelector
+    from logix.data import load_jsonl, load_tokenizer
+
+    tok = load_tokenizer("examples/data/tokenizer.json")
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok)))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    records = load_jsonl("examples/data/instructions.jsonl")[:200]
+    y = np.array([1.0 if r["category"] == "uppercase" else 0.0 for r in records]) + 1e-3 * np.arange(200) / 200
+    selector = LoraSelector(lm, tok, label_top_p=0.15, epochs=10, lr=1e-2, max_length=64)
+    report = selector.evaluate(records, y)
+    assert report.head == "lora" and report.n_holdout == 40 and report.auc > 0.75
+    result = fit_selector(selector, [r["id"] for r in records], records, dict(zip([r["id"] for r in records], y)))
+    assert result.predictions.shape == (200,)
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())

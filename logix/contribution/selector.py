@@ -390,8 +390,9 @@ class LoraSelector:
             if not body:
                 raise DataError("the causal LM's weights do not fit the sequence classifier of its architecture")
         clf.config.pad_token_id = self.tokenizer.pad_token_id
+        conv1d = type(clf).__name__.startswith("GPT2")  # GPT-2's Conv1D stores weights transposed
         lora = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, task_type="SEQ_CLS",
-                          target_modules=self.target_modules)
+                          target_modules=self.target_modules, fan_in_fan_out=conv1d)
         return get_peft_model(clf, lora)
 
     def _logits(self, texts: list[str]) -> Tensor:
