@@ -3,6 +3,7 @@ work return exactly what the plain paths return."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 
 import h5py
@@ -241,3 +242,15 @@ def test_checkpoints_sharded_differently_still_align(tmp_path):
     assert res.top_ids == want.indices.tolist()
     assert torch.allclose(res.top_scores, want.values, rtol=1e-12)
     assert torch.allclose(res.self_influence, 0.3 * (a.double() ** 2).sum(1) + 2.0 * (b.double() ** 2).sum(1))
+
+
+def test_keeping_many_mapped_chunks_falls_back_to_copies(tmp_path, monkeypatch):
+    rows = _write(tmp_path, "float32", shards=(300,) * 6)
+    monkeypatch.setattr(reader, "_MAX_LIVE_MAPS", reader._live_maps[0] + 3)
+    store = Store(tmp_path)
+    chunks = list(store.iter_chunks(100, prefetch=2, align_to_shards=True))  # 18 chunks, all kept
+    assert reader._live_maps[0] <= reader._MAX_LIVE_MAPS  # each live map holds a file descriptor
+    assert torch.equal(torch.cat([c.rows for c in chunks]), rows)
+    del chunks
+    gc.collect()
+    assert reader._live_maps[0] <= reader._MAX_LIVE_MAPS - 3  # maps are released with their chunks

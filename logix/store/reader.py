@@ -28,6 +28,9 @@ _DISK_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}  # how ro
 _HOST_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bfloat16 bits
 _ZERO_COPY_MIN_ROWS = 256  # shards at least this large (or half a chunk) are mapped, not gathered
 _MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a mapping's pages in, read-only, ahead of use
+_MAX_LIVE_MAPS = 128  # each live memory map holds a file descriptor; past this, chunks are copies
+_live_maps = [0]
+_live_lock = threading.Lock()
 
 
 @dataclass
@@ -206,7 +209,7 @@ class Store:
         for pieces in self._plan(chunk_rows, align_to_shards):
             n = sum(hi - lo for _, lo, hi in pieces)
             s, lo, hi = pieces[0]
-            if len(pieces) == 1 and columns is None and sources[s].offset is not None:
+            if len(pieces) == 1 and columns is None and sources[s].offset is not None and _live_maps[0] < _MAX_LIVE_MAPS:
                 rows = _mapped(sources[s], lo, hi, self.dim, populate).view(_HOST_DTYPES[self.dtype_name])
             else:
                 rows = ring.take(n, width)
@@ -261,7 +264,9 @@ class Store:
         ``align_to_shards=True`` a shard of at least ``min(256, chunk_rows // 2)`` rows is
         never mixed with another: it comes as one or more equal chunks of at most
         ``chunk_rows`` rows that, for all modules, are zero-copy views of the shard file
-        (copy-on-write memory maps); smaller shards are gathered as usual.
+        (copy-on-write memory maps); smaller shards are gathered as usual. A chunk that lies
+        in one shard is such a view in either mode, unless 128 maps are already alive (each
+        holds a file descriptor), as when a consumer keeps many chunks: then it is a copy.
 
         Rows that are not views are read into a few reused buffers. A buffer is reused only
         once nothing references the rows handed out from it (any tensor sharing their
@@ -353,12 +358,20 @@ def _mapped(source: _Source, lo: int, hi: int, dim: int, populate: bool) -> np.n
             mapping = mmap.mmap(fh.fileno(), begin - base + length, access=mmap.ACCESS_COPY, offset=base)
         except ValueError as exc:  # the file is shorter than its header says
             raise StoreError(f"Shard {source.path} is truncated ({exc}); the store is damaged.") from exc
+    with _live_lock:
+        _live_maps[0] += 1
+    weakref.finalize(mapping, _unmapped)
     if populate and sys.platform.startswith("linux"):
         try:  # fault the pages in here (the prefetch thread), not in the consumer's GEMM
             mapping.madvise(_MADV_POPULATE_READ)
         except (OSError, ValueError, AttributeError):
             pass
     return np.frombuffer(mapping, source.dtype, count=(hi - lo) * dim, offset=begin - base).reshape(hi - lo, dim)
+
+
+def _unmapped() -> None:
+    with _live_lock:
+        _live_maps[0] -= 1
 
 
 def _pread_into(dest: np.ndarray, path: Path, offset: int) -> None:
