@@ -181,7 +181,7 @@ class ContributionJob(Job):
         warm = warmup_and_log(model, dataset, validation, collator, fraction=self.cc.less_fraction,
                               epochs=self.cc.less_epochs, lr=self.config.train.lr,
                               batch_size=self.config.train.batch_size, config=self.config, project="less",
-                              root=self.dir, seed=self.cc.seed, log_batch_size=self.cc.batch_size,
+                              root=self.dir, seed=self.cc.seed, log_batch_size=self.cc.batch_size, overwrite=False,
                               progress=self.progress)
         res = less_scores(warm.project_dir, progress=self.progress)
         table.add_by_id("less", res.train_ids, res.scores.double().numpy())
