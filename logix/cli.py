@@ -6,6 +6,7 @@
     logix inspect DIR                           what a run, project or store directory holds
     logix contribute CONFIG [key.sub=value ...] score instruction data, fit a selector, select a subset
     logix select --scores F --pool F --by NAME  select the top of a score table and export the subset
+    logix report DIR                            a self-contained HTML report of a project or run
 
 Every command exits 0 on success, and on a user error prints one line ``logix: error: ...``
 to stderr and exits 1 (2 for a malformed command line).
@@ -134,7 +135,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
         directory, preconditioner=pre, damping=damping, mode=args.mode or ac.mode,
         weighting=args.weighting or ac.checkpoints.value, top_k=args.top_k or ac.top_k,
         memory_budget_mb=ac.memory_budget_mb, scores_path=out / "scores.h5" if args.save_scores else None,
-        progress=not args.quiet,
+        per_module=args.per_module, progress=not args.quiet,
     )
     texts = _job_texts(directory)
     sanity = category_agreement(result, *texts[2:]) if texts else None
@@ -174,6 +175,16 @@ def cmd_contribute(args: argparse.Namespace) -> None:
     job = ContributionJob(config, project=args.project, config_dir=args.config.resolve().parent,
                           overwrite=args.overwrite, progress=not args.quiet)
     print(job.run().summary())
+
+
+# ---- report ------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> None:
+    from logix.report import write_report
+
+    if args.top_k < 1:
+        raise LogixError(f"--top-k must be at least 1 (got {args.top_k}).")
+    path = write_report(args.run_dir, args.out, title=args.title, top_k=args.top_k)
+    print(f"wrote {path} (open it in a browser; it needs no network)")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
@@ -226,6 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["lr", "uniform", "last"], help="how checkpoints combine")
     p.add_argument("--top-k", type=int)
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
+    p.add_argument("--per-module", action="store_true",
+                   help="also write per_module.json: each module's part of the proponents' scores")
     p.add_argument("--out", type=Path, help="output folder (default: DIR)")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("contribute", help="score instruction data, fit a selector, select a subset",
@@ -252,6 +265,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--category-field", default="category", help="record field counted in the summary")
     p.add_argument("--output-field", default="output", help="record field holding the response")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p = sub.add_parser("report", help="write a self-contained HTML report of a project or run",
+                       formatter_class=_Formatter, description="Write DIR/report.html: one self-contained file "
+                       "(figures embedded, no network needed) showing, for an influence project or run, each query's "
+                       "top proponents and opponents with their texts, score distributions, self-influence outliers "
+                       "and per-module shares; for a contribution project, the score distributions, the selected "
+                       "subset against the pool and the agreement with the baselines.")
+    p.add_argument("run_dir", type=Path, help="project or run directory (logix run / influence / contribute)")
+    p.add_argument("--out", type=Path, help="HTML file to write (default: DIR/report.html)")
+    p.add_argument("--title", help="page title (default: logix report - DIR's name)")
+    p.add_argument("--top-k", type=int, default=10, help="proponents per query when a bare run is scored here")
     p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds",
                                formatter_class=_Formatter)
     p_inspect.add_argument("run_dir", type=Path)
@@ -273,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     commands = {"run": cmd_run, "extract": cmd_extract, "influence": cmd_influence,
                 "inspect": lambda a: print(inspect_run(a.run_dir)), "contribute": cmd_contribute,
-                "select": cmd_select}
+                "select": cmd_select, "report": cmd_report}
     try:
         commands[args.command](args)
     except (LogixError, OSError, KeyError, ValueError) as exc:

@@ -355,8 +355,8 @@ def category_agreement(result: InfluenceResult, train_cat: dict | None, query_ca
 
 def write_outputs(directory: Path, result: InfluenceResult, train_texts: dict, query_texts: dict,
                   sanity: dict | None) -> None:
-    """``influence.jsonl`` (per query: proponents and opponents with texts), ``self_influence.csv``
-    and ``sanity.json``."""
+    """``influence.jsonl`` (per query: proponents and opponents with texts), ``self_influence.csv``,
+    ``sanity.json`` and, when the result has per-module scores, ``per_module.json``."""
     with open(directory / "influence.jsonl", "w") as fh:
         for record in result.to_records():
             record["query_text"] = query_texts.get(record["query_id"])
@@ -372,3 +372,7 @@ def write_outputs(directory: Path, result: InfluenceResult, train_texts: dict, q
                 writer.writerow([tid, f"{value:.6e}"])
     if sanity is not None:
         write_json_atomic(directory / "sanity.json", sanity)
+    if result.per_module:  # compute_influence(per_module=True) / `logix influence --per-module`
+        from logix.report.data import per_module_records
+
+        write_json_atomic(directory / "per_module.json", per_module_records(result))

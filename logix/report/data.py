@@ -1,0 +1,298 @@
+"""What a report shows, read from a logix output directory.
+
+Three kinds of directory are understood:
+
+* an **influence project** (``logix run`` / ``logix influence`` / a Trainer callback project):
+  ``influence.jsonl``, ``self_influence.csv``, ``sanity.json`` and, when logged,
+  ``per_module.json``;
+* a **single run** (``logix.init`` + ``run.log_queries``, no job): influence is computed here
+  from its stores (ids only: a bare run keeps no texts);
+* a **contribution project** (``logix contribute`` / ``logix select``): ``scores.jsonl``,
+  ``selection/summary.json``, ``selection/selected.jsonl``, ``probes.jsonl`` and the pool named
+  in ``job.yaml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from logix.errors import LogixError
+
+log = logging.getLogger("logix")
+
+
+class ReportError(LogixError, ValueError):
+    """The directory holds nothing a report can show."""
+
+
+@dataclass
+class InfluenceData:
+    """Influence outputs of a project or run."""
+
+    queries: list[dict]  # influence.jsonl records: query_id, query_text, proponents, opponents
+    self_influence: dict[Any, float] | None = None  # train id -> g^T H^-1 g
+    sanity: dict | None = None
+    per_module: dict | None = None  # {"modules": [...], "queries": [{"query_id", "modules": {m: [k]}}]}
+    train_texts: dict[Any, str] = field(default_factory=dict)
+    all_scores: np.ndarray | None = None  # (n_query, n_train) when scores.h5 exists
+    notes: list[str] = field(default_factory=list)  # what the directory lacks, said plainly
+
+
+@dataclass
+class ContributionData:
+    """Contribution outputs of a project (or a ``logix select --out`` folder)."""
+
+    scores: dict[str, np.ndarray]  # score name -> values aligned with ``ids`` (NaN: not scored)
+    ids: list
+    summary: dict | None = None
+    selected: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+    pool: dict[Any, dict] | None = None  # id -> record
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportData:
+    """Everything a report shows about one directory."""
+
+    path: Path
+    kind: str  # "influence" | "run" | "contribution"
+    influence: InfluenceData | None = None
+    contribution: ContributionData | None = None
+    job: dict | None = None
+
+
+def load(directory: str | Path, *, compute: bool = True, top_k: int = 10) -> ReportData:
+    """Read a logix output directory for a report.
+
+    Args:
+        directory: an influence project, a single run directory, or a contribution project.
+        compute: for a single run without ``influence.jsonl``, score its logged queries here
+            (with per-module breakdowns); otherwise such a run is an error.
+        top_k: proponents and opponents kept per query when scoring here.
+
+    Raises:
+        ReportError: the directory does not exist or holds no logix outputs.
+    """
+    if isinstance(directory, ReportData):  # already loaded
+        return directory
+    path = Path(directory)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a directory: give a logix project or run directory "
+                          "(e.g. logix_runs/quickstart or logix_runs/contribution).")
+    job = _read_yaml(path / "job.yaml")
+    if (path / "influence.jsonl").exists():
+        return ReportData(path, "influence", influence=_load_influence(path), job=job)
+    if ((path / "scores.jsonl").exists() or (path / "selection" / "summary.json").exists()
+            or ((path / "summary.json").exists() and (path / "selected.jsonl").exists())):
+        return ReportData(path, "contribution", contribution=_load_contribution(path, job), job=job)
+    if (path / "run.json").exists() or (path / "checkpoints.json").exists():
+        if not compute:
+            raise ReportError(f"{path} holds no influence.jsonl: run `logix influence {path}` first.")
+        return ReportData(path, "run", influence=_compute_influence(path, top_k), job=job)
+    raise ReportError(
+        f"{path} holds no logix outputs (no influence.jsonl, scores.jsonl, selection/summary.json or "
+        "run.json): give the directory `logix run`, `logix influence`, `logix contribute` or logix.init wrote.")
+
+
+# ---- influence ---------------------------------------------------------------------------------
+def _load_influence(path: Path) -> InfluenceData:
+    queries = _read_jsonl(path / "influence.jsonl")
+    data = InfluenceData(queries)
+    si = path / "self_influence.csv"
+    if si.exists():
+        with open(si, newline="", encoding="utf-8") as fh:
+            data.self_influence = {_id(r["id"]): float(r["self_influence"]) for r in csv.DictReader(fh)}
+    else:
+        data.notes.append("no self_influence.csv (set analysis.self_influence: true): no outlier table.")
+    if (path / "sanity.json").exists():
+        data.sanity = json.loads((path / "sanity.json").read_text())
+    if (path / "per_module.json").exists():
+        data.per_module = json.loads((path / "per_module.json").read_text())
+    else:
+        data.notes.append(f"no per_module.json: `logix influence {path} --per-module` writes the per-module "
+                          "breakdown of the proponents' scores.")
+    if (path / "scores.h5").exists():
+        data.all_scores = _read_scores(path / "scores.h5")
+    for record in queries:
+        for key in ("proponents", "opponents"):
+            for entry in record.get(key, []):
+                if entry.get("text") is not None:
+                    data.train_texts[entry["id"]] = entry["text"]
+    if data.self_influence is not None:
+        data.train_texts.update(_job_train_texts(path, data.train_texts))
+    if queries and all(r.get("query_text") is None for r in queries):
+        data.notes.append("no texts in influence.jsonl (the directory has no job.yaml with data): ids only.")
+    return data
+
+
+def _id(value: str):
+    """CSV ids are strings; integer-looking ones were integers."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _read_scores(path: Path) -> np.ndarray | None:
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        if "scores" not in fh:
+            return None
+        ds = fh["scores"]
+        if ds.size > 20_000_000:  # a histogram does not need more than a sample
+            step = int(math.ceil(ds.size / 20_000_000))
+            return np.asarray(ds[:, ::step])
+        return np.asarray(ds[...])
+
+
+def _job_train_texts(path: Path, known: dict) -> dict:
+    """Texts of every train example, from the job's data, for the outlier table."""
+    job = path / "job.yaml"
+    if not job.exists():
+        return {}
+    try:
+        from logix.config import Config
+        from logix.pipeline import _dataset, _texts, build_tokenizer, resolve_path
+
+        config = Config.from_yaml(job)
+        if not config.data.train:
+            return {}
+        tokenizer = build_tokenizer(config, Path.cwd())
+        train = _dataset(resolve_path(config.data.train, path), config.data.limit_train, config, tokenizer)
+        return _texts(train)
+    except (LogixError, OSError, ValueError) as exc:
+        log.warning("logix: train texts unavailable for the report (%s)", exc)
+        return {}
+
+
+def _compute_influence(path: Path, top_k: int) -> InfluenceData:
+    from logix.analysis import influence
+
+    try:
+        result = influence(path, top_k=top_k, per_module=True, progress=False)
+    except LogixError as exc:
+        raise ReportError(f"{path}: cannot score its logged queries ({exc}); log queries with "
+                          "run.log_queries and finalize the run, or run `logix influence` first.") from exc
+    data = InfluenceData(result.to_records())
+    data.per_module = per_module_records(result)
+    if result.self_influence is not None:
+        data.self_influence = dict(zip(result.train_ids, result.self_influence.tolist()))
+    data.notes.append("scored here (kfac, dot, damping 0.1) from the run's stores; a bare run keeps no "
+                      "texts, so examples are shown by id.")
+    return data
+
+
+def per_module_records(result) -> dict | None:
+    """``InfluenceResult.per_module`` as JSON: per query, each module's part of each proponent's score."""
+    if not result.per_module:
+        return None
+    modules = list(result.per_module)
+    return {"modules": modules, "queries": [
+        {"query_id": qid, "ids": list(result.top_ids[q]),
+         "modules": {m: [float(v) for v in result.per_module[m][q].tolist()] for m in modules}}
+        for q, qid in enumerate(result.query_ids)]}
+
+
+# ---- contribution ------------------------------------------------------------------------------
+def _load_contribution(path: Path, job: dict | None) -> ContributionData:
+    sel = path / "selection" if (path / "selection").is_dir() else path
+    notes = []
+    scores_path = path / "scores.jsonl" if (path / "scores.jsonl").exists() else sel / "scores.jsonl"
+    ids, scores = [], {}
+    if scores_path.exists():
+        from logix.contribution import ScoreTable
+
+        table = ScoreTable.load(scores_path)
+        ids, scores = table.ids, dict(table.columns)
+    else:
+        notes.append("no scores.jsonl: no score distributions.")
+    summary = json.loads((sel / "summary.json").read_text()) if (sel / "summary.json").exists() else None
+    if summary is None:
+        notes.append("no selection/summary.json: no selection, category or agreement sections "
+                     "(`logix select --scores ... --out DIR/selection` writes it).")
+    selected = _read_jsonl(sel / "selected.jsonl") if (sel / "selected.jsonl").exists() else []
+    probes = _read_jsonl(path / "probes.jsonl") if (path / "probes.jsonl").exists() else []
+    pool = _pool_records(path, job, summary, notes)
+    return ContributionData(scores, ids, summary, selected, probes, pool, notes)
+
+
+def _pool_records(path: Path, job: dict | None, summary: dict | None, notes: list) -> dict | None:
+    candidates = []
+    if job:
+        contribution, data = job.get("contribution") or {}, job.get("data") or {}
+        candidates += [contribution.get("pool"), data.get("train")]
+    if summary:
+        candidates.append(summary.get("source"))
+    for source in candidates:
+        if source and Path(source).exists():
+            try:
+                from logix.contribution import load_pool
+
+                id_field = ((job or {}).get("data") or {}).get("id_field", "id")
+                pool = load_pool(source, id_field=id_field)
+                return dict(zip(pool.ids, pool.records))
+            except LogixError as exc:
+                notes.append(f"pool {source} unreadable ({exc}).")
+                return None
+    notes.append("the pool file is not reachable from here (job.yaml / summary.json name none that exists): "
+                 "lengths come from the summary's quantiles, examples are shown by id.")
+    return None
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ReportError(f"{path}, line {n}: not JSON ({exc.msg}); was the file cut short? "
+                                      "Re-run the command that wrote it.") from exc
+    return out
+
+
+def _read_yaml(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{path} is not valid YAML ({exc}).") from exc
+
+
+def record_text(record: dict | None, fallback: str = "") -> str:
+    """A readable one-string form of a pool record (instruction / input / output, or its text)."""
+    if not record:
+        return fallback
+    if "instruction" in record or "output" in record:
+        parts = [str(record.get("instruction") or "")]
+        if record.get("input"):
+            parts.append(str(record["input"]))
+        return " | ".join(p for p in parts if p) + " \u2192 " + str(record.get("output") or "")
+    for key in ("text", "prompt", "content"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    return json.dumps(record, ensure_ascii=False)
+
+
+def response_lengths(records) -> np.ndarray:
+    """Characters of each record's response (``output`` field; else its whole text)."""
+    out = []
+    for r in records:
+        value = r.get("output") if isinstance(r, dict) and "output" in r else record_text(r)
+        out.append(len(str(value or "")))
+    return np.asarray(out, dtype=float)
