@@ -30,6 +30,7 @@ the shared parameter's summed gradient (same cost, not the same numbers).
 
     python benchmarks/bench_capture.py            # full run (~6 min on 2 cores, 12 GB free for loopdense-16)
     python benchmarks/bench_capture.py --quick    # smoke run (< 1 min)
+    python benchmarks/bench_capture.py --methods logix --rounds 4   # plain vs logix-16/32 only
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from logix.capture.watch import select_modules
 from logix.projection import random_projection
 
 BATCH, SEQ, VOCAB = 8, 128, 5000
+KINDS = ("logix", "loop", "vmap", "loopdense")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_capture.json"
 
 
@@ -261,6 +263,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     ap.add_argument("--rounds", type=int, help="subprocess runs per method (default 2, quick 1)")
     ap.add_argument("--ranks", type=int, nargs="+", help="k per side (default 16 32, quick 16)")
+    ap.add_argument("--methods", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="method kinds to run besides plain (default: all)")
     ap.add_argument("--dense-mb", type=float, default=1024, help="dense baseline projection if it fits")
     ap.add_argument("--dense-iters", type=int, default=3, help="timed batches and pairs of loopdense-k")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
@@ -274,8 +278,8 @@ def main() -> None:
         print(json.dumps(run_method(args.method, args.warmup, iters, pairs, args.dense_mb)))
         return
 
-    methods = ["plain"] + [f"{kind}-{k}" for k in ranks for kind in ("logix", "loop", "vmap")]
-    if not args.quick:
+    methods = ["plain"] + [f"{kind}-{k}" for k in ranks for kind in ("logix", "loop", "vmap") if kind in args.methods]
+    if not args.quick and "loopdense" in args.methods:
         methods += [f"loopdense-{k}" for k in ranks if dense_fits(k)]
     common = ["--warmup", str(args.warmup), "--dense-mb", str(args.dense_mb)]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
@@ -309,6 +313,8 @@ def main() -> None:
     base = results["plain"]["examples_per_s"]
     ratios, standalone = {}, {}
     for k in ranks:
+        if f"logix-{k}" not in results:
+            continue
         lx = results[f"logix-{k}"]
         for other in ("plain", f"loop-{k}", f"vmap-{k}", f"loopdense-{k}"):
             if other not in results:
@@ -341,6 +347,7 @@ def main() -> None:
         "rounds": rounds,
         "ranks": ranks,
         "quick": args.quick,
+        "methods": methods,
         "logix": f"{logix.__version__} {logix_version()} ({Path(logix.__file__).parent})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -510,7 +510,9 @@ class Run:
         ids = new_ids
         store_dtype = _DTYPES[self.config.store.dtype.value]
         if result.token_grads is None:
-            rows = torch.cat([grads[n][keep].flatten(1) for n in self._names()], dim=1)
+            rows = torch.cat([grads[n].flatten(1) for n in self._names()], dim=1)
+            if len(new_ids) < len(ctx.ids):
+                rows = rows[keep]
             positions = None
         else:
             rows, ids, positions = self._token_rows(ctx, result, keep)
@@ -533,7 +535,7 @@ class Run:
         n_new = float(keep.sum())
         dtype = self._accum_dtype()
         for name in self._names():
-            g = grads[name][keep].to(dtype)
+            g = grads[name][keep].to(dtype) if cfg.ekfac or cfg.raw else None
             if cfg.ekfac:
                 q_a = self._stats.raw_sum(name, "A_evecs").to(dtype)
                 q_s = self._stats.raw_sum(name, "S_evecs").to(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
@@ -20,6 +21,11 @@ RUN_FILE = "run.json"
 
 
 def _versions() -> dict[str, str]:
+    return dict(_versions_cached())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions_cached() -> dict[str, str]:  # package metadata lookups cost ~10 ms per save
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}

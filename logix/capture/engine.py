@@ -7,6 +7,14 @@ example's gradient with one batched matmul. The full ``d_out x d_in`` gradient i
 never formed. Hooks return ``None``, so the model's outputs and parameter
 gradients are exactly those of an uninstrumented run.
 
+For projected modules (the usual case) the tensor hook only projects the gradient
+and keeps ``(g P_out, a P_in)``; ``finish`` then forms the per-example gradients and
+the covariances of all modules of one shape together (a few batched matmuls for the
+whole model instead of a dozen small operations per module, which dominate the cost
+of the capture at small ranks). Unprojected modules (``projection: none``, the PCA
+covariance pass) and per-token capture reduce in the tensor hook, so that the large
+full-space tensors are freed as the backward pass goes.
+
 All hooks are attached on ``attach`` and removed on ``detach`` (idempotent, also
 called when the block raises).
 """
@@ -50,9 +58,14 @@ class PassSpec:
     sample_labels: bool = False  # the loop should use labels sampled from the model (true Fisher)
 
 
+# Stacked (g P_out, a P_in) of the modules reduced together in ``finish`` stay below this.
+_GROUP_BYTES = 256 * 2**20
+
+
 @dataclass
 class _ModuleState:
     pending: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    deferred: list[tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=list)  # (gp, ap, w)
     calls: int = 0
     grads_seen: int = 0
     grad: Tensor | None = None  # (B, k_out, k_in)
@@ -92,7 +105,14 @@ class BatchCapture:
         self.state = {w.name: _ModuleState() for w in watched}
         self._handles: list[RemovableHandle] = []
         self._weights: dict[tuple, Tensor | None] = {}
+        self._counts: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (weights, count)
         self._token_shape: tuple[int, ...] | None = None
+        # projected on both sides and not per token: reduced in batches by ``finish``
+        self._defer = {
+            w.name: projections[w.name].p_in is not None and projections[w.name].p_out is not None
+            and not spec.per_token
+            for w in watched
+        }
 
     # ---- lifecycle --------------------------------------------------------------------
     def attach(self) -> None:
@@ -108,10 +128,12 @@ class BatchCapture:
         self._handles.clear()
         for st in self.state.values():
             st.pending.clear()
+            st.deferred.clear()
 
     # ---- weights (mask x keep) --------------------------------------------------------
     def _token_weights(self, name: str, tok: tuple[int, ...], device: torch.device) -> Tensor | None:
-        """``(B, T)`` 0/1 weights for a module whose token dims are ``tok`` (None: all ones)."""
+        """``(B, T)`` 0/1 weights in the compute dtype for a module whose token dims are ``tok``
+        (None: all ones); built once per block for each token shape."""
         key = (tok, device)
         if key in self._weights:
             return self._weights[key]
@@ -129,8 +151,19 @@ class BatchCapture:
             t = 1 if not tok else int(torch.tensor(tok).prod())
             keep = keep[:, None].expand(-1, t)
             weights = keep if weights is None else weights & keep
+        if weights is not None:
+            weights = weights.to(self.dtype)
         self._weights[key] = weights
         return weights
+
+    def _token_count(self, weights: Tensor | None, n: int) -> Tensor:
+        """The number of weighted tokens as a float64 scalar (``n`` when ``weights`` is None)."""
+        if weights is None:
+            return torch.tensor(float(n), dtype=torch.float64)
+        cached = self._counts.get(id(weights))
+        if cached is None or cached[0] is not weights:
+            cached = self._counts[id(weights)] = (weights, weights.sum(dtype=torch.float64).cpu())
+        return cached[1]
 
     # ---- hooks ------------------------------------------------------------------------
     def _forward_hook(self, w: Watched, module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
@@ -156,8 +189,8 @@ class BatchCapture:
         self._check_per_token(w.name, tok)
         ap = ap.reshape(batch, -1, ap.shape[-1])
         weights = self._token_weights(w.name, tok, ap.device)
-        if weights is not None:
-            ap = ap * weights.unsqueeze(-1).to(ap.dtype)
+        if weights is not None and not self._defer[w.name]:
+            ap = ap * weights.unsqueeze(-1)
         st = self.state[w.name]
         call = st.calls
         st.calls += 1
@@ -176,8 +209,11 @@ class BatchCapture:
         g = g.reshape(ap.shape[0], -1, g.shape[-1]).to(self.dtype)
         proj = self.projections[w.name]
         gp = g if proj.p_out is None else F.linear(g, proj.prepared(g.device, self.dtype, w.shape.bias).out_weight)
+        if self._defer[w.name]:
+            st.deferred.append((gp, ap, weights))  # unmasked: ``finish`` masks the whole group
+            return None
         if weights is not None:
-            gp = gp * weights.unsqueeze(-1).to(gp.dtype)
+            gp = gp * weights.unsqueeze(-1)
         if self.spec.gradients:
             contrib = torch.bmm(gp.transpose(1, 2), ap)
             st.grad = contrib if st.grad is None else st.grad + contrib
@@ -195,10 +231,65 @@ class BatchCapture:
         g_flat = gp.reshape(-1, gp.shape[-1])
         one_hot = self.spec.space == "full" and w.adapter.kind == "embedding"
         cov_a = torch.diag(a_flat.sum(0)) if one_hot else a_flat.T @ a_flat
-        n = torch.tensor(float(a_flat.shape[0])) if weights is None else weights.sum().float()
+        n = self._token_count(weights, a_flat.shape[0])
         for key, value in (("A", cov_a), ("S", g_flat.T @ g_flat), ("tokens", n)):
             value = value.detach().to("cpu", torch.float64)
             st.stats[key] = value if key not in st.stats else st.stats[key] + value
+
+    # ---- batched reduction of the projected modules ---------------------------------------
+    def _reduce_deferred(self) -> None:
+        """Per-example gradients and covariances of every deferred module, grouped by shape."""
+        groups: dict[tuple, list[tuple[str, Tensor, Tensor, Tensor | None]]] = {}
+        for name, st in self.state.items():
+            if not st.deferred:
+                continue
+            items, st.deferred = st.deferred, []
+            gp, ap, weights = items[0]
+            if len(items) > 1:  # a module called several times: its calls' tokens add up alike
+                gp = torch.cat([i[0] for i in items], dim=1)
+                ap = torch.cat([i[1] for i in items], dim=1)
+                if any(i[2] is not None for i in items):
+                    weights = torch.cat([gp.new_ones(i[0].shape[:2]) if i[2] is None else i[2] for i in items], dim=1)
+            groups.setdefault((tuple(gp.shape), tuple(ap.shape), gp.device), []).append((name, gp, ap, weights))
+        for members in groups.values():
+            each = (members[0][1].numel() + members[0][2].numel()) * members[0][1].element_size()
+            step = max(1, _GROUP_BYTES // max(each, 1))
+            for lo in range(0, len(members), step):
+                self._reduce_group(members[lo : lo + step])
+
+    def _reduce_group(self, members: list[tuple[str, Tensor, Tensor, Tensor | None]]) -> None:
+        """One stack of same-shape modules: ``G_b = sum_t w_t (g_t P_out)^T (a_t P_in)``, A and S."""
+        names = [m[0] for m in members]
+        gp = torch.stack([m[1] for m in members])  # (M, B, T, k_out)
+        ap = torch.stack([m[2] for m in members])  # (M, B, T, k_in)
+        ws = [m[3] for m in members]
+        if all(x is None for x in ws):
+            weights = None
+        elif all(x is ws[0] for x in ws):
+            weights = ws[0].unsqueeze(-1)  # (B, T, 1), broadcast over the modules
+        else:
+            weights = torch.stack([gp.new_ones(gp.shape[1:3]) if x is None else x for x in ws]).unsqueeze(-1)
+        if weights is not None:
+            ap = ap * weights  # 0/1 weights: masking one factor of each product masks the product
+        if self.spec.gradients:
+            grads = torch.matmul(gp.transpose(-1, -2), ap)  # (M, B, k_out, k_in)
+            for i, name in enumerate(names):
+                st = self.state[name]
+                st.grad = grads[i] if st.grad is None else st.grad + grads[i]
+        if self.spec.covariance:
+            m = len(names)
+            a_flat = ap.reshape(m, -1, ap.shape[-1])
+            g_flat = (gp if weights is None else gp * weights).reshape(m, -1, gp.shape[-1])
+            cov_a = torch.matmul(a_flat.transpose(1, 2), a_flat).detach().to("cpu", torch.float64)
+            cov_s = torch.matmul(g_flat.transpose(1, 2), g_flat).detach().to("cpu", torch.float64)
+            if weights is None or weights.dim() == 3:
+                counts = [self._token_count(ws[0], a_flat.shape[1])] * m
+            else:
+                counts = list(weights.sum(dim=(1, 2, 3), dtype=torch.float64).cpu())
+            for i, name in enumerate(names):
+                stats = self.state[name].stats
+                for key, value in (("A", cov_a[i]), ("S", cov_s[i]), ("tokens", counts[i])):
+                    stats[key] = value if key not in stats else stats[key] + value
 
     def _check_per_token(self, name: str, tok: tuple[int, ...]) -> None:
         if not self.spec.per_token:
@@ -226,6 +317,7 @@ class BatchCapture:
                 "No gradient reached any watched module in this block. Run forward with "
                 "gradients enabled and call loss.backward() inside the `with run(...)` block."
             )
+        self._reduce_deferred()
         grads: dict[str, Tensor] = {}
         token_grads: dict[str, Tensor] | None = {} if self.spec.per_token else None
         if self.spec.gradients:
