@@ -56,7 +56,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from logix.contribution.lm import Bos, bos_ids, encode, model_max_length, response_nll_ids, token_nll
+from logix.contribution.lm import (
+    Bos,
+    bos_ids,
+    encode,
+    keep_logits_kwargs,
+    model_max_length,
+    response_nll_ids,
+    token_nll,
+)
 from logix.data.template import PromptTemplate, field_of
 from logix.errors import DataError, RunDirectoryError, StoreError
 
@@ -423,7 +431,7 @@ def cached_response_nll(
     nll = np.zeros(n, dtype=np.float64)
     count = np.array([len(r) for r in responses], dtype=np.int64)
     head = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-    out = model(input_ids=head, use_cache=True)
+    out = model(input_ids=head, use_cache=True, **keep_logits_kwargs(model, 1))
     cache = _out_cache(out)
     last = out.logits[0, -1]
     lp = head.shape[1]
@@ -441,8 +449,10 @@ def cached_response_nll(
             mask[row, lp:lp + len(seqs[i])] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = torch.arange(lp, lp + width, device=device).unsqueeze(0).expand(b, width)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       use_cache=True, **{kwarg: _expand_cache(cache, b)}).logits
+        first = max(min(len(prompts[i]) for i in chunk) - 1, 0)  # first position whose logits are needed
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{kwarg: _expand_cache(cache, b)}, **keep_logits_kwargs(model, width - first)).logits
+        offset = width - logits.shape[1]
         rows, cols = [], []
         for row, i in enumerate(chunk):
             start = len(prompts[i])
@@ -451,7 +461,7 @@ def cached_response_nll(
         r = torch.tensor(rows, device=device)
         c = torch.tensor(cols, device=device)
         # the logit predicting probe token t is logits[t - 1], or the prefix's last logit for t == 0
-        picked = logits[r, (c - 1).clamp(min=0)]
+        picked = logits[r, (c - 1).clamp(min=0) - offset]
         picked = torch.where((c == 0).unsqueeze(-1), last.to(picked.dtype).unsqueeze(0), picked)
         per_token = token_nll(picked, ids[r, c]).double().cpu()
         sums = torch.zeros(b, dtype=torch.float64).index_add_(0, r.cpu(), per_token)

@@ -52,6 +52,7 @@ Bos = bool | Literal["auto"]
 __all__ = [
     "bos_ids",
     "encode",
+    "keep_logits_kwargs",
     "model_max_length",
     "response_nll",
     "response_nll_ids",
@@ -135,6 +136,22 @@ def fit_pair(
     return prefix[len(prefix) - room:] if len(prefix) > room else prefix
 
 
+def keep_logits_kwargs(model: torch.nn.Module, keep: int) -> dict[str, int]:
+    """``{"logits_to_keep": keep}`` when the model's forward takes it (recent Hugging Face causal LMs), else ``{}``.
+
+    The model then returns logits for the last ``keep`` positions only; callers find the offset
+    from the returned width.
+    """
+    import inspect
+
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": int(keep)} if "logits_to_keep" in params else {}
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-log softmax(logits)[target]`` per row, in float32 at least (rows: ``(M, V)``, targets ``(M,)``)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -192,7 +209,12 @@ def response_nll_ids(
             for row, i in enumerate(chunk):
                 ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
                 mask[row, :len(seqs[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            # logits only from the first position that predicts a response token on (saves the LM head
+            # on prefix tokens, where the model supports logits_to_keep)
+            first = min(starts[i] for i in chunk) - 1
+            extra = keep_logits_kwargs(model, width - first)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **extra).logits
+            offset = width - logits.shape[1]
             rows, cols = [], []
             for row, i in enumerate(chunk):
                 positions = range(starts[i], len(seqs[i]))
@@ -200,7 +222,7 @@ def response_nll_ids(
                 cols.extend(positions)
             r = torch.tensor(rows, device=device)
             c = torch.tensor(cols, device=device)
-            per_token = token_nll(logits[r, c - 1], ids.to(device)[r, c]).double().cpu()
+            per_token = token_nll(logits[r, c - 1 - offset], ids.to(device)[r, c]).double().cpu()
             sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, r.cpu(), per_token)
             nll[chunk] = sums.numpy()
     finally:
