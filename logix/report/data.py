@@ -70,7 +70,7 @@ class ReportData:
     job: dict | None = None
 
 
-def load(directory: str | Path, *, compute: bool = True, top_k: int = 10) -> ReportData:
+def load(directory: str | Path | ReportData, *, compute: bool = True, top_k: int = 10) -> ReportData:
     """Read a logix output directory for a report.
 
     Args:

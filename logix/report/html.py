@@ -416,7 +416,7 @@ def render(data: ReportData, title: str | None = None) -> str:
         f"</footer><script>{JS}</script></body></html>")
 
 
-def write_report(directory, out: str | Path | None = None, *, title: str | None = None, top_k: int = 10) -> Path:
+def write_report(directory: str | Path | ReportData, out: str | Path | None = None, *, title: str | None = None, top_k: int = 10) -> Path:
     """Write the HTML report of a logix output directory.
 
     Args:
