@@ -181,9 +181,11 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from logix.report import write_report
 
-    if args.top_k < 1:
-        raise LogixError(f"--top-k must be at least 1 (got {args.top_k}).")
-    path = write_report(args.run_dir, args.out, title=args.title, top_k=args.top_k)
+    for flag in ("top_k", "max_queries", "max_rows"):
+        if getattr(args, flag) < 1:
+            raise LogixError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
+    path = write_report(args.run_dir, args.out, title=args.title, top_k=args.top_k, max_queries=args.max_queries,
+                        max_rows=args.max_rows)
     print(f"wrote {path} (open it in a browser; it needs no network)")
 
 
@@ -275,6 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="HTML file to write (default: DIR/report.html)")
     p.add_argument("--title", help="page title (default: logix report - DIR's name)")
     p.add_argument("--top-k", type=int, default=10, help="proponents per query when a bare run is scored here")
+    p.add_argument("--max-queries", type=int, default=500, help="queries shown (default: 500)")
+    p.add_argument("--max-rows", type=int, default=2000, help="selected examples listed (default: 2000)")
     p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds",
                                formatter_class=_Formatter)
     p_inspect.add_argument("run_dir", type=Path)

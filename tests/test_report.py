@@ -118,15 +118,17 @@ def _contribution_dir(tmp_path: Path) -> Path:
     d = tmp_path / "contrib"
     records = [json.loads(x) for x in (DATA / "instructions.jsonl").read_text().splitlines()[:60]]
     records[5]["output"] = EVIL
-    pool_path = tmp_path / "pool.jsonl"
-    pool_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    pool = load_pool(pool_path)
+    records[7]["category"] = "cost$_$"  # would be mathtext in a matplotlib label
     rng = np.random.default_rng(0)
     icl = rng.normal(size=60)
     icl[30:] = np.nan  # only a sample is scored
     icl[5] = 10.0  # the evil record is selected
+    pool_path = tmp_path / "pool.jsonl"
+    pool_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pool = load_pool(pool_path)
     table = ScoreTable(pool.ids, {"icl": icl, "length": np.array([len(r["output"]) for r in records], float),
-                                  "random": rng.random(60), "selector": rng.normal(size=60)})
+                                  "random": rng.random(60), "selector": rng.normal(size=60),
+                                  "p$\\frac$": rng.normal(size=60)})
     table.columns["selector"][5] = 10.0
     table.save(d / "scores.jsonl")
     selection = select(table, "selector", top_k=8, pool=pool, seed=0)
@@ -196,9 +198,20 @@ def test_contribution_report_content(tmp_path):
     assert len(rows) == summary["selected"] == 8
     assert EVIL in selected.all_text() and len(dom.find_all("script")) == 1 and not dom.find_all("i")
     assert len(dom.find_all("img", "plot")) == 4  # scores, categories, lengths, agreement
-    for name in ("icl", "length", "random", "selector"):
+    for name in ("icl", "length", "random", "selector", "p$\\frac$"):
         assert f"<code>{name}</code>" in html
+    assert "cost$_$" in html  # the category table
     assert "What this directory lacks" not in html  # everything is there
+
+
+def test_long_lists_are_capped(tmp_path):
+    d = _influence_dir(tmp_path)
+    html = report.write_report(d, max_queries=2).read_text()
+    assert len(_dom(html).find_all("section", "query")) == 2 and "first 2 of 3 queries" in html
+    c = _contribution_dir(tmp_path)
+    html = report.write_report(c, max_rows=3).read_text()
+    assert len(_dom(html).find_all("tr", "filterable")) == 3 and "The first 3 are shown" in html
+    assert logix_main(["report", str(d), "--max-queries", "0"]) == 1
 
 
 def test_report_says_what_a_directory_lacks(tmp_path):
@@ -357,3 +370,12 @@ def test_report_of_a_tiny_job_in_chromium(tmp_path):
     assert len(outlier_rows) == 21  # header + the 20 largest, with their texts from the job's data
     assert "(text not available)" not in "".join(r.all_text() for r in outlier_rows)
     _screenshot(project / "report.html", ARTIFACTS / "report.png", 2400)
+    # without influence.jsonl the report scores the project itself, with the job's analysis settings
+    (project / "influence.jsonl").unlink()
+    data = report.load(project, top_k=3)
+    assert data.kind == "run"
+    for mine, logged in zip(data.influence.queries, records_inf):
+        assert mine["query_text"] == logged["query_text"] and mine["query_text"]
+        assert [p["id"] for p in mine["proponents"]] == [p["id"] for p in logged["proponents"]]
+        np.testing.assert_allclose([p["score"] for p in mine["proponents"]],
+                                   [p["score"] for p in logged["proponents"]], rtol=1e-5)

@@ -128,7 +128,7 @@ def _load_influence(path: Path) -> InfluenceData:
                 if entry.get("text") is not None:
                     data.train_texts[entry["id"]] = entry["text"]
     if data.self_influence is not None:
-        data.train_texts.update(_job_train_texts(path, data.train_texts))
+        data.train_texts.update(_job_texts(path)[0])
     if queries and all(r.get("query_text") is None for r in queries):
         data.notes.append("no texts in influence.jsonl (the directory has no job.yaml with data): ids only.")
     return data
@@ -155,40 +155,61 @@ def _read_scores(path: Path) -> np.ndarray | None:
         return np.asarray(ds[...])
 
 
-def _job_train_texts(path: Path, known: dict) -> dict:
-    """Texts of every train example, from the job's data, for the outlier table."""
+def _job_texts(path: Path, queries: bool = False) -> tuple[dict, dict]:
+    """(train texts, query texts) from the job's data (``job.yaml``), or empty dicts."""
     job = path / "job.yaml"
     if not job.exists():
-        return {}
+        return {}, {}
     try:
         from logix.config import Config
         from logix.pipeline import _dataset, _texts, build_tokenizer, resolve_path
 
         config = Config.from_yaml(job)
-        if not config.data.train:
-            return {}
+        dc = config.data
+        if not dc.train:
+            return {}, {}
         tokenizer = build_tokenizer(config, Path.cwd())
-        train = _dataset(resolve_path(config.data.train, path), config.data.limit_train, config, tokenizer)
-        return _texts(train)
+        train = _texts(_dataset(resolve_path(dc.train, path), dc.limit_train, config, tokenizer))
+        query = {}
+        if queries and dc.queries:
+            query = _texts(_dataset(resolve_path(dc.queries, path), dc.limit_queries, config, tokenizer))
+        return train, query
     except (LogixError, OSError, ValueError) as exc:
-        log.warning("logix: train texts unavailable for the report (%s)", exc)
-        return {}
+        log.warning("logix: texts unavailable for the report (%s)", exc)
+        return {}, {}
 
 
 def _compute_influence(path: Path, top_k: int) -> InfluenceData:
-    from logix.analysis import influence
+    """Score the logged queries of a run or project that has no influence.jsonl, with the job's
+    analysis settings when it has a ``job.yaml`` (else KFAC, ``dot``, relative damping 0.1)."""
+    from logix.analysis import Damping, influence
+    from logix.config import AnalysisConfig, Config
 
+    ac = Config.from_yaml(path / "job.yaml").analysis if (path / "job.yaml").exists() else AnalysisConfig()
     try:
-        result = influence(path, top_k=top_k, per_module=True, progress=False)
+        result = influence(path, preconditioner=ac.preconditioner, damping=Damping(ac.damping, ac.damping_relative),
+                           mode=ac.mode, weighting=ac.checkpoints.value, top_k=top_k, per_module=True,
+                           memory_budget_mb=ac.memory_budget_mb, progress=False)
     except LogixError as exc:
-        raise ReportError(f"{path}: cannot score its logged queries ({exc}); log queries with "
-                          "run.log_queries and finalize the run, or run `logix influence` first.") from exc
-    data = InfluenceData(result.to_records())
+        raise ReportError(f"{path}: cannot score its logged queries ({' '.join(str(exc).split())}); log queries "
+                          "with run.log_queries and finalize the run, or run `logix influence` first.") from exc
+    train_texts, query_texts = _job_texts(path, queries=True)
+    records = result.to_records()
+    for record in records:
+        record["query_text"] = query_texts.get(record["query_id"])
+        for key in ("proponents", "opponents"):
+            for entry in record[key]:
+                entry["text"] = train_texts.get(entry["id"])
+    data = InfluenceData(records, train_texts=train_texts)
     data.per_module = per_module_records(result)
     if result.self_influence is not None:
         data.self_influence = dict(zip(result.train_ids, result.self_influence.tolist()))
-    data.notes.append("scored here (kfac, dot, damping 0.1) from the run's stores; a bare run keeps no "
-                      "texts, so examples are shown by id.")
+    data.notes.append(f"no influence.jsonl: scored here from the run's stores ({ac.preconditioner}, {ac.mode}, "
+                      f"damping {ac.damping:g}{' relative' if ac.damping_relative else ''}); "
+                      f"`logix influence {path}` writes it.")
+    if not train_texts:
+        data.notes.append("no job.yaml with data here (a run made with logix.init keeps no texts): examples "
+                          "are shown by id.")
     return data
 
 

@@ -132,7 +132,7 @@ def _query_section(i: int, record: dict, texts: dict, per_module: dict | None) -
         f'{_entry_rows(opp, texts, None, "neg")}</div></div></section>')
 
 
-def _influence_body(data: ReportData) -> tuple[str, list[tuple[str, str]]]:
+def _influence_body(data: ReportData, max_queries: int) -> tuple[str, list[tuple[str, str]]]:
     inf = data.influence
     analysis = (data.job or {}).get("analysis") or {}
     n_train = len(inf.self_influence) if inf.self_influence else None
@@ -157,9 +157,12 @@ def _influence_body(data: ReportData) -> tuple[str, list[tuple[str, str]]]:
     nav.append(("distributions", "Distributions"))
     pm_index = _per_module_index(inf.per_module)
     queries = "".join(_query_section(i, r, inf.train_texts, pm_index.get(r.get("query_id")))
-                      for i, r in enumerate(inf.queries))
-    parts.append(f'<section id="queries"><h2>Queries <span class="muted">({len(inf.queries)})</span></h2>'
-                 f'{queries}</section>')
+                      for i, r in enumerate(inf.queries[:max_queries]))
+    cut = "" if len(inf.queries) <= max_queries else (
+        f'<p class="note">Showing the first {max_queries:,} of {len(inf.queries):,} queries '
+        "(<code>logix report --max-queries N</code> shows more).</p>")
+    parts.append(f'<section id="queries"><h2>Queries <span class="muted">({len(inf.queries):,})</span></h2>'
+                 f'{cut}{queries}</section>')
     nav.append(("queries", "Queries"))
     parts.append(_self_influence_section(data))
     nav.append(("self-influence", "Self-influence"))
@@ -224,7 +227,7 @@ CONTRIB_HELP = (
     "(only a sample is scored by the costly methods).")
 
 
-def _contribution_body(data: ReportData) -> tuple[str, list[tuple[str, str]]]:
+def _contribution_body(data: ReportData, max_rows: int) -> tuple[str, list[tuple[str, str]]]:
     con = data.contribution
     s = con.summary or {}
     sel_info = s.get("selector") or {}
@@ -256,7 +259,7 @@ def _contribution_body(data: ReportData) -> tuple[str, list[tuple[str, str]]]:
     nav.append(("subset", "Subset vs pool"))
     parts.append(_agreement_section(data))
     nav.append(("agreement", "Agreement"))
-    parts.append(_selected_section(data))
+    parts.append(_selected_section(data, max_rows))
     nav.append(("selected", "Selected examples"))
     if con.probes:
         rows = [[f"<code>{_e(p.get('id'))}</code>", _text_cell(record_text(p))] for p in con.probes]
@@ -306,7 +309,7 @@ def _agreement_section(data: ReportData) -> str:
             + "</section>")
 
 
-def _selected_section(data: ReportData) -> str:
+def _selected_section(data: ReportData, max_rows: int) -> str:
     con = data.contribution
     s = con.summary or {}
     by = s.get("by")
@@ -315,12 +318,13 @@ def _selected_section(data: ReportData) -> str:
         return head + '<p class="note">No selection/selected.jsonl in this directory.</p></section>'
     score_of = dict(zip(con.ids, con.scores[by].tolist())) if by in con.scores else {}
     rows, attrs = [], []
-    for i, r in enumerate(con.selected, 1):
+    for i, r in enumerate(con.selected[:max_rows], 1):
         text = record_text(r)
         rows.append([str(i), f"<code>{_e(r.get('id'))}</code>", _e(r.get("category", "")),
                      _e(fmt(score_of.get(r.get("id")))), _text_cell(text)])
         attrs.append(f' class="filterable" data-search="{_e((str(r.get("id")) + " " + text).lower())}"')
-    return (head + "<p>In rank order (highest score first), as exported to selection/selected.jsonl.</p>"
+    cut = "" if len(con.selected) <= max_rows else f" The first {max_rows:,} are shown (--max-rows)."
+    return (head + f"<p>In rank order (highest score first), as exported to selection/selected.jsonl.{cut}</p>"
             + _table(["#", "id", "category", _e(by or "score"), "text"], rows, "entries", attrs) + "</section>")
 
 
@@ -393,13 +397,14 @@ JS = """
 """
 
 
-def render(data: ReportData, title: str | None = None) -> str:
-    """The report of ``data`` as one HTML string."""
+def render(data: ReportData, title: str | None = None, *, max_queries: int = 500, max_rows: int = 2000) -> str:
+    """The report of ``data`` as one HTML string (the first ``max_queries`` queries, the first
+    ``max_rows`` selected examples)."""
     if data.kind == "contribution":
-        body, nav = _contribution_body(data)
+        body, nav = _contribution_body(data, max_rows)
         kind = "contribution scores and selection"
     else:
-        body, nav = _influence_body(data)
+        body, nav = _influence_body(data, max_queries)
         kind = "influence" + (" (scored from the run's stores)" if data.kind == "run" else "")
     title = title or f"logix report \u2014 {data.path.name}"
     links = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in nav)
@@ -416,7 +421,8 @@ def render(data: ReportData, title: str | None = None) -> str:
         f"</footer><script>{JS}</script></body></html>")
 
 
-def write_report(directory: str | Path | ReportData, out: str | Path | None = None, *, title: str | None = None, top_k: int = 10) -> Path:
+def write_report(directory: str | Path | ReportData, out: str | Path | None = None, *, title: str | None = None,
+                 top_k: int = 10, max_queries: int = 500, max_rows: int = 2000) -> Path:
     """Write the HTML report of a logix output directory.
 
     Args:
@@ -426,6 +432,8 @@ def write_report(directory: str | Path | ReportData, out: str | Path | None = No
         out: the HTML file (default ``DIRECTORY/report.html``).
         title: the page title (default ``logix report — <directory name>``).
         top_k: proponents and opponents per query when a single run is scored here.
+        max_queries: queries shown (the page of thousands of queries would be slow to open).
+        max_rows: selected examples listed for a contribution project.
 
     Returns:
         The path of the written file.
@@ -437,6 +445,6 @@ def write_report(directory: str | Path | ReportData, out: str | Path | None = No
     out = Path(out) if out is not None else data.path / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(data, title), encoding="utf-8")
+    tmp.write_text(render(data, title, max_queries=max_queries, max_rows=max_rows), encoding="utf-8")
     tmp.replace(out)
     return out

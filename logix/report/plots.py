@@ -32,6 +32,11 @@ def _figure(width: float = 7.0, height: float = 3.4) -> Figure:
     return fig
 
 
+def _label(text) -> str:
+    """Data text as a literal matplotlib label (a ``$`` would start mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title, fontsize=11, loc="left")
     ax.set_xlabel(xlabel, fontsize=9)
@@ -160,7 +165,7 @@ def plot_per_module(source) -> Figure:
     ax = fig.subplots()
     vals = [shares[n] for n in names]
     ax.barh(range(len(names)), vals, color=[PROPONENT if v >= 0 else OPPONENT for v in vals])
-    ax.set_yticks(range(len(names)), [_short_module(n) for n in names], fontsize=7)
+    ax.set_yticks(range(len(names)), [_label(_short_module(n)) for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color="#333", lw=0.8)
     _style(ax, "Per-module share of the top proponents' scores", "mean share of the score", "")
@@ -194,7 +199,7 @@ def plot_contribution_scores(source, names: list[str] | None = None) -> Figure:
         if is_sel.any():
             ax.hist(values[ok & is_sel], bins=bins, color=SELECTED, label=f"selected ({(ok & is_sel).sum():,})")
         ax.legend(fontsize=7, frameon=False)
-        _style(ax, name, "score (higher = better)", "examples")
+        _style(ax, _label(name), "score (higher = better)", "examples")
     for ax in axes[len(names):]:
         ax.set_visible(False)
     return fig
@@ -212,7 +217,7 @@ def plot_categories(source) -> Figure:
     ax = fig.subplots()
     ax.bar(x - 0.2, [cats[n]["share_pool"] for n in names], 0.4, color=POOL, label="pool")
     ax.bar(x + 0.2, [cats[n]["share_selected"] for n in names], 0.4, color=SELECTED, label="selected")
-    ax.set_xticks(x, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    ax.set_xticks(x, [_label(n) for n in names], rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
     ax.legend(fontsize=8, frameon=False)
     _style(ax, "Category shares: pool vs selected", "category", "share")
     return fig
@@ -266,10 +271,10 @@ def plot_agreement(source) -> Figure:
     handles = [Patch(color=SELECTED, label="top-set overlap"), Patch(color=NEUTRAL, label="Spearman \u03c1"),
                Patch(facecolor="#b0b7c3", hatch="//", edgecolor="white", label="baseline")]
     ax.axhline(0, color="#333", lw=0.8)
-    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_xticks(x, [_label(n) for n in names], rotation=20, ha="right")
     ax.legend(handles=handles, fontsize=8, frameon=False, ncols=3)
     by = (con.summary or {}).get("by", "?")
-    _style(ax, f"Agreement of '{by}' with the other scores", "", "overlap / correlation")
+    _style(ax, f"Agreement of '{_label(by)}' with the other scores", "", "overlap / correlation")
     return fig
 
 
