@@ -213,7 +213,7 @@ def plot_categories(source) -> Figure:
         raise ReportError("selection/summary.json has no categories (the pool has no category field).")
     names = sorted(cats)
     x = np.arange(len(names))
-    fig = _figure(max(5.0, 0.9 * len(names) + 2), 3.2)
+    fig = _figure(min(9.0, max(5.0, 0.5 * len(names) + 3)), 3.4)
     ax = fig.subplots()
     ax.bar(x - 0.2, [cats[n]["share_pool"] for n in names], 0.4, color=POOL, label="pool")
     ax.bar(x + 0.2, [cats[n]["share_selected"] for n in names], 0.4, color=SELECTED, label="selected")
@@ -226,7 +226,7 @@ def plot_categories(source) -> Figure:
 def plot_lengths(source) -> Figure:
     """Response length (characters) of the pool and of the selected subset."""
     _, con = _contribution(source)
-    fig = _figure()
+    fig = _figure(6.0, 3.4)
     ax = fig.subplots()
     if con.pool and con.selected:
         pool = response_lengths(con.pool.values())
