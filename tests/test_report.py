@@ -251,6 +251,12 @@ def test_plots_return_labelled_figures(tmp_path):
         ax = fig.axes[0]
         assert ax.get_title(loc="left") and (ax.get_xlabel() or ax.get_ylabel()), fn.__name__
         assert report.figure_png_base64(fig).startswith("iVBOR")  # a PNG
+    import h5py
+
+    with h5py.File(inf / "scores.h5", "w") as fh:  # the full matrix (--save-scores): a second panel
+        fh["scores"] = np.random.default_rng(0).normal(size=(3, 30)).astype(np.float32)
+    fig = report.plot_score_distribution(inf)
+    assert len(fig.axes) == 2 and "90 pairs" in fig.axes[1].get_title(loc="left")
     with pytest.raises(ReportError, match="contribution"):
         report.plot_categories(inf)
     with pytest.raises(ReportError, match="influence"):
