@@ -18,10 +18,12 @@ two seeds' outputs ("seed agreement") shows how much of the subset effect is ini
 
 The trained model is logged with logix (train rows from the per-example SUMMED loss, then
 queries with ``run.log_queries``) once per curvature and projection: ``statistics.fisher``
-``empirical`` (curvature from the data's labels, the default) or ``true`` (labels drawn from the
-model in the statistics passes, ``fisher_samples`` 1 or 8 draws per example), times projection
-none, random and pca at rank ``k`` per side (capped by each module's dimensions). Every
-preconditioner (``raw`` on ``lm`` only when projected: its unprojected blocks are too large) and
+``empirical`` (curvature from the data's labels, the default), ``true`` (labels drawn from the
+model in the statistics passes, ``fisher_samples`` 1 or 8 draws per example) or ``expected``
+(clf only: every class enumerated, weighted by its probability, the exact GGN), times
+projection none, random and pca at rank ``k`` per side (capped by each module's dimensions).
+Every preconditioner (``raw`` on ``lm`` only when projected: its unprojected blocks are too
+large; ``raw-joint``, the whole-row covariance, only where a row has at most 8192 entries) and
 relative damping is then scored from the same run with ``load_checkpoint`` +
 ``compute_influence`` (mode ``dot``) and judged with ``logix.analysis.lds``.
 
@@ -35,6 +37,9 @@ Uses scikit-learn (``make_classification``) besides logix's own dependencies.
 
     python benchmarks/bench_lds.py            # full run, ~14 min on 2 cores (ground truth cached)
     python benchmarks/bench_lds.py --quick    # smoke run: few subsets and settings
+    # only some settings (the JSON then holds only those):
+    python benchmarks/bench_lds.py --tasks clf --fishers expected --projections pca --ranks 32 \
+        --pres raw raw-joint --dampings 0.1 1 3 10 --out benchmarks/results/bench_lds-joint.json
 """
 
 from __future__ import annotations
@@ -60,10 +65,13 @@ from torch.func import functional_call, jacrev, vmap
 import logix
 from logix.analysis import Damping, compute_influence, lds, load_checkpoint, retrain_on_subsets, spearman
 from logix.capture.watch import select_modules
+from logix.integrations.extract import expected_class_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache"
 FISHERS = ("empirical", "true:1", "true:8")  # statistics.fisher[:fisher_samples] of the logix runs
+PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac", "raw-joint")
+JOINT_MAX_DIM = 8192  # raw-joint only where a logged row has at most this many entries (512 MB float64)
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative: times each module's mean curvature eigenvalue
 EXACT_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 3.0, 10.0, 30.0, 100.0)  # the exact references peak inside
 
@@ -173,6 +181,25 @@ def exact_scores(model: nn.Module, xt, yt, xq, yq, dampings) -> tuple[dict[str, 
     return variants, (gq_all @ gt_all.T).numpy()
 
 
+def cached_exact_scores(model, xt, yt, xq, yq, dampings) -> tuple[dict[str, dict], np.ndarray]:
+    """:func:`exact_scores`, cached under ``results/cache/`` (minutes on 2 cores; keyed by the
+    recipe and the dampings, like the ground truth)."""
+    digest = hashlib.sha256(json.dumps([CLF, list(dampings)], sort_keys=True).encode()).hexdigest()[:10]
+    path = CACHE / f"clf-exact-{digest}.npz"
+    if path.exists():
+        data = np.load(path)
+        variants: dict[str, dict] = {}
+        for key in data.files:
+            if key != "dots":
+                variant, _, d = key.partition("@")
+                variants.setdefault(variant, {})[float(d)] = data[key]
+        return variants, data["dots"]
+    variants, dots = exact_scores(model, xt, yt, xq, yq, dampings)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, dots=dots, **{f"{v}@{d!r}": s for v, by_d in variants.items() for d, s in by_d.items()})
+    return variants, dots
+
+
 # ---- language-model task -----------------------------------------------------------------------
 LM = {"n_train": 320, "n_query": 64, "vocab": 128, "seq": 20, "families": 4, "n_embd": 32, "n_layer": 2,
       "n_head": 2, "epochs": 30, "batch": 32, "lr": 3e-3, "weight_decay": 0.0, "seed": 0}
@@ -229,6 +256,8 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor, reduction: str = "sum",
             gen: torch.Generator | None = None) -> torch.Tensor:
     """Next-token loss; ``sum`` over tokens and examples, ``none`` -> per-example sums.
     With ``gen``, the targets are drawn from the model instead (a true-Fisher pass)."""
+    if isinstance(gen, dict):  # Pass.loss_kwargs of a statistics pass
+        gen = gen.get("generator")
     logits = model(input_ids=tokens).logits[:, :-1].reshape(-1, LM["vocab"])
     target = tokens[:, 1:].reshape(-1) if gen is None else sampled(logits, gen)
     loss = F.cross_entropy(logits, target, reduction="none")
@@ -261,36 +290,43 @@ def ranks_for(model: nn.Module, k: int) -> dict[str, list[int]]:
     return {w.name: [min(k, w.shape.d_in_aug), min(k, w.shape.d_out)] for w in select_modules(model)}
 
 
+def row_dim(model: nn.Module, k: int | None) -> int:
+    """Entries of a logged row at rank ``k`` per side (``None``: unprojected)."""
+    return sum(min(k or 10**9, w.shape.d_in_aug) * min(k or 10**9, w.shape.d_out) for w in select_modules(model))
+
+
 def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_query: int,
-            projection: str, k: int | None, raw: bool, fisher: str, batch: int = 64) -> Path:
+            projection: str, k: int | None, raw: bool, fisher: str, batch: int = 64, raw_joint: bool = False,
+            classes: int = 0) -> Path:
     """Log train rows (every pass of the plan), then queries; returns the run directory.
 
-    ``loss_fn(ids, query, gen)`` returns the summed loss of those train (or query) examples,
-    with labels drawn by ``gen`` from the model when given (``Pass.sample_labels``).
-    ``fisher``: ``empirical`` or ``true:<label draws per example>``.
+    ``loss_fn(ids, query, labels)`` returns the summed loss of those train (or query) examples;
+    ``labels`` is ``{}`` (the data's labels) or the pass's ``Pass.loss_kwargs``: labels drawn by
+    ``generator`` from the model, or class ``label_class`` weighted by ``sqrt(C p)``.
+    ``fisher``: ``empirical``, ``true:<label draws per example>`` or ``expected`` (``classes``).
     """
     proj = {"type": projection}
     if k is not None:
         proj["ranks"] = ranks_for(model, k)
     # raw_max_dim: the unprojected clf hidden layer has a 65*64 = 4160-entry block (139 MB float64)
     kind, _, samples = fisher.partition(":")
-    stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_max_dim": 8192, "fisher": kind,
-             "fisher_samples": int(samples or 1)}
+    stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_joint": raw_joint, "raw_max_dim": JOINT_MAX_DIM,
+             "fisher": kind, "fisher_samples": int(samples or 1), "fisher_classes": classes}
     run = logix.init(name, config={"projection": proj, "statistics": stats}, root=root, overwrite=True)
     run.watch(model)
     gen = torch.Generator().manual_seed(0)
     for pass_ in run.plan():
-        for _ in range(pass_.repeats):
+        for r in range(pass_.repeats):
             for lo in range(0, n_train, batch):
                 ids = list(range(lo, min(lo + batch, n_train)))
                 model.zero_grad(set_to_none=True)
                 with run(data_id=ids):
-                    loss_fn(ids, False, gen if pass_.sample_labels else None).backward()
+                    loss_fn(ids, False, pass_.loss_kwargs(r, gen)).backward()
     run.finalize()
     for lo in range(0, n_query, batch):
         ids = list(range(lo, min(lo + batch, n_query)))
         with run.log_queries(data_id=ids):
-            loss_fn(ids, True, None).backward()
+            loss_fn(ids, True, {}).backward()
     run.finalize()
     model.zero_grad(set_to_none=True)
     return run.dir
@@ -307,22 +343,25 @@ def score_matrix(run_dir: Path, preconditioner: str, damping: float, tmp: Path) 
 
 
 def sweep(task: str, model, loss_fn, n_train: int, n_query: int, masks, outputs, projections,
-          preconditioners, dampings, raw_unprojected: bool, fishers, tmp: Path) -> list[dict]:
+          preconditioners, dampings, raw_unprojected: bool, fishers, tmp: Path, classes: int = 0) -> list[dict]:
     """LDS of every (curvature, projection, k, preconditioner, damping) setting on one trained
     model. The identity preconditioner uses no curvature: scored for the first ``fishers`` only.
-    ``raw`` needs a dense covariance per logged block: skipped unprojected unless ``raw_unprojected``."""
+    ``raw`` needs a dense covariance per logged block: skipped unprojected unless ``raw_unprojected``;
+    ``raw-joint`` one of the whole row: skipped where a row has more than ``JOINT_MAX_DIM`` entries."""
     rows = []
     for fisher in fishers:
         for projection, k in projections:
             t0 = start = time.perf_counter()
             raw = "raw" in preconditioners and (k is not None or raw_unprojected)
+            joint = "raw-joint" in preconditioners and row_dim(model, k) <= JOINT_MAX_DIM
             run_dir = log_run(tmp, f"{task}-{fisher.replace(':', '')}-{projection}-{k}", model, loss_fn, n_train,
-                              n_query, projection, k, raw, fisher)
+                              n_query, projection, k, raw, fisher, raw_joint=joint, classes=classes)
             log_s = time.perf_counter() - start
             store = logix.load_run_store(run_dir)
             per_example = store.nbytes() // store.n_rows
             for pre in preconditioners:
-                if (pre == "identity" and fisher != fishers[0]) or (pre == "raw" and not raw):
+                if (pre == "identity" and fisher != fishers[0]) or (pre == "raw" and not raw) or (
+                        pre == "raw-joint" and not joint):
                     continue
                 for damping in (None,) if pre == "identity" else dampings:
                     start = time.perf_counter()
@@ -370,20 +409,24 @@ def run_clf(args, tmp: Path) -> dict:
 
     x_all, y_all = torch.cat([xt, xq]), torch.cat([yt, yq])
 
-    def loss_fn(ids, query, gen):
+    def loss_fn(ids, query, labels):
         idx = torch.tensor(ids) + (n if query else 0)
         logits = model(x_all[idx])
-        return F.cross_entropy(logits, y_all[idx] if gen is None else sampled(logits, gen), reduction="sum")
+        if "label_class" in labels:  # fisher: expected
+            return expected_class_loss(logits, y_all[idx], labels["label_class"], labels["num_classes"])
+        target = sampled(logits, labels["generator"]) if labels else y_all[idx]
+        return F.cross_entropy(logits, target, reduction="sum")
 
-    exact, dots = exact_scores(model, xt, yt, xq, yq, args.exact_dampings)
+    exact, dots = cached_exact_scores(model, xt, yt, xq, yq, args.exact_dampings)
     exact_rows = {v: [{"damping": d, "lds": lds(s, masks, outputs).mean} for d, s in by_d.items()]
                   for v, by_d in exact.items()}
-    projections = [("none", None)] + [(p, k) for p in ("random", "pca") for k in args.ranks]
-    pres = ("identity", "raw", "kfac", "ekfac")
-    rows = sweep("clf", model, loss_fn, n, nq, masks, outputs, projections, pres, args.dampings, True,
-                 args.fishers, tmp)
-    full = score_matrix(tmp / f"clf-{args.fishers[0].replace(':', '')}-none-None", "identity", 0.0, tmp)
-    check = float(np.linalg.norm(full - dots) / np.linalg.norm(dots))
+    projections = [(p, k) for p in args.projections for k in ((None,) if p == "none" else args.ranks)]
+    rows = sweep("clf", model, loss_fn, n, nq, masks, outputs, projections, args.pres, args.dampings, True,
+                 args.fishers, tmp, classes=CLF["classes"])
+    check = float("nan")
+    if "none" in args.projections and "identity" in args.pres:
+        full = score_matrix(tmp / f"clf-{args.fishers[0].replace(':', '')}-none-None", "identity", 0.0, tmp)
+        check = float(np.linalg.norm(full - dots) / np.linalg.norm(dots))
     return {"setup": {**CLF, "n_subsets": args.clf_subsets, "query_accuracy": acc},
             "ground_truth_s": gt_s, "seed_agreement": agreement, "identity_vs_autograd_rel_err": check,
             "exact_ggn": exact_rows.pop("ggn"), "exact_variants": exact_rows, "rows": rows}
@@ -398,12 +441,13 @@ def run_lm(args, tmp: Path) -> dict:
     masks, outputs, gt_s = ground_truth("lm", LM, lambda m, s: lm_outputs(lm_train(train, m, s), queries),
                                         n, args.lm_subsets)
 
-    def loss_fn(ids, query, gen):
-        return lm_loss(model, (queries if query else train)[ids], gen=gen)
+    def loss_fn(ids, query, labels):
+        return lm_loss(model, (queries if query else train)[ids], gen=labels or None)
 
-    projections = [("none", None)] + [(p, k) for p in ("random", "pca") for k in args.lm_ranks]
-    rows = sweep("lm", model, loss_fn, n, nq, masks, outputs, projections, ("identity", "raw", "kfac", "ekfac"),
-                 args.dampings, False, args.fishers, tmp)
+    fishers = [f for f in args.fishers if f != "expected"]  # one label per example only: not a LM
+    projections = [(p, k) for p in args.projections for k in ((None,) if p == "none" else args.lm_ranks)]
+    rows = sweep("lm", model, loss_fn, n, nq, masks, outputs, projections, args.pres, args.dampings, False,
+                 fishers, tmp)
     return {"setup": {**LM, "n_subsets": args.lm_subsets}, "ground_truth_s": gt_s, "rows": rows}
 
 
@@ -417,11 +461,11 @@ def print_table(name: str, rows: list[dict]) -> None:
               f"{r['lds']:>7.3f} {r['bytes_per_example']:>9}")
 
 
-def best(rows: list[dict], max_k: int | None = None, **match) -> dict:
+def best(rows: list[dict], max_k: int | None = None, **match) -> dict | None:
     """The projected setting with the highest LDS (``k <= max_k``; fields equal to ``match``)."""
     pool = [r for r in rows if r["projection"] != "none" and (max_k is None or r["k"] <= max_k)
             and all(r[key] == value for key, value in match.items())]
-    return max(pool, key=lambda r: r["lds"])
+    return max(pool, key=lambda r: r["lds"]) if pool else None
 
 
 def damping_summary(tasks: dict, fishers, dampings, max_k: int = 32) -> dict:
@@ -429,7 +473,10 @@ def damping_summary(tasks: dict, fishers, dampings, max_k: int = 32) -> dict:
     out: dict = {}
     for fisher in fishers:
         for d in dampings:
-            per_task = {name: best(t["rows"], max_k, fisher=fisher, damping=d)["lds"] for name, t in tasks.items()}
+            per_task = {name: b["lds"] for name, t in tasks.items()
+                        if (b := best(t["rows"], max_k, fisher=fisher, damping=d)) is not None}
+            if not per_task:
+                continue
             out.setdefault(fisher, {})[f"{d:g}"] = {**per_task, "mean": float(np.mean(list(per_task.values())))}
     return out
 
@@ -439,13 +486,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: few subsets, ranks and dampings")
     ap.add_argument("--tasks", nargs="+", default=["clf", "lm"], choices=["clf", "lm"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
-    ap.add_argument("--fishers", nargs="+", help=f"curvatures (default {' '.join(FISHERS)})")
+    ap.add_argument("--fishers", nargs="+", help=f"curvatures (default {' '.join(FISHERS)}; also expected)")
+    ap.add_argument("--projections", nargs="+", default=["none", "random", "pca"], choices=["none", "random", "pca"])
+    ap.add_argument("--ranks", nargs="+", type=int, help="clf ranks k per side (default 4 8 16 32)")
+    ap.add_argument("--lm-ranks", nargs="+", type=int, help="lm ranks k per side (default 8 32)")
+    ap.add_argument("--pres", nargs="+", default=list(PRECONDITIONERS), choices=PRECONDITIONERS,
+                    help="preconditioners to score")
+    ap.add_argument("--dampings", nargs="+", type=float, help="relative dampings (default 0.001 ... 10)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_lds.json", help="JSON results path")
     args = ap.parse_args()
     args.clf_subsets, args.lm_subsets = (20, 10) if args.quick else (100, 64)
-    args.ranks = [8] if args.quick else [4, 8, 16, 32]
-    args.lm_ranks = [8] if args.quick else [8, 32]
-    args.dampings = (0.1, 1.0) if args.quick else DAMPINGS
+    args.ranks = args.ranks or ([8] if args.quick else [4, 8, 16, 32])
+    args.lm_ranks = args.lm_ranks or ([8] if args.quick else [8, 32])
+    args.dampings = tuple(args.dampings or ((0.1, 1.0) if args.quick else DAMPINGS))
     args.exact_dampings = (0.1, 1.0, 10.0) if args.quick else EXACT_DAMPINGS
     args.fishers = args.fishers or (["empirical", "true:1"] if args.quick else list(FISHERS))
     torch.set_num_threads(args.threads)
@@ -460,11 +513,11 @@ def main() -> None:
         print_table(f"== {name}: LDS over {t['setup']['n_subsets']} half-subset retrainings ==", t["rows"])
         b = best(t["rows"], 32)
         t["best_projected"] = b
-        t["best_projected_by_fisher"] = {f: best(t["rows"], 32, fisher=f) for f in args.fishers}
+        t["best_projected_by_fisher"] = {f: r for f in args.fishers if (r := best(t["rows"], 32, fisher=f))}
         for f, r in t["best_projected_by_fisher"].items():
             print(f"best projected (k <= 32), fisher {f:<9}: {r['projection']} k={r['k']} {r['preconditioner']} "
                   f"damping={r['damping']}: LDS {r['lds']:.3f}")
-        if "exact_ggn" in t:
+        if "exact_ggn" in t and b is not None:
             ex = max(t["exact_ggn"], key=lambda r: r["lds"])
             t["best_exact"] = ex
             for variant, exact_rows in {"ggn": t["exact_ggn"], **t["exact_variants"]}.items():

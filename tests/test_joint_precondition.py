@@ -105,3 +105,18 @@ def test_raw_joint_errors(tmp_path):
         Preconditioner("raw-joint", no_joint, layout)
     with pytest.raises(LogixError, match=r"12 entries.*raw_max_dim=10.*MB"):
         _logged(tmp_path, "big", raw_max_dim=10)
+
+
+def test_default_damping_is_per_preconditioner(tmp_path):
+    """Without a damping, raw-joint uses relative 3 and the block preconditioners relative 0.1."""
+    from logix.analysis import default_damping
+
+    run = _logged(tmp_path)
+    assert default_damping("raw-joint") == Damping(3.0) and default_damping("raw") == Damping(0.1)
+    _, q, inv, d = _oracle(run, Damping(3.0))
+    cp = load_checkpoint(run.dir, "raw-joint")
+    assert abs(cp.preconditioner.damping["0"] - d) < 1e-6 * d
+    assert rel_err(cp.preconditioner(q), q @ inv) < 1e-5
+    raw = load_checkpoint(run.dir, "raw").preconditioner.damping
+    block = run.statistics.mean("0", "raw")
+    assert abs(raw["0"] - 0.1 * float(torch.linalg.eigvalsh(block).mean())) < 1e-10

@@ -19,6 +19,7 @@ from logix.analysis.precondition import (
     Damping,
     Preconditioner,
     PreconditionerType,
+    default_damping,
     register_preconditioner,
 )
 from logix.errors import StatisticsError
@@ -29,11 +30,13 @@ from logix.store import Store
 def load_checkpoint(
     run_dir: str | Path,
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-    damping: Damping | float | dict = DEFAULT_DAMPING,
+    damping: Damping | float | dict | None = None,
     weight: float = 1.0,
     queries: str = "queries",
 ) -> Checkpoint:
-    """The train store, query rows and preconditioner of a finished run directory."""
+    """The train store, query rows and preconditioner of a finished run directory.
+
+    ``damping=None`` uses the preconditioner's default (``precondition.default_damping``)."""
     run_dir = Path(run_dir)
     train = Store(run_dir / "stores" / "train")
     query_rows = Store(run_dir / "stores" / queries).read_all()
@@ -72,7 +75,7 @@ def checkpoint_weights(entries: list[dict], weighting: str) -> list[float]:
 def load_checkpoints(
     project_dir: str | Path,
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-    damping: Damping | float | dict = DEFAULT_DAMPING,
+    damping: Damping | float | dict | None = None,
     weighting: str = "lr",
 ) -> tuple[list[Checkpoint], list[dict]]:
     """Every checkpoint a Trainer callback logged under ``project_dir`` (``checkpoints.json``),
@@ -93,7 +96,7 @@ def load_checkpoints(
 def influence(
     run_dir: str | Path,
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-    damping: Damping | float | dict = DEFAULT_DAMPING,
+    damping: Damping | float | dict | None = None,
     mode: ScoreMode | str = ScoreMode.DOT,
     weighting: str = "lr",
     **kwargs,
@@ -110,6 +113,7 @@ def influence(
 
 __all__ = [
     "CHECKPOINTS_FILE",
+    "DEFAULT_DAMPING",
     "Checkpoint",
     "Damping",
     "InfluenceResult",
@@ -119,6 +123,7 @@ __all__ = [
     "ScoreMode",
     "compute_influence",
     "checkpoint_weights",
+    "default_damping",
     "influence",
     "load_checkpoints",
     "lds",

@@ -17,8 +17,11 @@ statistics (see :mod:`logix.statistics`):
 
 Damping ``d`` is per module: ``absolute`` uses the value as is; ``relative`` (the default)
 multiplies it by the mean of that module's curvature spectrum (the denominators above), so
-one setting transfers across modules and models of different scale. Everything is computed
-in float64 from copies: the stored statistics are never modified.
+one setting transfers across modules and models of different scale. Without a damping each
+preconditioner takes its default (:func:`default_damping`): relative 0.1, and relative 3 for
+``raw-joint`` (the mean eigenvalue of a whole-row covariance sits far above most of its
+spectrum, so it needs more; see docs/benchmarks.md). Everything is computed in float64 from
+copies: the stored statistics are never modified.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ class Damping:
 
 
 DEFAULT_DAMPING = Damping()
+# Per-preconditioner defaults where they differ from DEFAULT_DAMPING (chosen on both LDS tasks
+# of benchmarks/bench_lds.py; docs/benchmarks.md has the numbers).
+_DEFAULT_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType.RAW_JOINT: Damping(3.0)}
+
+
+def default_damping(kind: PreconditionerType | str) -> Damping:
+    """The damping a preconditioner uses when none is given."""
+    return _DEFAULT_DAMPINGS.get(PreconditionerType.parse(kind, "preconditioner"), DEFAULT_DAMPING)
 
 
 class ModulePreconditioner:
@@ -206,9 +217,11 @@ class Preconditioner:
         kind: PreconditionerType | str,
         statistics: Statistics | None,
         layout: Layout,
-        damping: Damping | float | dict[str, Damping | float] = DEFAULT_DAMPING,
+        damping: Damping | float | dict[str, Damping | float] | None = None,
     ) -> None:
         self.kind = PreconditionerType.parse(kind, "preconditioner")
+        if damping is None:
+            damping = default_damping(self.kind)
         if self.kind is not PreconditionerType.IDENTITY and statistics is None:
             raise StatisticsError(f"Preconditioner {self.kind.value!r} needs the run's statistics.")
         self.layout = layout
