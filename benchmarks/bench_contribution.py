@@ -75,7 +75,7 @@ def logix_version() -> str:
 # ---- icl ---------------------------------------------------------------------------------------
 
 
-def icl_setup(n_candidates: int, n_probes: int):
+def icl_setup(n_candidates: int, n_probes: int, demo_repeat: int = 1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from logix.contribution.icl import assessment_set
@@ -89,6 +89,13 @@ def icl_setup(n_candidates: int, n_probes: int):
     pool = load_jsonl(ROOT / "examples" / "data" / "instructions.jsonl")
     probes = assessment_set(pool[:1500], n_probes, seed=0)
     candidates = assessment_set(pool[1500:], n_candidates, seed=1)
+    if demo_repeat > 1:  # longer demonstrations: the outputs of `demo_repeat` records of the task, joined
+        same = {}
+        for r in pool[1500:]:
+            same.setdefault(r["category"], []).append(r["output"])
+        candidates = [dict(c, output="; ".join(same[c["category"]][k % len(same[c["category"]])]
+                                               for k in range(i, i + demo_repeat)))
+                      for i, c in enumerate(candidates)]
     return model, tok, candidates, probes
 
 
@@ -104,7 +111,7 @@ def icl_run(model, tok, candidates, probes, name: str, batch: int):
 
 def icl_memory(args) -> dict:
     """Run in a fresh process: peak RSS of one method above the RSS after setup."""
-    model, tok, candidates, probes = icl_setup(args.candidates, args.probes)
+    model, tok, candidates, probes = icl_setup(args.candidates, args.probes, args.demo_repeat)
     base = rss_mb()
     seconds, _ = icl_run(model, tok, candidates, probes, args.memory_of, args.batch)
     return {"method": args.memory_of, "peak_above_setup_mb": round(peak_rss_mb() - base, 1),
@@ -115,7 +122,7 @@ def bench_icl(args) -> dict:
     from logix.contribution.lm import encode
     from logix.data import PromptTemplate
 
-    model, tok, candidates, probes = icl_setup(args.candidates, args.probes)
+    model, tok, candidates, probes = icl_setup(args.candidates, args.probes, args.demo_repeat)
     t = PromptTemplate()
     demo_len = [len(ids) for ids in encode(tok, [t.prompt(c) + t.response(c) for c in candidates])]
     probe_len = [len(a) + len(b) for a, b in zip(encode(tok, [t.prompt(p) for p in probes]),
@@ -149,7 +156,8 @@ def bench_icl(args) -> dict:
     memory = {}
     for name in names:
         cmd = [sys.executable, __file__, "--memory-of", name, "--candidates", str(args.candidates),
-               "--probes", str(args.probes), "--batch", str(args.batch), "--threads", str(args.threads)]
+               "--probes", str(args.probes), "--batch", str(args.batch), "--threads", str(args.threads),
+               "--demo-repeat", str(args.demo_repeat)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             raise RuntimeError(f"memory run of {name} failed:\n{proc.stderr[-2000:]}")
@@ -163,6 +171,7 @@ def bench_icl(args) -> dict:
         "batch": args.batch,
         "control": "chars",
         "rounds": args.rounds,
+        "demo_repeat": args.demo_repeat,
         "demonstration_tokens_mean": round(float(np.mean(demo_len)), 1),
         "probe_tokens_mean": round(float(np.mean(probe_len)), 1),
         "load_average_before": load_before,
@@ -173,7 +182,7 @@ def bench_icl(args) -> dict:
 
 
 def print_icl(section: dict) -> None:
-    print(f"\nIn-context contribution: {section['candidates']} candidates x {section['probes']} probes = "
+    print(f"\nIn-context contribution (torch threads {section['torch_threads']}): {section['candidates']} candidates x {section['probes']} probes = "
           f"{section['pairs']} pairs (control chars: 2 prefixed forwards per pair), batch {section['batch']}, "
           f"demonstration {section['demonstration_tokens_mean']} tokens, probe {section['probe_tokens_mean']} tokens "
           f"(mean); load {section['load_average_before']} -> {section['load_average_after']}")
@@ -194,12 +203,15 @@ def main() -> None:
     ap.add_argument("--section", action="append", choices=sorted(SECTIONS), help="run only these (repeatable)")
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--candidates", type=int, default=24)
+    ap.add_argument("--candidates", type=int, default=12)
     ap.add_argument("--probes", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared, oversubscribed machine more threads spin and slow down)")
+    ap.add_argument("--demo-repeat", type=int, default=1,
+                    help="icl: lengthen each demonstration's response to the outputs of this many records of its task")
+    ap.add_argument("--label", help="JSON key of the results (default: the section name); keeps runs with other options apart")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one icl method's peak memory
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,7 +230,8 @@ def main() -> None:
         print(f"[{name}]", flush=True)
         section = run(args)
         section["quick"] = args.quick
-        report[name] = section
+        section["options"] = {k: v for k, v in vars(args).items() if k not in ("out", "memory_of", "section", "label")}
+        report[args.label or name] = section
         show(section)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
