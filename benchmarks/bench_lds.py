@@ -23,7 +23,7 @@ model in the statistics passes, ``fisher_samples`` 1 or 8 draws per example) or 
 (clf only: every class enumerated, weighted by its probability, the exact GGN), times
 projection none, random and pca at rank ``k`` per side (capped by each module's dimensions).
 Every preconditioner (``raw`` on ``lm`` only when projected: its unprojected blocks are too
-large; ``raw-joint``, the whole-row covariance, only where a row has at most 8192 entries) and
+large; ``raw-joint``, the whole-row covariance, only where a row has at most 4096 entries) and
 relative damping is then scored from the same run with ``load_checkpoint`` +
 ``compute_influence`` (mode ``dot``) and judged with ``logix.analysis.lds``.
 
@@ -35,7 +35,7 @@ reference comes from (see ``exact_scores``).
 
 Uses scikit-learn (``make_classification``) besides logix's own dependencies.
 
-    python benchmarks/bench_lds.py            # full run, ~14 min on 2 cores (ground truth cached)
+    python benchmarks/bench_lds.py            # full run, ~20 min on 2 cores (ground truth cached)
     python benchmarks/bench_lds.py --quick    # smoke run: few subsets and settings
     # only some settings (the JSON then holds only those):
     python benchmarks/bench_lds.py --tasks clf --fishers expected --projections pca --ranks 32 \
@@ -69,9 +69,11 @@ from logix.integrations.extract import expected_class_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache"
-FISHERS = ("empirical", "true:1", "true:8")  # statistics.fisher[:fisher_samples] of the logix runs
+# statistics.fisher[:fisher_samples] of the logix runs (expected: clf only)
+FISHERS = ("empirical", "true:1", "true:8", "expected")
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac", "raw-joint")
-JOINT_MAX_DIM = 8192  # raw-joint only where a logged row has at most this many entries (512 MB float64)
+RAW_MAX_DIM = 8192  # the unprojected clf hidden layer has a 65*64 = 4160-entry block (139 MB float64)
+JOINT_MAX_DIM = 4096  # raw-joint only where a logged row has at most this many entries (128 MB float64)
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative: times each module's mean curvature eigenvalue
 EXACT_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 3.0, 10.0, 30.0, 100.0)  # the exact references peak inside
 
@@ -308,9 +310,8 @@ def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_qu
     proj = {"type": projection}
     if k is not None:
         proj["ranks"] = ranks_for(model, k)
-    # raw_max_dim: the unprojected clf hidden layer has a 65*64 = 4160-entry block (139 MB float64)
     kind, _, samples = fisher.partition(":")
-    stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_joint": raw_joint, "raw_max_dim": JOINT_MAX_DIM,
+    stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_joint": raw_joint, "raw_max_dim": RAW_MAX_DIM,
              "fisher": kind, "fisher_samples": int(samples or 1), "fisher_classes": classes}
     run = logix.init(name, config={"projection": proj, "statistics": stats}, root=root, overwrite=True)
     run.watch(model)
