@@ -182,3 +182,52 @@ def test_expected_fisher_config_errors(tmp_path):
     run = logix.init("c", config={"statistics": {"fisher": "expected", "fisher_classes": 4, "raw": True, "kfac": False}},
                      root=tmp_path)
     assert run.passes == ["fisher", "log"]
+
+
+class _Classifier(nn.Module):
+    """An HF-style sequence classifier: mean-pooled embeddings -> Linear, output ``.logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(9, 4)
+        self.head = nn.Linear(4, C)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.head(torch.tanh(self.emb(input_ids).mean(1))))
+
+
+def test_extract_runs_the_expected_fisher_passes(tmp_path):
+    """``extract`` with fisher: expected calls summed_loss once per class (Pass.loss_kwargs); the
+    head's raw covariance equals the explicit sum over classes, the rows keep the real labels."""
+    from logix.integrations import extract
+
+    model = _Classifier().double()
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 9, (N, 5), generator=gen)
+    labels = torch.randint(0, C, (N,), generator=gen)
+    items = [{"id": i, "input_ids": tokens[i], "labels": labels[i]} for i in range(N)]
+
+    def collate(batch):
+        return {"input_ids": torch.stack([b["input_ids"] for b in batch]),
+                "labels": torch.stack([b["labels"] for b in batch])}
+
+    cfg = {"projection": {"type": "none"}, "capture": {"modules": ["head"], "compute_dtype": "float64"},
+           "statistics": {"kfac": False, "raw": True, "fisher": "expected", "fisher_classes": C}}
+    run = logix.init("x", config=cfg, root=tmp_path)
+    store = extract(run, model, items, collate, batch_size=4, progress=False)
+    assert run.passes == ["fisher", "log"]
+
+    def ce(i, c):
+        return nn.functional.cross_entropy(model(tokens[i : i + 1]).logits, torch.tensor([c]), reduction="sum")
+
+    with torch.no_grad():
+        p = model(tokens).logits.softmax(1)
+    oracle = 0
+    for c in range(C):
+        g = per_example_grads(model, ["head"], N, lambda i, c=c: ce(i, c))["head"].flatten(1)
+        oracle = oracle + (p[:, c, None] * g).T @ g / N
+    assert rel_err(run.statistics.mean("head", "raw"), oracle) < 1e-5  # summed_loss runs in float32
+    assert run.statistics.count("head", "examples") == C * N
+    real = per_example_grads(model, ["head"], N, lambda i: ce(i, int(labels[i])))["head"].flatten(1)
+    assert rel_err(store.get(list(range(N))).double(), real) < 1e-5
