@@ -35,6 +35,15 @@ POOL = load_jsonl(ROOT / "examples" / "data" / "instructions.jsonl")
 SEP = "\n\n\n"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than several on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def gpt2_tok():
     return load_tokenizer(TOKENIZER)
@@ -400,53 +409,48 @@ def test_planted_signal_same_task_demonstrations_help(gpt2_tok):
     every clean one beats the random text, and clean ones beat shuffled ones in most tasks."""
     tok = gpt2_tok
     t = PromptTemplate()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=len(tok), n_positions=192,
-                                           bos_token_id=0, eos_token_id=0))
-        by_task: dict[str, list[dict]] = {}
-        for r in POOL:
-            by_task.setdefault(r["category"], []).append(r)
-        tasks = sorted(by_task)
-        seen = {task: [encode(tok, [t.prompt(r) + t.response(r)])[0] for r in by_task[task][:300]] for task in tasks}
-        rng = np.random.default_rng(0)
-        sep = encode(tok, [SEP])[0]
-        eos = tok.eos_token_id
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=len(tok), n_positions=192,
+                                       bos_token_id=0, eos_token_id=0))
+    by_task: dict[str, list[dict]] = {}
+    for r in POOL:
+        by_task.setdefault(r["category"], []).append(r)
+    tasks = sorted(by_task)
+    seen = {task: [encode(tok, [t.prompt(r) + t.response(r)])[0] for r in by_task[task][:300]] for task in tasks}
+    rng = np.random.default_rng(0)
+    sep = encode(tok, [SEP])[0]
+    eos = tok.eos_token_id
 
-        def episode() -> list[int]:
-            task = tasks[rng.integers(len(tasks))]
-            ids: list[int] = []
-            for k in rng.choice(300, size=3, replace=False):  # records 300+ stay unseen
-                ids += seen[task][k] + sep
-            return ids[:-len(sep)] + [eos]
+    def episode() -> list[int]:
+        task = tasks[rng.integers(len(tasks))]
+        ids: list[int] = []
+        for k in rng.choice(300, size=3, replace=False):  # records 300+ stay unseen
+            ids += seen[task][k] + sep
+        return ids[:-len(sep)] + [eos]
 
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for _ in range(200):
-            batch = [episode() for _ in range(8)]
-            width = max(map(len, batch))
-            ids = torch.tensor([b + [eos] * (width - len(b)) for b in batch])
-            labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        batch = [episode() for _ in range(8)]
+        width = max(map(len, batch))
+        ids = torch.tensor([b + [eos] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
 
-        wins = 0
-        for task in tasks:
-            others = [x for x in tasks if x != task]
-            probes = by_task[task][400:406]
-            clean = [dict(by_task[task][450 + m], id=f"clean-{m}") for m in range(4)]
-            shuffled = [dict(by_task[task][460 + m], id=f"shuf-{m}", output=by_task[others[m % 5]][460 + m]["output"])
-                        for m in range(4)]
-            noise = [{"id": "noise", "instruction": "qz xv " * 8, "input": "", "output": "lk jh wq"}]
-            res = icl_contribution(model, tok, clean + shuffled + noise, probes, seed=0, batch_size=8, progress=False)
-            score = res.score
-            assert score[:4].min() > score[8], (task, score)
-            wins += score[:4].mean() > score[4:8].mean()
-        assert wins >= 4, wins
-    finally:
-        torch.set_num_threads(threads)
+    wins = 0
+    for task in tasks:
+        others = [x for x in tasks if x != task]
+        probes = by_task[task][400:406]
+        clean = [dict(by_task[task][450 + m], id=f"clean-{m}") for m in range(4)]
+        shuffled = [dict(by_task[task][460 + m], id=f"shuf-{m}", output=by_task[others[m % 5]][460 + m]["output"])
+                    for m in range(4)]
+        noise = [{"id": "noise", "instruction": "qz xv " * 8, "input": "", "output": "lk jh wq"}]
+        res = icl_contribution(model, tok, clean + shuffled + noise, probes, seed=0, batch_size=8, progress=False)
+        score = res.score
+        assert score[:4].min() > score[8], (task, score)
+        wins += score[:4].mean() > score[4:8].mean()
+    assert wins >= 4, wins
