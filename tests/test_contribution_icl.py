@@ -269,6 +269,10 @@ def test_logs_recompute_equals_live(tmp_path, gpt2_tok):
     assert again.ids == live.ids and again.probe_ids == live.probe_ids
     for name in ("nll0", "n0", "nll_t", "n_t", "nll_r", "n_r", "score", "sigmoid_score", "c"):
         np.testing.assert_array_equal(getattr(again, name), getattr(live, name))
+    part = live.subset([CANDIDATES[2]["id"], CANDIDATES[0]["id"]])
+    assert part.ids == [CANDIDATES[2]["id"], CANDIDATES[0]["id"]] and part.probe_ids == live.probe_ids
+    np.testing.assert_array_equal(part.score, live.score[[2, 0]])
+    np.testing.assert_array_equal(part.c, live.c[[2, 0]])
     meta = json.loads((tmp_path / "icl" / "meta.json").read_text())
     assert meta["control"] == "chars" and meta["probe_ids"] == [p["id"] for p in PROBES]
     from logix.store import load_store
