@@ -531,7 +531,8 @@ def main() -> None:
           + "".join(f"{name:>7}" for name in tasks) + f"{'mean':>7}")
     for fisher, by_damping in summary.items():
         for d, vals in by_damping.items():
-            print(f"{fisher:<9} {d:>8} " + "".join(f"{v:>7.3f}" for v in vals.values()))
+            print(f"{fisher:<9} {d:>8} " + "".join(f"{vals[t]:>7.3f}" if t in vals else f"{'-':>7}" for t in tasks)
+                  + f"{vals['mean']:>7.3f}")
     report = {"tasks": tasks, "damping_summary": summary, "quick": args.quick,
               "wall_s": time.perf_counter() - start, "torch": torch.__version__,
               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
