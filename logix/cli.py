@@ -15,6 +15,7 @@ to stderr and exits 1 (2 for a malformed command line).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -127,8 +128,12 @@ def cmd_influence(args: argparse.Namespace) -> None:
         raise LogixError(f"{directory} is not a directory.")
     ac = _analysis_defaults(directory)
     pre = args.preconditioner or ac.preconditioner
-    damping = Damping(ac.damping if args.damping is None else args.damping,
-                      ac.damping_relative if args.absolute_damping is None else not args.absolute_damping)
+    if args.preconditioner and args.preconditioner != ac.preconditioner and ac.damping is None:
+        ac = dataclasses.replace(ac, preconditioner=args.preconditioner)  # its own default damping
+    damping = ac.resolved_damping()
+    if args.damping is not None or args.absolute_damping is not None:
+        damping = Damping(damping.value if args.damping is None else args.damping,
+                          damping.relative if args.absolute_damping is None else not args.absolute_damping)
     out = args.out or directory
     out.mkdir(parents=True, exist_ok=True)
     result = influence(
@@ -231,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Score the queries logged in DIR (a run, or a job / Trainer project "
                        "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--preconditioner", choices=["identity", "raw", "kfac", "ekfac"])
+    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"])
     p.add_argument("--damping", type=float)
     p.add_argument("--absolute-damping", action="store_true", default=None,
                    help="damping is absolute, not relative to each module's mean eigenvalue")

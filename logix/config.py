@@ -408,8 +408,11 @@ class AnalysisConfig:
 
     enabled: bool = _help("Score influence of the training rows on the queries after logging.", True)
     preconditioner: str = _help("identity | raw | kfac | ekfac | raw-joint.", "kfac")
-    damping: float = _help("Damping added to the curvature (see `damping_relative`).", 0.1)
-    damping_relative: bool = _help("Damping is relative to each module's mean eigenvalue.", True)
+    damping: float | None = _help(
+        "Damping added to the curvature (see `damping_relative`); null: the preconditioner's default "
+        "(relative 0.1; raw-joint: relative 3).", None
+    )
+    damping_relative: bool = _help("Damping is relative to each module's mean eigenvalue (when `damping` is set).", True)
     mode: str = _help("dot | cosine | relative | unit.", "dot")
     top_k: int = _help("Proponents and opponents kept per query.", 10)
     self_influence: bool = _help("Also compute every training row's self-influence.", True)
@@ -429,10 +432,20 @@ class AnalysisConfig:
             self, "checkpoints", CheckpointWeighting.parse(self.checkpoints, "analysis.checkpoints")
         )
         _positive_int(self.top_k, "analysis.top_k")
-        if not isinstance(self.damping, (int, float)) or self.damping < 0:
-            raise ConfigError(f"analysis.damping must be a number >= 0, got {self.damping!r}.")
+        if self.damping is not None and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
+                                         or self.damping < 0):
+            raise ConfigError(f"analysis.damping must be a number >= 0 or null, got {self.damping!r}.")
         if not isinstance(self.memory_budget_mb, (int, float)) or self.memory_budget_mb <= 0:
             raise ConfigError(f"analysis.memory_budget_mb must be positive, got {self.memory_budget_mb!r}.")
+
+    def resolved_damping(self):
+        """The :class:`~logix.analysis.Damping` to use: ``damping`` / ``damping_relative``, or the
+        preconditioner's default when ``damping`` is null."""
+        from logix.analysis.precondition import Damping, default_damping
+
+        if self.damping is None:
+            return default_damping(self.preconditioner)
+        return Damping(float(self.damping), self.damping_relative)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from logix.analysis import CHECKPOINTS_FILE, Damping, compute_influence, load_checkpoints
+from logix.analysis import CHECKPOINTS_FILE, compute_influence, load_checkpoints
 from logix.analysis.influence import InfluenceResult
 from logix.config import Config, DataFormat, ModelArch, resolve_config
 from logix.data import InstructionDataset, PadCollator, TextDataset, load_jsonl, load_tokenizer
@@ -296,7 +296,7 @@ class Job:
 
     def _analyse(self, result: JobResult, train, queries) -> None:
         ac = self.config.analysis
-        cps, entries = load_checkpoints(self.dir, ac.preconditioner, Damping(ac.damping, ac.damping_relative),
+        cps, entries = load_checkpoints(self.dir, ac.preconditioner, ac.resolved_damping(),
                                         ac.checkpoints.value)
         query_ids = Store(self.dir / entries[-1]["dir"] / "stores" / "queries").ids
         res = compute_influence(

@@ -8,7 +8,7 @@ from torch import nn
 
 import logix
 from logix.analysis import Damping, Preconditioner, compute_influence, load_checkpoint
-from logix.errors import LogixError, StatisticsError
+from logix.errors import ConfigError, LogixError, StatisticsError
 from logix.statistics import JOINT
 from tests.helpers import rel_err
 
@@ -120,3 +120,15 @@ def test_default_damping_is_per_preconditioner(tmp_path):
     raw = load_checkpoint(run.dir, "raw").preconditioner.damping
     block = run.statistics.mean("0", "raw")
     assert abs(raw["0"] - 0.1 * float(torch.linalg.eigvalsh(block).mean())) < 1e-10
+
+
+def test_config_damping_null_means_the_preconditioners_default():
+
+    from logix.config import AnalysisConfig
+
+    assert AnalysisConfig(preconditioner="raw-joint").resolved_damping() == Damping(3.0, True)
+    assert AnalysisConfig(preconditioner="kfac").resolved_damping() == Damping(0.1, True)
+    assert AnalysisConfig(preconditioner="raw-joint", damping=0.5, damping_relative=False).resolved_damping() \
+        == Damping(0.5, False)
+    with pytest.raises(ConfigError, match="number >= 0 or null"):
+        AnalysisConfig(damping=-1.0)

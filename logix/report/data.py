@@ -182,12 +182,13 @@ def _job_texts(path: Path, queries: bool = False) -> tuple[dict, dict]:
 def _compute_influence(path: Path, top_k: int) -> InfluenceData:
     """Score the logged queries of a run or project that has no influence.jsonl, with the job's
     analysis settings when it has a ``job.yaml`` (else KFAC, ``dot``, relative damping 0.1)."""
-    from logix.analysis import Damping, influence
+    from logix.analysis import influence
     from logix.config import AnalysisConfig, Config
 
     ac = Config.from_yaml(path / "job.yaml").analysis if (path / "job.yaml").exists() else AnalysisConfig()
+    damping = ac.resolved_damping()
     try:
-        result = influence(path, preconditioner=ac.preconditioner, damping=Damping(ac.damping, ac.damping_relative),
+        result = influence(path, preconditioner=ac.preconditioner, damping=damping,
                            mode=ac.mode, weighting=ac.checkpoints.value, top_k=top_k, per_module=True,
                            memory_budget_mb=ac.memory_budget_mb, progress=False)
     except LogixError as exc:
@@ -205,7 +206,7 @@ def _compute_influence(path: Path, top_k: int) -> InfluenceData:
     if result.self_influence is not None:
         data.self_influence = dict(zip(result.train_ids, result.self_influence.tolist()))
     data.notes.append(f"no influence.jsonl: scored here from the run's stores ({ac.preconditioner}, {ac.mode}, "
-                      f"damping {ac.damping:g}{' relative' if ac.damping_relative else ''}); "
+                      f"damping {damping.value:g}{' relative' if damping.relative else ''}); "
                       f"`logix influence {path}` writes it.")
     if not train_texts:
         data.notes.append("no job.yaml with data here (a run made with logix.init keeps no texts): examples "
