@@ -212,6 +212,7 @@ def _oracle(pre, queries, rows, mode):
 @pytest.mark.parametrize("mode", ["dot", "unit", "relative", "cosine"])
 def test_scores_and_self_influence_match_full_float64(tmp_path, monkeypatch, dtype, kind, mode):
     monkeypatch.setattr(influence_mod, "_BLOCK_ELEMS", 7 * LAYOUT.dim)  # several blocks per chunk
+    monkeypatch.setattr(influence_mod, "_PRE_BLOCK_ELEMS", 11 * LAYOUT.dim)
     rows = _write(tmp_path, dtype)
     store = Store(tmp_path)
     stats = _kfac_statistics(LAYOUT, len(store)) if kind == "kfac" else None

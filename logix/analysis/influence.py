@@ -71,7 +71,8 @@ class InfluenceResult:
         return out
 
 
-_BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many elements (8 MB)
+_BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many values (8 MB) ...
+_PRE_BLOCK_ELEMS = 2**22  # ... or of this many (32 MB) through a preconditioner: fewer, larger ops
 
 
 def _chunk_rows(dim: int, n_query: int, budget_mb: float, prefetch: int) -> int:
@@ -80,21 +81,22 @@ def _chunk_rows(dim: int, n_query: int, budget_mb: float, prefetch: int) -> int:
     In flight: up to ``prefetch + 3`` chunks (the consumer's, the queue's, the one being
     read; 4 bytes per value at most). Per row of scores: float32 GEMM output, its float64
     copy and one normalised copy. Conversions (self-influence, float64 GEMMs, half-precision
-    stores) run in fixed blocks of ``_BLOCK_ELEMS`` values, set aside from the budget."""
+    stores) run in fixed blocks of rows (``_BLOCK_ELEMS``, ``_PRE_BLOCK_ELEMS`` values), whose
+    memory is set aside from the budget."""
     per_row = dim * 4 * (prefetch + 3) + n_query * (4 + 8 * 2)
-    fixed = 6 * 8 * _BLOCK_ELEMS  # a block, its preconditioned copy and the intermediates
+    fixed = 5 * 8 * _PRE_BLOCK_ELEMS  # a block, its preconditioned copy and the intermediates
     return max(1, int(max(budget_mb * 2**20 - fixed, budget_mb * 2**19) // per_row))
 
 
-def _block_rows(dim: int) -> int:
-    return max(1, _BLOCK_ELEMS // max(1, dim))
+def _block_rows(dim: int, elems: int | None = None) -> int:
+    return max(1, (elems or _BLOCK_ELEMS) // max(1, dim))
 
 
 def _row_dots(rows: Tensor, transform=None) -> Tensor:
     """``r . transform(r)`` (``r . r`` without one) of every row, in float64, a block of rows
     at a time: no full-chunk float64 copy."""
     out = torch.empty(rows.shape[0], dtype=torch.float64)
-    step = _block_rows(rows.shape[1])
+    step = _block_rows(rows.shape[1], None if transform is None else _PRE_BLOCK_ELEMS)
     for lo in range(0, rows.shape[0], step):
         block = rows[lo : lo + step].to(torch.float64)
         out[lo : lo + step] = torch.linalg.vecdot(block, block if transform is None else transform(block))
