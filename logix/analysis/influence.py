@@ -92,20 +92,36 @@ def _block_rows(dim: int, elems: int | None = None) -> int:
     return max(1, (elems or _BLOCK_ELEMS) // max(1, dim))
 
 
-def _row_dots(rows: Tensor, transform=None) -> Tensor:
+class _Scratch:
+    """Block buffers reused across the chunks of one call: no fresh multi-MB allocation per
+    chunk, so the allocator's heap does not fragment and memory stays flat in ``n_train``."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    def block(self, source: Tensor, dtype: torch.dtype, max_elems: int) -> Tensor:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < min(max_elems, source.numel()):
+            buffer = self._buffers[dtype] = torch.empty(min(max_elems, max(source.numel(), 1)), dtype=dtype)
+        return buffer[: source.numel()].view(source.shape).copy_(source)
+
+
+def _row_dots(rows: Tensor, transform=None, scratch: _Scratch | None = None) -> Tensor:
     """``r . transform(r)`` (``r . r`` without one) of every row, in float64, a block of rows
     at a time: no full-chunk float64 copy."""
+    scratch = scratch or _Scratch()
     out = torch.empty(rows.shape[0], dtype=torch.float64)
-    step = _block_rows(rows.shape[1], None if transform is None else _PRE_BLOCK_ELEMS)
+    elems = _BLOCK_ELEMS if transform is None else _PRE_BLOCK_ELEMS
+    step = _block_rows(rows.shape[1], elems)
     for lo in range(0, rows.shape[0], step):
-        block = rows[lo : lo + step].to(torch.float64)
+        block = scratch.block(rows[lo : lo + step], torch.float64, step * rows.shape[1])
         out[lo : lo + step] = torch.linalg.vecdot(block, block if transform is None else transform(block))
     return out
 
 
-def _self_influence(pre: Preconditioner, rows: Tensor) -> Tensor:
+def _self_influence(pre: Preconditioner, rows: Tensor, scratch: _Scratch | None = None) -> Tensor:
     """``g^T H^-1 g`` of every row, float64."""
-    return _row_dots(rows, None if pre.kind is PreconditionerType.IDENTITY else pre)
+    return _row_dots(rows, None if pre.kind is PreconditionerType.IDENTITY else pre, scratch)
 
 
 def _unit(rows: Tensor) -> Tensor:
@@ -113,15 +129,16 @@ def _unit(rows: Tensor) -> Tensor:
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def _scores(pq: Tensor, rows: Tensor) -> Tensor:
+def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None) -> Tensor:
     """``pq @ rows.T`` in ``pq``'s dtype, as float64; rows of another dtype are converted a
     block at a time."""
     if rows.dtype == pq.dtype:
         return (pq @ rows.T).to(torch.float64)
+    scratch = scratch or _Scratch()
     out = torch.empty(pq.shape[0], rows.shape[0], dtype=torch.float64)
     step = _block_rows(rows.shape[1])
     for lo in range(0, rows.shape[0], step):
-        out[:, lo : lo + step] = pq @ rows[lo : lo + step].to(pq.dtype).T
+        out[:, lo : lo + step] = pq @ scratch.block(rows[lo : lo + step], pq.dtype, step * rows.shape[1]).T
     return out
 
 
@@ -235,10 +252,11 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     aligned = all(cp.train.shard_rows == cps[0].train.shard_rows for cp in cps)
     streams = [cp.train.iter_chunks(chunk_rows, align_to_shards=aligned) for cp in cps]
     bar = tqdm(total=cps[0].train.n_rows, desc="influence", unit="row", disable=not progress, leave=False)
+    scratch = _Scratch()
     for chunks in zip(*streams):
         start, n = chunks[0].start, chunks[0].rows.shape[0]
         compute_self = not state.self_done
-        scores, s_inf = _score_chunk(cps, sub, chunks, mode, compute_self)
+        scores, s_inf = _score_chunk(cps, sub, chunks, mode, compute_self, scratch)
         if compute_self:
             state.self_inf[start : start + n] = s_inf
         elif state.self_inf is not None:
@@ -288,17 +306,17 @@ def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tenso
     return prepared, None if norm_sq is None else norm_sq.clamp_min(0).sqrt()
 
 
-def _score_chunk(cps, queries, chunks, mode, need_self) -> tuple[Tensor, Tensor | None]:
+def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[Tensor, Tensor | None]:
     scores, s_inf = None, None
     for cp, pq, chunk in zip(cps, queries, chunks):
         rows = chunk.rows
-        part = _scores(pq, rows)
+        part = _scores(pq, rows, scratch)
         if mode is ScoreMode.UNIT:  # score of unit rows = score of rows / their norm (no unit copy)
-            sq_norms = _row_dots(rows)
+            sq_norms = _row_dots(rows, None, scratch)
             part /= sq_norms.sqrt().clamp_min(1e-30)[None, :]
         scores = part if scores is None else scores + part
         if need_self:
-            s = _self_influence(cp.preconditioner, rows)
+            s = _self_influence(cp.preconditioner, rows, scratch)
             if mode is ScoreMode.UNIT:
                 s /= sq_norms.sqrt().clamp_min(1e-30) ** 2
             s = cp.weight * s
