@@ -16,7 +16,9 @@ and added independently):
   Every round times each method once, in a rotating order, in this one process; the speed-up is
   the per-round ratio ``time(reference) / time(method)`` (paired, which cancels the drift of a
   shared machine), summarised by its median. Peak memory: each method also runs once in a fresh
-  subprocess and reports its peak RSS above the RSS after building the model and data.
+  subprocess and reports its peak RSS above the RSS after building the model and data and a
+  1-candidate x 2-probe warm-up pass of the same method (so first-call allocations are not counted),
+  sampled every 2 ms during the run.
 
     python benchmarks/bench_contribution.py               # full run (~5 min on 2 shared cores)
     python benchmarks/bench_contribution.py --quick       # smoke run
@@ -28,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -47,10 +48,6 @@ ICL_METHODS = {  # name: (icl_contribution method, batch size or None for --batc
     "cached-b1": ("cached", 1),
     "cached": ("cached", None),
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def rss_mb() -> float:
@@ -110,11 +107,32 @@ def icl_run(model, tok, candidates, probes, name: str, batch: int):
 
 
 def icl_memory(args) -> dict:
-    """Run in a fresh process: peak RSS of one method above the RSS after setup."""
+    """Run in a fresh process: peak RSS of one method above the RSS after setup and a 1 x 2 warm-up pass.
+
+    The peak is sampled every 2 ms during the run (``ru_maxrss`` would also count transient peaks of
+    the setup, such as parsing the pool).
+    """
+    import threading
+
     model, tok, candidates, probes = icl_setup(args.candidates, args.probes, args.demo_repeat)
+    icl_run(model, tok, candidates[:1], probes[:2], args.memory_of, args.batch)  # load code paths first
     base = rss_mb()
-    seconds, _ = icl_run(model, tok, candidates, probes, args.memory_of, args.batch)
-    return {"method": args.memory_of, "peak_above_setup_mb": round(peak_rss_mb() - base, 1),
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        seconds, _ = icl_run(model, tok, candidates, probes, args.memory_of, args.batch)
+    finally:
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], rss_mb())
+    return {"method": args.memory_of, "peak_above_setup_mb": round(peak[0] - base, 1),
             "setup_rss_mb": round(base, 1), "seconds": round(seconds, 3)}
 
 
