@@ -20,6 +20,10 @@ and added independently):
   1-candidate x 2-probe warm-up pass of the same method (so first-call allocations are not counted),
   sampled every 2 ms during the run.
 
+* ``selector``: linear-time scoring of a whole pool: one embedding forward per record
+  (:func:`logix.contribution.embed_records`, same model) and the ridge / logistic / MLP heads fitted on
+  a scored sample (``--sample`` of ``--pool``); examples/s, fit time, held-out quality, peak memory.
+
     python benchmarks/bench_contribution.py               # full run (~5 min on 2 shared cores)
     python benchmarks/bench_contribution.py --quick       # smoke run
 """
@@ -210,9 +214,82 @@ def print_icl(section: dict) -> None:
               f"{m.get('peak_rss_above_setup_mb', float('nan')):>12.1f} {m['max_abs_diff_c_vs_reference']:>10.1e}")
 
 
+# ---- selector ----------------------------------------------------------------------------------
+
+
+def bench_selector(args) -> dict:
+    """Linear-time pool scoring: one embedding forward per record, then a head fitted on a scored sample.
+
+    Target of the heads: each record's response length in tokens plus noise (a property the
+    embeddings carry), so that the held-out Spearman / AUC show the heads learn, not only run.
+    """
+    import threading
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from logix.contribution import Selector, embed_records, fit_selector, response_length
+    from logix.data import load_jsonl, load_tokenizer
+
+    tok = load_tokenizer(str(ROOT / "examples" / "data" / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=len(tok), n_positions=512,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    pool = load_jsonl(ROOT / "examples" / "data" / "instructions.jsonl")[: args.pool]
+    ids = [r["id"] for r in pool]
+    embed_records(model, tok, pool[:8], ids[:8], batch_size=8, progress=False)  # warm-up
+    base, peak, done = rss_mb(), [rss_mb()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    load_before = load_average()
+    try:
+        start = time.perf_counter()
+        emb = embed_records(model, tok, pool, ids, batch_size=args.batch * 4, progress=False)
+        embed_s = time.perf_counter() - start
+        rng = np.random.default_rng(0)
+        target = response_length(pool, tok) + rng.normal(scale=1.0, size=len(pool))
+        sample_rows = rng.choice(len(pool), min(args.sample, len(pool)), replace=False)
+        scored = {ids[i]: float(target[i]) for i in sample_rows}
+        heads = {}
+        for head in ("ridge", "logistic", "mlp"):
+            start = time.perf_counter()
+            result = fit_selector(Selector(head, label_top_p=0.1), ids, emb, scored)
+            fit_s = time.perf_counter() - start
+            start = time.perf_counter()
+            Selector(head).fit(emb[sample_rows], target[sample_rows]).predict(emb)
+            heads[head] = {"evaluate_fit_predict_s": round(fit_s, 3),
+                           "fit_predict_s": round(time.perf_counter() - start, 3),
+                           "heldout_spearman": round(result.report.spearman, 3),
+                           "heldout_auc": round(result.report.auc, 3)}
+    finally:
+        done.set()
+        sampler.join()
+    return {
+        "model": "GPT-2 4 layers, d=256, 4 heads, vocab 2048, float32",
+        "pool": len(pool), "sample": len(scored), "embedding_batch": args.batch * 4,
+        "embed_seconds": round(embed_s, 3), "embed_examples_per_s": round(len(pool) / embed_s, 1),
+        "heads": heads, "peak_rss_above_setup_mb": round(peak[0] - base, 1),
+        "load_average_before": load_before, "load_average_after": load_average(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def print_selector(section: dict) -> None:
+    print(f"\nSelector: {section['pool']} pool records embedded at {section['embed_examples_per_s']} examples/s "
+          f"({section['embed_seconds']} s, peak RSS +{section['peak_rss_above_setup_mb']} MB); heads fitted on "
+          f"{section['sample']} scored records (target: response length + noise)")
+    print(f"{'head':<9} {'fit+predict s':>14} {'held-out spearman':>18} {'held-out AUC':>13}")
+    for name, h in section["heads"].items():
+        print(f"{name:<9} {h['fit_predict_s']:>14.3f} {h['heldout_spearman']:>18.3f} {h['heldout_auc']:>13.3f}")
+
+
 # ---- driver --------------------------------------------------------------------------------------
 
-SECTIONS = {"icl": (bench_icl, print_icl)}
+SECTIONS = {"icl": (bench_icl, print_icl), "selector": (bench_selector, print_selector)}
 """name: (run(args) -> JSON-able dict, print(dict)). Add a section by adding an entry (and its options)."""
 
 
@@ -225,6 +302,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pool", type=int, default=3000, help="selector: pool records embedded and scored")
+    ap.add_argument("--sample", type=int, default=300, help="selector: scored records the heads learn from")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared, oversubscribed machine more threads spin and slow down)")
     ap.add_argument("--demo-repeat", type=int, default=1,

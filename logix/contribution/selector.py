@@ -51,7 +51,9 @@ def _embed_batch(model: nn.Module, tokenizer, texts: list[str], pooling: str, ma
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    out = model(**enc, output_hidden_states=True)
+    from logix.contribution.lm import keep_logits_kwargs
+
+    out = model(**enc, output_hidden_states=True, **keep_logits_kwargs(model, 1))  # no full-vocab logits
     hidden = out.hidden_states[-1].float()
     mask = enc["attention_mask"].to(hidden.dtype)
     if pooling == "mean":
