@@ -11,10 +11,9 @@ load of a shared machine hits all of them alike; each method's median is reporte
 ratio to ``mm32`` is the median of the per-round ratios:
 
 * ``mm32`` / ``mm64``  ``queries @ train.T`` of in-memory float32 / float64 tensors (the target);
-* ``read``             ``Store.iter_chunks`` as ``compute_influence`` reads (its chunk size, chunks aligned
-                       to the shards: zero-copy memory maps), no math;
-* ``read-exact``       the same with chunks of exactly that size, spanning shards (copied into reused
-                       buffers), no math;
+* ``read``             ``Store.iter_chunks`` as ``compute_influence`` reads (its chunk size, chunks spanning
+                       shards, read into reused buffers), no math;
+* ``read-aligned``     the same with ``align_to_shards=True`` (zero-copy memory maps of the shards);
 * ``<pre>[-self][-f64]`` ``compute_influence(top_k=10)`` with the ``identity`` or ``kfac``
   preconditioner, self-influence on/off, ``dtype=float64`` GEMM for ``-f64``.
 
@@ -132,8 +131,8 @@ def time_throughput(store: Store, n_query: int, budget_mb: float, rounds: int, s
     methods = {
         "mm32": lambda: torch.matmul(queries, train32.T),
         "mm64": lambda: torch.matmul(q64, train64.T),
-        "read": lambda: sum(c.rows.shape[0] for c in store.iter_chunks(rows, align_to_shards=True)),
-        "read-exact": lambda: sum(c.rows.shape[0] for c in store.iter_chunks(rows)),
+        "read": lambda: sum(c.rows.shape[0] for c in store.iter_chunks(rows)),
+        "read-aligned": lambda: sum(c.rows.shape[0] for c in store.iter_chunks(rows, align_to_shards=True)),
         **{name: logix_call(store, queries, name, budget_mb, stats) for name in LOGIX},
     }
     for fn in methods.values():  # warm-up

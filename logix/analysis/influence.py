@@ -247,10 +247,10 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     sub = [q[rows] for q in queries]
     norms = None if q_norms is None else q_norms[rows]
     top, bottom = _TopK(len(sub[0]), state.top.k, True), _TopK(len(sub[0]), state.top.k, False)
-    # Chunks that follow the shards are zero-copy views of the shard files; checkpoints' stores
-    # must chunk alike, so that is only done when they are sharded alike.
-    aligned = all(cp.train.shard_rows == cps[0].train.shard_rows for cp in cps)
-    streams = [cp.train.iter_chunks(chunk_rows, align_to_shards=aligned) for cp in cps]
+    # Chunks of exactly chunk_rows rows, read into reused buffers. Shard-aligned zero-copy chunks
+    # (iter_chunks(align_to_shards=True)) measured slower on a loaded 2-core machine: smaller
+    # GEMMs over memory-mapped pages (docs/benchmarks.md).
+    streams = [cp.train.iter_chunks(chunk_rows) for cp in cps]
     bar = tqdm(total=cps[0].train.n_rows, desc="influence", unit="row", disable=not progress, leave=False)
     scratch = _Scratch()
     for chunks in zip(*streams):
