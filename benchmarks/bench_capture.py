@@ -98,7 +98,8 @@ def dense_fits(k: int) -> bool:
 def build_model() -> torch.nn.Module:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=VOCAB, n_positions=SEQ)
+    n_embd = int(os.environ.get("LOGIX_BENCH_N_EMBD", "256"))  # --n-embd: the width sweep
+    cfg = transformers.GPT2Config(n_layer=4, n_embd=n_embd, n_head=4, vocab_size=VOCAB, n_positions=SEQ)
     return transformers.GPT2LMHeadModel(cfg).to(torch.float32).eval()  # eval: no dropout
 
 
@@ -268,8 +269,11 @@ def main() -> None:
     ap.add_argument("--dense-mb", type=float, default=1024, help="dense baseline projection if it fits")
     ap.add_argument("--dense-iters", type=int, default=3, help="timed batches and pairs of loopdense-k")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    ap.add_argument("--n-embd", type=int, default=256,
+                    help="model width (the benchmark of record: 256)")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = ap.parse_args()
+    os.environ["LOGIX_BENCH_N_EMBD"] = str(args.n_embd)  # subprocesses build the same model
     iters = args.iters or (2 if args.quick else 10)
     pairs = args.pairs if args.pairs is not None else (2 if args.quick else 10)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -337,7 +341,7 @@ def main() -> None:
         print(f"  {name:<24} {value:6.3f}  ({standalone[name]:.3f})")
 
     setup = {
-        "model": "GPT-2 n_layer=4 n_embd=256 n_head=4 vocab=5000, float32, eval mode",
+        "model": f"GPT-2 n_layer=4 n_embd={os.environ.get('LOGIX_BENCH_N_EMBD', '256')} n_head=4 vocab=5000, float32, eval mode",
         "batch": BATCH,
         "seq_len": SEQ,
         "warmup": args.warmup,
