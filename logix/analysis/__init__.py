@@ -16,13 +16,15 @@ from logix.analysis.evaluate import (
 from logix.analysis.influence import Checkpoint, InfluenceResult, ScoreMode, compute_influence
 from logix.analysis.precondition import (
     DEFAULT_DAMPING,
+    AsymmetricPreconditioner,
     Damping,
     Preconditioner,
     PreconditionerType,
     default_damping,
+    project_rows,
     register_preconditioner,
 )
-from logix.errors import StatisticsError
+from logix.errors import LogixError, StatisticsError
 from logix.statistics import Statistics
 from logix.store import Store
 
@@ -46,6 +48,66 @@ def load_checkpoint(
         raise StatisticsError(f"{run_dir} has no finalized statistics ({stats_path}).")
     pre = Preconditioner(preconditioner, stats, train.layout, damping)
     return Checkpoint(train, query_rows, pre, weight)
+
+
+def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
+    """The per-module projections of the run ``run_dir`` (``ModuleProjection``; identities for
+    ``projection: none``), rebuilt from its config (random) or read from its directory (pca).
+    ``full_layout`` gives each module's unprojected shape, ``layout`` the logged one."""
+    from logix.config import ProjectionType, resolve_config
+    from logix.projection import ModuleProjection, load_projections, random_projection
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise StatisticsError(f"{run_dir} has no config.yaml: not a logix run directory.")
+    cfg = resolve_config(config_path).projection
+    if cfg.type is ProjectionType.NONE:
+        return {name: ModuleProjection(None, None) for name in layout.names}
+    if cfg.type is ProjectionType.PCA:
+        path = run_dir / "projection.safetensors"
+        if not path.exists():
+            raise StatisticsError(f"{run_dir} has no projection.safetensors: its PCA pass did not finish.")
+        return load_projections(path, layout.names)
+    out = {}
+    for fb, block in zip(full_layout.blocks, layout.blocks):
+        out[block.name] = ModuleProjection(
+            random_projection(block.name, fb.shape[1], block.shape[1], cfg.seed, "in"),
+            random_projection(block.name, fb.shape[0], block.shape[0], cfg.seed, "out"),
+        )
+    return out
+
+
+def load_asymmetric_checkpoint(
+    run_dir: str | Path,
+    full_run_dir: str | Path,
+    preconditioner: PreconditionerType | str = PreconditionerType.EKFAC,
+    damping: Damping | float | dict | None = None,
+    weight: float = 1.0,
+    queries: str = "queries",
+) -> Checkpoint:
+    """Asymmetric preconditioning: the projected train store of ``run_dir`` scored against
+    queries preconditioned in full space.
+
+    ``full_run_dir`` is a ``projection: none`` run of the same model (same modules) whose
+    statistics hold the full-space curvature (``statistics.ekfac`` for ``ekfac``) and whose
+    ``queries`` store holds the full-space query gradients (``run.log_queries``). Each query is
+    preconditioned there, ``H^-1 g_q``, then projected with ``run_dir``'s projection; the
+    returned checkpoint's preconditioner is the identity (train rows are used as logged), so
+    ``compute_influence`` scores ``<P^T H^-1 g_q, P^T g_t>``. Scores are meant for mode ``dot``.
+    """
+    run_dir, full_run_dir = Path(run_dir), Path(full_run_dir)
+    train = Store(run_dir / "stores" / "train")
+    full_queries = Store(full_run_dir / "stores" / queries)
+    full_layout = full_queries.layout
+    stats_path = full_run_dir / "statistics" / "log.safetensors"
+    if not stats_path.exists():
+        raise StatisticsError(f"{full_run_dir} has no finalized statistics ({stats_path}).")
+    projections = run_projections(run_dir, full_layout, train.layout)
+    pre = AsymmetricPreconditioner(preconditioner, Statistics.load(stats_path), full_layout, projections,
+                                   train.layout, damping)
+    rows = pre.queries(full_queries.read_all())
+    return Checkpoint(train, rows, Preconditioner(PreconditionerType.IDENTITY, None, train.layout), weight)
 
 
 CHECKPOINTS_FILE = "checkpoints.json"
@@ -99,13 +161,26 @@ def influence(
     damping: Damping | float | dict | None = None,
     mode: ScoreMode | str = ScoreMode.DOT,
     weighting: str = "lr",
+    full_space_run: str | Path | None = None,
     **kwargs,
 ) -> InfluenceResult:
     """Influence of every train example of ``run_dir`` on each of its logged queries.
 
     ``run_dir`` is one run, or a Trainer callback's project directory whose checkpoints are
     combined TracIn-style (``weighting``: ``lr`` | ``uniform`` | ``last``).
+
+    ``full_space_run``: asymmetric preconditioning (:func:`load_asymmetric_checkpoint`): the
+    queries are those of this ``projection: none`` run, preconditioned in full space with
+    ``preconditioner`` and projected like ``run_dir``'s rows (one run, mode ``dot``).
     """
+    if full_space_run is not None:
+        if ScoreMode.parse(mode, "mode") is not ScoreMode.DOT:
+            raise LogixError("Asymmetric preconditioning (full_space_run) scores in mode 'dot' only.")
+        if (Path(run_dir) / CHECKPOINTS_FILE).exists():
+            raise LogixError("Asymmetric preconditioning (full_space_run) takes one run, not a checkpoint project.")
+        cp = load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)
+        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
+        return compute_influence(cp, query_ids=query_ids, mode=mode, **kwargs)
     cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
     query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
     return compute_influence(cps, query_ids=query_ids, mode=mode, **kwargs)
@@ -114,6 +189,7 @@ def influence(
 __all__ = [
     "CHECKPOINTS_FILE",
     "DEFAULT_DAMPING",
+    "AsymmetricPreconditioner",
     "Checkpoint",
     "Damping",
     "InfluenceResult",
@@ -128,6 +204,9 @@ __all__ = [
     "load_checkpoints",
     "lds",
     "load_checkpoint",
+    "load_asymmetric_checkpoint",
+    "project_rows",
+    "run_projections",
     "register_preconditioner",
     "retrain_on_subsets",
     "spearman",

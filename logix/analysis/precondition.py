@@ -266,3 +266,79 @@ def _damping_for(damping, module: str) -> Damping:
     if isinstance(damping, (int, float)):
         return Damping(float(damping))
     return damping
+
+
+def project_rows(full_rows: Tensor, full_layout: Layout, projections: dict, layout: Layout) -> Tensor:
+    """Full-space rows ``(n, full_layout.dim)`` -> logged-space rows ``(n, layout.dim)``: each
+    module's block ``V`` (``d_out x d_in``) becomes ``P_out^T V P_in`` (float64).
+
+    ``projections`` maps module names to :class:`~logix.projection.ModuleProjection` (``None``
+    matrices are identities, as for ``projection: none``)."""
+    full_rows = full_rows.to(torch.float64)
+    if full_rows.dim() != 2 or full_rows.shape[1] != full_layout.dim:
+        raise StatisticsError(
+            f"Full-space rows have shape {tuple(full_rows.shape)} but the full-space run's rows have "
+            f"{full_layout.dim} entries: the rows belong to another run."
+        )
+    if full_layout.names != layout.names:
+        raise StatisticsError(
+            f"The full-space run logs the modules {full_layout.names} but the projected run logs "
+            f"{layout.names}: log both runs from the same model with the same capture settings."
+        )
+    n = full_rows.shape[0]
+    out = torch.empty(n, layout.dim, dtype=torch.float64)
+    for fb, block in zip(full_layout.blocks, layout.blocks):
+        proj = projections.get(block.name)
+        p_out = None if proj is None or proj.p_out is None else proj.p_out.to(torch.float64)
+        p_in = None if proj is None or proj.p_in is None else proj.p_in.to(torch.float64)
+        expected = (fb.shape[0] if p_out is None else p_out.shape[1], fb.shape[1] if p_in is None else p_in.shape[1])
+        rows_ok = (p_out is None or p_out.shape[0] == fb.shape[0]) and (p_in is None or p_in.shape[0] == fb.shape[1])
+        if not rows_ok or expected != block.shape:
+            raise StatisticsError(
+                f"Module {block.name!r}: a full-space block of shape {fb.shape} does not project to the "
+                f"logged block {block.shape} with this run's projection: the two runs watch different "
+                "models or modules."
+            )
+        v = full_rows[:, fb.columns].reshape(n, *fb.shape)
+        if p_out is not None:
+            v = p_out.T @ v
+        if p_in is not None:
+            v = v @ p_in
+        out[:, block.columns] = v.reshape(n, -1)
+    return out
+
+
+class AsymmetricPreconditioner:
+    """Asymmetric preconditioning: queries are preconditioned in *full* space, then projected
+    with the train rows' projection, so ``<P^T H^-1 g_q, P^T g_t>`` approximates the
+    full-dimension ``<H^-1 g_q, g_t>`` (for a factored projection the block of a module is
+    ``P_out^T (H^-1 G_q) P_in``). Train rows are used as logged (projected, not preconditioned).
+
+    Args:
+        kind: the full-space preconditioner (``ekfac`` by default; any per-module kind whose
+            statistics the full-space run has).
+        full_statistics: statistics of a ``projection: none`` run of the same model.
+        full_layout: that run's row layout.
+        projections: the projected run's per-module projections.
+        layout: the projected run's row layout.
+        damping: as for :class:`Preconditioner`, resolved on the full-space spectra.
+    """
+
+    def __init__(self, kind, full_statistics: Statistics, full_layout: Layout, projections: dict,
+                 layout: Layout, damping: Damping | float | dict[str, Damping | float] | None = None) -> None:
+        self.full = Preconditioner(kind, full_statistics, full_layout, damping)
+        if self.full.kind is PreconditionerType.RAW_JOINT:
+            raise StatisticsError(
+                "Asymmetric preconditioning needs a per-module preconditioner (ekfac, kfac, raw, identity); "
+                "'raw-joint' over full-space rows is not supported."
+            )
+        self.kind = self.full.kind
+        self.full_layout, self.projections, self.layout = full_layout, projections, layout
+
+    @property
+    def damping(self) -> dict[str, float]:
+        return self.full.damping
+
+    def queries(self, full_rows: Tensor) -> Tensor:
+        """Full-space query rows -> projected, full-space-preconditioned rows ``(n, layout.dim)``."""
+        return project_rows(self.full(full_rows), self.full_layout, self.projections, self.layout)
