@@ -299,7 +299,7 @@ def row_dim(model: nn.Module, k: int | None) -> int:
 
 def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_query: int,
             projection: str, k: int | None, raw: bool, fisher: str, batch: int = 64, raw_joint: bool = False,
-            classes: int = 0) -> Path:
+            classes: int = 0, ranks: dict | None = None) -> Path:
     """Log train rows (every pass of the plan), then queries; returns the run directory.
 
     ``loss_fn(ids, query, labels)`` returns the summed loss of those train (or query) examples;
@@ -308,8 +308,8 @@ def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_qu
     ``fisher``: ``empirical``, ``true:<label draws per example>`` or ``expected`` (``classes``).
     """
     proj = {"type": projection}
-    if k is not None:
-        proj["ranks"] = ranks_for(model, k)
+    if k is not None or ranks is not None:  # ranks: {module: [k_in, k_out]}, overrides k
+        proj["ranks"] = ranks if ranks is not None else ranks_for(model, k)
     kind, _, samples = fisher.partition(":")
     stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_joint": raw_joint, "raw_max_dim": RAW_MAX_DIM,
              "fisher": kind, "fisher_samples": int(samples or 1), "fisher_classes": classes}

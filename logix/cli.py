@@ -141,6 +141,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
         weighting=args.weighting or ac.checkpoints.value, top_k=args.top_k or ac.top_k,
         memory_budget_mb=ac.memory_budget_mb, scores_path=out / "scores.h5" if args.save_scores else None,
         per_module=args.per_module, progress=not args.quiet,
+        full_space_run=args.full_space_run or ac.full_space_run,
     )
     texts = _job_texts(directory)
     sanity = category_agreement(result, *texts[2:]) if texts else None
@@ -246,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
     p.add_argument("--per-module", action="store_true",
                    help="also write per_module.json: each module's part of the proponents' scores")
+    p.add_argument("--full-space-run", type=Path,
+                   help="asymmetric preconditioning: a projection-none run of the same model whose queries "
+                   "are preconditioned in full space, then projected like DIR's rows (mode dot)")
     p.add_argument("--out", type=Path, help="output folder (default: DIR)")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("contribute", help="score instruction data, fit a selector, select a subset",

@@ -421,6 +421,11 @@ class AnalysisConfig:
     checkpoints: CheckpointWeighting = _help(
         "lr | uniform | last: how scores of several logged checkpoints combine.", CheckpointWeighting.LR
     )
+    full_space_run: str | None = _help(
+        "Asymmetric preconditioning (`logix influence`, mode dot): a `projection: none` run of the same model "
+        "(its statistics hold `preconditioner`'s curvature, its queries are logged); queries are "
+        "preconditioned there in full space, then projected like the train rows. null: off.", None
+    )
 
     def __post_init__(self) -> None:
         from logix.analysis.influence import ScoreMode
@@ -437,6 +442,12 @@ class AnalysisConfig:
             raise ConfigError(f"analysis.damping must be a number >= 0 or null, got {self.damping!r}.")
         if not isinstance(self.memory_budget_mb, (int, float)) or self.memory_budget_mb <= 0:
             raise ConfigError(f"analysis.memory_budget_mb must be positive, got {self.memory_budget_mb!r}.")
+        if self.full_space_run is not None and not isinstance(self.full_space_run, str):
+            raise ConfigError(f"analysis.full_space_run must be a run directory (string) or null, got "
+                              f"{self.full_space_run!r}.")
+        if self.full_space_run is not None and ScoreMode.parse(self.mode) is not ScoreMode.DOT:
+            raise ConfigError("analysis.full_space_run (asymmetric preconditioning) scores in mode 'dot' only; "
+                              f"got analysis.mode={self.mode!r}.")
 
     def resolved_damping(self):
         """The :class:`~logix.analysis.Damping` to use: ``damping`` / ``damping_relative``, or the

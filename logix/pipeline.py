@@ -296,6 +296,9 @@ class Job:
 
     def _analyse(self, result: JobResult, train, queries) -> None:
         ac = self.config.analysis
+        if ac.full_space_run is not None:
+            raise ConfigError("analysis.full_space_run (asymmetric preconditioning) applies to `logix influence` "
+                              "on finished runs; `logix run` does not log the full-space run. Set it to null here.")
         cps, entries = load_checkpoints(self.dir, ac.preconditioner, ac.resolved_damping(),
                                         ac.checkpoints.value)
         query_ids = Store(self.dir / entries[-1]["dir"] / "stores" / "queries").ids

@@ -187,3 +187,27 @@ def test_mismatched_runs_and_modes_are_rejected(tmp_path):
         load_asymmetric_checkpoint(mlp.dir, mlp.dir, "raw-joint")
     with pytest.raises(LogixError, match="dot"):
         influence(mlp.dir, "ekfac", full_space_run=mlp.dir, mode="cosine", progress=False)
+
+
+def test_cli_full_space_run_and_config_switch(tmp_path):
+    import json
+
+    from logix.cli import main
+    from logix.config import AnalysisConfig
+    from logix.errors import ConfigError
+
+    full_run, _, _ = _log_lm(tmp_path, "none")
+    run, _, _ = _log_lm(tmp_path, "rand", "random", rank=3)
+    out = tmp_path / "out"
+    main(["influence", str(run.dir), "--preconditioner", "ekfac", "--damping", "0.1", "--top-k", str(N),
+          "--full-space-run", str(full_run.dir), "--save-scores", "--out", str(out), "--quiet"])
+    with h5py.File(out / "scores.h5") as fh:
+        got = torch.from_numpy(fh["scores"][()]).double()
+    expected = _scores(load_asymmetric_checkpoint(run.dir, full_run.dir, "ekfac", Damping(0.1)), tmp_path)
+    assert rel_err(got, expected) < 1e-6
+    assert len((out / "influence.jsonl").read_text().splitlines()) == NQ
+    assert json.loads((out / "influence.jsonl").read_text().splitlines()[0])["query_id"] == 0
+    with pytest.raises(ConfigError, match="dot"):
+        AnalysisConfig(full_space_run=str(full_run.dir), mode="cosine")
+    with pytest.raises(ConfigError, match="string"):
+        AnalysisConfig(full_space_run=3)

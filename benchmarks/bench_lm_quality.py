@@ -1,0 +1,195 @@
+"""Storage vs attribution quality on the language-model task of ``bench_lds.py``.
+
+Reuses ``bench_lds``'s ``lm`` task (tiny GPT-2, 320 train / 64 query sequences, ground truth from
+64 half-subset retrainings, cached under ``results/cache/``). One model, logged once unprojected
+(``projection: none`` + EK-FAC: the full-dimension reference, and the full-space statistics and
+query gradients of asymmetric preconditioning) and once per projection (random, pca) and rank pair
+``(k_in, k_out)`` per side (capped by each module's dimensions). Each projected run is scored with
+the symmetric preconditioners (identity, kfac, ekfac, and raw where the blocks are small) and with
+asymmetric preconditioning (``load_asymmetric_checkpoint``: queries preconditioned in full space
+with kfac / ekfac, then projected), over relative dampings.
+
+Reported per setting: LDS, bytes per stored train example (the projected train row only: the
+asymmetric path reads the unprojected run's statistics and query rows, not its train store) and
+its fraction of the unprojected row, and the scoring time (load + precondition + stream, the full
+score matrix). The noise ceiling is the mean per-query Spearman correlation between the subset
+outputs of two retraining seeds (the second seed's 64 retrainings are cached too).
+
+Finish line: the best setting storing <= 1/16 of the full per-example gradient reaches >= 0.95x
+the LDS of full-dimension EK-FAC (best damping), with a scoring time within 2x of plain LoGra
+(symmetric ekfac at the same projection and rank), timed paired and interleaved.
+
+    python benchmarks/bench_lm_quality.py          # ~10 min on 2 cores (ground truth cached)
+    python benchmarks/bench_lm_quality.py --quick  # two ranks, two dampings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lds import (  # noqa: E402  (the lm task, its ground truth cache and the logging helper)
+    LM,
+    RESULTS,
+    cache_path,
+    ground_truth,
+    lm_data,
+    lm_loss,
+    lm_outputs,
+    lm_train,
+    log_run,
+    score_matrix,
+)
+
+import logix  # noqa: E402
+from logix.analysis import (  # noqa: E402
+    Damping,
+    compute_influence,
+    lds,
+    load_asymmetric_checkpoint,
+    spearman,
+)
+from logix.capture.watch import select_modules  # noqa: E402
+
+RANKS = ((4, 4), (8, 8), (12, 12), (8, 24), (24, 8), (4, 32), (32, 4), (16, 16), (32, 32))
+DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RAW_MAX_ROW = 400  # raw (dense per-module covariance) only where each block has at most this many entries
+
+
+def asym_scores(run_dir: Path, full_dir: Path, kind: str, damping: float, tmp: Path) -> np.ndarray:
+    cp = load_asymmetric_checkpoint(run_dir, full_dir, kind, Damping(damping))
+    path = tmp / "scores.h5"
+    compute_influence(cp, top_k=1, scores_path=path, self_influence=False, progress=False)
+    with h5py.File(path) as fh:
+        return fh["scores"][()]
+
+
+def ranks(model, k_in: int, k_out: int) -> dict:
+    return {w.name: [min(k_in, w.shape.d_in_aug), min(k_out, w.shape.d_out)] for w in select_modules(model)}
+
+
+def timed(fn, *args) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timing-repeats", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_lm_quality.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rank_pairs = ((8, 8), (12, 12)) if args.quick else RANKS
+    dampings = (1e-2, 1e-1) if args.quick else DAMPINGS
+    start = time.perf_counter()
+    train, queries, _ = lm_data()
+    n, nq = len(train), len(queries)
+    model = lm_train(train, np.ones(n, dtype=bool))
+    masks, outputs, _ = ground_truth("lm", LM, lambda m, s: lm_outputs(lm_train(train, m, s), queries), n, 64)
+    ceiling = None  # the second seed's retrainings (4 min on one core; cached); --quick only reads the cache
+    if cache_path("lm", LM, 64, 1).exists() or not args.quick:
+        _, outputs_b, _ = ground_truth("lm", LM, lambda m, s: lm_outputs(lm_train(train, m, s), queries), n, 64,
+                                       seed=1)
+        ceiling = float(np.nanmean(spearman(outputs, outputs_b)))
+
+    def loss_fn(ids, query, labels):
+        return lm_loss(model, (queries if query else train)[ids], gen=labels or None)
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        full_dir = log_run(tmp, "full", model, loss_fn, n, nq, "none", None, False, "empirical")
+        full_store = logix.load_run_store(full_dir)
+        full_bytes = full_store.nbytes() // full_store.n_rows
+
+        def add(projection, k_in, k_out, pre, asym, damping, scores, seconds, nbytes):
+            rows.append({"projection": projection, "k_in": k_in, "k_out": k_out, "preconditioner": pre,
+                         "asymmetric": asym, "damping": damping, "lds": lds(scores, masks, outputs).mean,
+                         "bytes_per_example": nbytes, "fraction": nbytes / full_bytes, "score_s": seconds})
+
+        for pre in ("identity", "kfac", "ekfac"):
+            for d in (None,) if pre == "identity" else dampings:
+                scores, s = timed(score_matrix, full_dir, pre, d or 0.0, tmp)
+                add("none", None, None, pre, False, d, scores, s, full_bytes)
+        print(f"full-dimension reference logged and scored ({time.perf_counter() - start:.0f}s)", flush=True)
+        for projection in ("random", "pca"):
+            for k_in, k_out in rank_pairs:
+                r = ranks(model, k_in, k_out)
+                raw = max(a * b for a, b in r.values()) <= RAW_MAX_ROW
+                run_dir = log_run(tmp, f"{projection}-{k_in}-{k_out}", model, loss_fn, n, nq, projection, None,
+                                  raw, "empirical", ranks=r)
+                store = logix.load_run_store(run_dir)
+                nbytes = store.nbytes() // store.n_rows
+                for pre in ("identity", "raw", "kfac", "ekfac"):
+                    if pre == "raw" and not raw:
+                        continue
+                    for d in (None,) if pre == "identity" else dampings:
+                        scores, s = timed(score_matrix, run_dir, pre, d or 0.0, tmp)
+                        add(projection, k_in, k_out, pre, False, d, scores, s, nbytes)
+                for pre in ("kfac", "ekfac"):
+                    for d in dampings:
+                        scores, s = timed(asym_scores, run_dir, full_dir, pre, d, tmp)
+                        add(projection, k_in, k_out, pre, True, d, scores, s, nbytes)
+                print(f"  {projection} {k_in}x{k_out}: {nbytes} B/example ({nbytes / full_bytes:.3f} of full), "
+                      f"{time.perf_counter() - start:.0f}s", flush=True)
+
+        reference = max((r for r in rows if r["projection"] == "none" and r["preconditioner"] == "ekfac"),
+                        key=lambda r: r["lds"])
+        small = [r for r in rows if r["projection"] != "none" and r["fraction"] <= 1 / 16]
+        best = max(small, key=lambda r: r["lds"])
+        best_plain = max((r for r in small if not r["asymmetric"]), key=lambda r: r["lds"])
+        # paired, interleaved timing of the best setting against plain LoGra (symmetric ekfac, same run)
+        run_dir = tmp / f"{best['projection']}-{best['k_in']}-{best['k_out']}"
+        t_best, t_plain = [], []
+        for _ in range(args.timing_repeats):
+            if best["asymmetric"]:
+                t_best.append(timed(asym_scores, run_dir, full_dir, best["preconditioner"], best["damping"], tmp)[1])
+            else:
+                t_best.append(timed(score_matrix, run_dir, best["preconditioner"], best["damping"] or 0.0, tmp)[1])
+            t_plain.append(timed(score_matrix, run_dir, "ekfac", best["damping"] or 0.1, tmp)[1])
+    ratio_lds = best["lds"] / reference["lds"]
+    ratio_time = statistics.median(t_best) / statistics.median(t_plain)
+    finish = {"reference_lds": reference["lds"], "reference_damping": reference["damping"], "best": best,
+              "best_symmetric": best_plain, "lds_ratio": ratio_lds, "best_score_s_median": statistics.median(t_best),
+              "plain_logra_score_s_median": statistics.median(t_plain), "time_ratio": ratio_time,
+              "met": bool(ratio_lds >= 0.95 and ratio_time <= 2.0)}
+    print(f"\n{'projection':<10} {'k_in':>4} {'k_out':>5} {'precond':<8} {'asym':<5} {'damping':>8} {'LDS':>7} "
+          f"{'bytes/ex':>9} {'frac':>7} {'score_s':>8}")
+    for r in rows:
+        d = "-" if r["damping"] is None else f"{r['damping']:g}"
+        print(f"{r['projection']:<10} {r['k_in'] or '-':>4} {r['k_out'] or '-':>5} {r['preconditioner']:<8} "
+              f"{'yes' if r['asymmetric'] else 'no':<5} {d:>8} {r['lds']:>7.3f} {r['bytes_per_example']:>9} "
+              f"{r['fraction']:>7.4f} {r['score_s']:>8.3f}")
+    print(f"\nfull-dimension EK-FAC (damping {reference['damping']:g}): LDS {reference['lds']:.3f}; noise ceiling "
+          f"(seed agreement) {'n/a' if ceiling is None else f'{ceiling:.3f}'}")
+    print(f"best <= 1/16 storage: {best['projection']} {best['k_in']}x{best['k_out']} {best['preconditioner']} "
+          f"asym={best['asymmetric']} damping={best['damping']}: LDS {best['lds']:.3f} = {ratio_lds:.3f}x reference; "
+          f"best symmetric {best_plain['lds']:.3f}; scoring {ratio_time:.2f}x plain LoGra (medians of "
+          f"{args.timing_repeats} interleaved); finish line {'MET' if finish['met'] else 'NOT met'}")
+    report = {"setup": {**LM, "n_subsets": 64, "rank_pairs": rank_pairs, "dampings": dampings},
+              "rows": rows, "noise_ceiling": ceiling, "finish_line": finish, "quick": args.quick,
+              "timing_s": {"best": t_best, "plain": t_plain}, "loadavg": os.getloadavg(),
+              "wall_s": time.perf_counter() - start, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "platform": platform.platform()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"load average {os.getloadavg()}; wall {report['wall_s']:.0f}s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
