@@ -105,6 +105,15 @@ class _Scratch:
             buffer = self._buffers[dtype] = torch.empty(min(max_elems, max(source.numel(), 1)), dtype=dtype)
         return buffer[: source.numel()].view(source.shape).copy_(source)
 
+    def named(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A contiguous ``shape`` tensor backed by the buffer ``key`` (grown, never shrunk); its
+        contents are overwritten by the next request for ``key``."""
+        numel = int(np.prod(shape))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+        return buffer[:numel].view(shape)
+
 
 def _row_dots(rows: Tensor, transform=None, scratch: _Scratch | None = None) -> Tensor:
     """``r . transform(r)`` (``r . r`` without one) of every row, in float64, a block of rows
@@ -129,13 +138,16 @@ def _unit(rows: Tensor) -> Tensor:
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None) -> Tensor:
-    """``pq @ rows.T`` in ``pq``'s dtype, as float64; rows of another dtype are converted a
-    block at a time."""
-    if rows.dtype == pq.dtype:
-        return (pq @ rows.T).to(torch.float64)
+def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None, key: str = "scores") -> Tensor:
+    """``pq @ rows.T`` in ``pq``'s dtype, as float64 (in the scratch buffer ``key``: valid until
+    the next call with that key); rows of another dtype are converted a block at a time."""
     scratch = scratch or _Scratch()
-    out = torch.empty(pq.shape[0], rows.shape[0], dtype=torch.float64)
+    shape = (pq.shape[0], rows.shape[0])
+    out = scratch.named(key, shape, torch.float64)
+    if rows.dtype == pq.dtype:
+        if pq.dtype == torch.float64:
+            return torch.matmul(pq, rows.T, out=out)
+        return out.copy_(torch.matmul(pq, rows.T, out=scratch.named(key + ":gemm", shape, pq.dtype)))
     step = _block_rows(rows.shape[1])
     for lo in range(0, rows.shape[0], step):
         out[:, lo : lo + step] = pq @ scratch.block(rows[lo : lo + step], pq.dtype, step * rows.shape[1]).T
@@ -308,13 +320,14 @@ def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tenso
 
 def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[Tensor, Tensor | None]:
     scores, s_inf = None, None
+    scratch = scratch or _Scratch()
     for cp, pq, chunk in zip(cps, queries, chunks):
         rows = chunk.rows
-        part = _scores(pq, rows, scratch)
+        part = _scores(pq, rows, scratch, "scores" if scores is None else "part")
         if mode is ScoreMode.UNIT:  # score of unit rows = score of rows / their norm (no unit copy)
             sq_norms = _row_dots(rows, None, scratch)
             part /= sq_norms.sqrt().clamp_min(1e-30)[None, :]
-        scores = part if scores is None else scores + part
+        scores = part if scores is None else scores.add_(part)  # accumulated in the "scores" buffer
         if need_self:
             s = _self_influence(cp.preconditioner, rows, scratch)
             if mode is ScoreMode.UNIT:
@@ -326,9 +339,9 @@ def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[T
 
 def _normalise(scores: Tensor, mode: ScoreMode, q_norms: Tensor | None, s_inf: Tensor | None) -> Tensor:
     if mode is ScoreMode.RELATIVE:
-        return scores / s_inf.clamp_min(1e-30).sqrt()[None, :]
+        return scores.div_(s_inf.clamp_min(1e-30).sqrt()[None, :])
     if mode is ScoreMode.COSINE:
-        return scores / (q_norms[:, None] * s_inf.clamp_min(1e-30).sqrt()[None, :]).clamp_min(1e-30)
+        return scores.div_((q_norms[:, None] * s_inf.clamp_min(1e-30).sqrt()[None, :]).clamp_min(1e-30))
     return scores
 
 
