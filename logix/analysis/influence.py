@@ -124,7 +124,10 @@ def _row_dots(rows: Tensor, transform=None, scratch: _Scratch | None = None) -> 
     step = _block_rows(rows.shape[1], elems)
     for lo in range(0, rows.shape[0], step):
         block = scratch.block(rows[lo : lo + step], torch.float64, step * rows.shape[1])
-        out[lo : lo + step] = torch.linalg.vecdot(block, block if transform is None else transform(block))
+        other = block if transform is None else transform(block)
+        # a batched 1 x d @ d x 1 product: no block-sized temporary (vecdot allocates one per block,
+        # and multi-MB blocks freed per chunk fragment the heap)
+        torch.bmm(block.unsqueeze(1), other.unsqueeze(2), out=out[lo : lo + step].view(-1, 1, 1))
     return out
 
 
