@@ -246,6 +246,9 @@ class Job:
         is false), then score influence when ``analysis.enabled`` and queries exist."""
         import time
 
+        if self.config.analysis.enabled and self.config.analysis.full_space_run is not None and not extract_only:
+            raise ConfigError("analysis.full_space_run (asymmetric preconditioning) applies to `logix influence` "
+                              "on finished runs; `logix run` does not log the full-space run. Set it to null here.")
         self._prepare_dir()
         times: dict[str, float] = {}
         start = time.perf_counter()
@@ -296,9 +299,6 @@ class Job:
 
     def _analyse(self, result: JobResult, train, queries) -> None:
         ac = self.config.analysis
-        if ac.full_space_run is not None:
-            raise ConfigError("analysis.full_space_run (asymmetric preconditioning) applies to `logix influence` "
-                              "on finished runs; `logix run` does not log the full-space run. Set it to null here.")
         cps, entries = load_checkpoints(self.dir, ac.preconditioner, ac.resolved_damping(),
                                         ac.checkpoints.value)
         query_ids = Store(self.dir / entries[-1]["dir"] / "stores" / "queries").ids
