@@ -114,3 +114,14 @@ def lm_summed_loss(model: nn.Module, tokens: Tensor, mask: Tensor, labels: Tenso
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
         ignore_index=-100, reduction="sum",
     )
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pad token items (input_ids, labels) into a batch; padding is masked and labelled -100."""
+    width = max(len(it["input_ids"]) for it in items)
+    pad = [width - len(it["input_ids"]) for it in items]
+    return {
+        "input_ids": torch.tensor([it["input_ids"] + [0] * p for it, p in zip(items, pad)]),
+        "attention_mask": torch.tensor([[1] * len(it["input_ids"]) + [0] * p for it, p in zip(items, pad)]),
+        "labels": torch.tensor([it["labels"] + [-100] * p for it, p in zip(items, pad)]),
+    }

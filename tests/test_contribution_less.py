@@ -34,6 +34,7 @@ from logix.contribution.less import (
 from logix.errors import ConfigError, LogixError, RunDirectoryError, StatisticsError
 from logix.integrations.huggingface import LogixCallback
 from logix.store import Store
+from tests.helpers import collate
 
 hf_logging.set_verbosity_error()
 VOCAB = 50
@@ -64,14 +65,6 @@ def dataset(n: int, seed: int = 0, prefix: str = "ex") -> list[dict]:
     return items
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(it["input_ids"]) for it in items)
-    pad = [width - len(it["input_ids"]) for it in items]
-    return {
-        "input_ids": torch.tensor([it["input_ids"] + [0] * p for it, p in zip(items, pad)]),
-        "attention_mask": torch.tensor([[1] * len(it["input_ids"]) + [0] * p for it, p in zip(items, pad)]),
-        "labels": torch.tensor([it["labels"] + [-100] * p for it, p in zip(items, pad)]),
-    }
 
 
 def args(tmp_path, steps: int) -> TrainingArguments:

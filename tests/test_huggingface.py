@@ -19,6 +19,7 @@ import logix
 from logix.analysis import compute_influence, influence, load_checkpoint
 from logix.integrations import extract, held_fixed
 from logix.integrations.huggingface import LogixCallback
+from tests.helpers import collate
 
 hf_logging.set_verbosity_error()
 VOCAB = 50
@@ -43,14 +44,6 @@ def dataset(n: int = 12, seed: int = 0) -> list[dict]:
     return items
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(it["input_ids"]) for it in items)
-    pad = [width - len(it["input_ids"]) for it in items]
-    return {
-        "input_ids": torch.tensor([it["input_ids"] + [0] * p for it, p in zip(items, pad)]),
-        "attention_mask": torch.tensor([[1] * len(it["input_ids"]) + [0] * p for it, p in zip(items, pad)]),
-        "labels": torch.tensor([it["labels"] + [-100] * p for it, p in zip(items, pad)]),
-    }
 
 
 def args(tmp_path, steps: int, accum: int = 1) -> TrainingArguments:
