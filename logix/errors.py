@@ -54,3 +54,7 @@ class StatisticsError(LogixError, RuntimeError):
 
 class DataError(LogixError, ValueError):
     """A data file, record, tokenizer or batch cannot be turned into training examples."""
+
+
+class DistributedError(LogixError, RuntimeError):
+    """A collective failed, or the ranks of a distributed run disagree."""

@@ -13,6 +13,11 @@ Typical use::
 
 There is no global state: everything lives on the ``Run`` object, and hooks exist
 only inside ``with run(...)`` blocks.
+
+Under ``torch.distributed`` (``torchrun``, ``accelerate launch``) every rank creates the same
+run on a shared directory and logs its own part of the data: each rank writes its own shards,
+statistics are summed over ranks at the end of each pass, rank 0 computes what derives from
+them (eigenbases, PCA projections) and every rank reads it back. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from torch import Tensor, nn
 
 from logix.capture.engine import BatchCapture, BatchResult, PassSpec, Watched
 from logix.capture.watch import select_modules
-from logix.config import Config, FisherType, ProjectionType, resolve_config
-from logix.errors import BatchError, PlanError, RunDirectoryError, WatchError
+from logix.config import Config, DuplicatePolicy, FisherType, ProjectionType, resolve_config
+from logix.distributed import Dist, check_wrapping, unwrap_model
+from logix.errors import BatchError, DuplicateIdError, PlanError, RunDirectoryError, WatchError
 from logix.projection import (
     ModuleProjection,
     load_projections,
@@ -43,7 +49,8 @@ from logix.runinfo import RunInfo, normalise_ids
 from logix.sink import StoreSink, committed_ids
 from logix.statistics import JOINT, Statistics, eigendecompose
 from logix.store import Layout, Store
-from logix.store.format import read_manifest
+from logix.store.format import manifest_ranks, read_manifest, read_rank_manifest
+from logix.store.writer import drop_rows
 
 log = logging.getLogger("logix")
 
@@ -93,6 +100,8 @@ class Run:
         config: a :class:`Config`, a mapping, a YAML path, or None for defaults.
         root: overrides ``config.root``.
         overwrite: delete an existing run directory instead of resuming it.
+        distributed: log as one rank of the initialised ``torch.distributed`` process group
+            (default: whenever one is initialised); False logs as a single process.
     """
 
     def __init__(
@@ -101,15 +110,22 @@ class Run:
         config: Config | dict | str | Path | None = None,
         root: str | Path | None = None,
         overwrite: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         self.config = resolve_config(config)
         if root is not None:
             self.config = self.config.replace(root=str(root))
         self.project = project
         self.dir = Path(self.config.root) / project
-        if overwrite and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.info = RunInfo.open_or_create(self.dir, self.config, self._pass_specs())
+        self.dist = Dist.current(distributed)
+
+        def open_info() -> RunInfo:
+            if overwrite and self.dir.exists():
+                shutil.rmtree(self.dir)
+            return RunInfo.open_or_create(self.dir, self.config, self._pass_specs())
+
+        self.info = self.dist.on_main(open_info)  # rank 0 writes run.json; the others get a copy
+        self.info.writer = self.dist.is_main
         self.watched: list[Watched] = []
         self.projections: dict[str, ModuleProjection] = {}
         self.layout: Layout | None = None
@@ -119,6 +135,7 @@ class Run:
         self._sinks: dict[str, StoreSink] = {}  # stores being written: train, queries
         self._committed: set = set()  # train ids an interrupted session committed (resume)
         self._compute_dtype = _DTYPES[self.config.capture.compute_dtype.value]
+        self._pass_base: dict[str, Tensor] | None = None  # stats carried into the pass (not reduced again)
 
     # ---- passes -----------------------------------------------------------------------
     def _pass_specs(self) -> list[PassSpec]:
@@ -167,7 +184,11 @@ class Run:
 
         The model is not modified: hooks are attached only inside ``with run(...)``.
         Calling ``watch`` again replaces the selection. Returns the captured names.
+        DDP / ``torch.compile`` wrappers are looked through, and FSDP's wrapper segments are
+        dropped from module names, so a wrapped model logs under the plain model's names.
         """
+        check_wrapping(model)
+        model = unwrap_model(model)
         cap = self.config.capture
         self.watched = select_modules(
             model,
@@ -177,13 +198,27 @@ class Run:
             trainable_only=cap.trainable_only,
         )
         names = [w.name for w in self.watched]
-        self.info.check_modules(self._module_record())
+        self.dist.check_same(self._module_record(), "the watched modules")
+        self.dist.on_main(lambda: self.info.check_modules(self._module_record()))
+        self.info.modules = self._module_record() if self.info.modules is None else self.info.modules
         self._init_projections()
+        if self.dist.active:
+            self.dist.check_same(self._projection_digest(), "the projection matrices")
         self._check_joint_dim()
         self._load_finished_state()
         self._load_committed_ids()
         log.info("logix: watching %d modules: %s", len(names), names)
         return names
+
+    def _projection_digest(self) -> list:
+        """A cheap fingerprint of the projections (equal on every rank of a distributed run)."""
+        out = []
+        for name in self._names():
+            proj = self.projections.get(name)  # none yet before a PCA run's covariance pass
+            for p in () if proj is None else (proj.p_in, proj.p_out):
+                out.append(None if p is None else (tuple(p.shape), round(float(p.double().sum()), 6),
+                                                   round(float(p.double().abs().sum()), 6)))
+        return out
 
     def _check_joint_dim(self) -> None:
         st = self.config.statistics
@@ -287,14 +322,17 @@ class Run:
             raise PlanError(f"Pass {self._current.name!r} is still running.")
         log.info("logix: starting pass %r", spec.name)
         self._current = spec
+        self._pass_base = None
         if spec.space == "full":
             self._full_stats = Statistics(self._accum_dtype())
         elif spec.name == "kfac":
             self._stats = Statistics(self._accum_dtype())
         elif spec.name == "fisher":  # continues the kfac pass's statistics (A, S, eigenbases)
+            self._pass_base = self._stats.flat() if self._stats else None
             self._stats = Statistics.from_flat(self._stats.flat()) if self._stats else Statistics(
                 self._accum_dtype())
         else:
+            self._pass_base = self._stats.flat() if self._stats else None
             self._open_log_pass()
 
     def _accum_dtype(self) -> torch.dtype:
@@ -304,7 +342,7 @@ class Run:
         cfg = self.config
         sink = StoreSink(
             self.dir / "stores" / name, self.layout, cfg.store.dtype.value, cfg.capture.per_token,
-            cfg.store.shard_rows, cfg.store.queue_shards, cfg.store.duplicate_ids, state,
+            cfg.store.shard_rows, cfg.store.queue_shards, cfg.store.duplicate_ids, state, self.dist.rank,
         )
         self._sinks[name] = sink
         return sink
@@ -320,12 +358,49 @@ class Run:
             self._stats = Statistics.from_flat(self._stats.flat())
         else:
             self._stats = Statistics(self._accum_dtype())
+        if self.dist.is_main:
+            self._adopt_orphan_states()
+
+    def _adopt_orphan_states(self) -> None:
+        """Fold in the running statistics of ranks that an earlier, larger distributed session
+        had and this one lacks, so the statistics still describe every committed row."""
+        directory = self.dir / "stores" / TRAIN_STORE
+        base = self._pass_base or {}
+        for rank in manifest_ranks(directory):
+            if rank < self.dist.world_size:
+                continue
+            manifest = read_rank_manifest(directory, rank)
+            if not manifest or not manifest.get("state"):
+                continue
+            orphan = Statistics.load(directory / manifest["state"]).flat()
+            delta = {k: v - base[k] if k in base else v for k, v in orphan.items()}
+            log.info("logix: adopting the statistics of rank %d of an earlier session", rank)
+            self._stats = Statistics.from_flat(_add_flat(self._stats.flat(), delta))
 
     def _finish_pass(self) -> None:
         spec = self._current
         if spec is None:
             return
         stats_dir = self.dir / "statistics"
+        if spec.name == "log":
+            self._close_train_sink()
+        if self.dist.active:  # sum every rank's statistics of this pass
+            if spec.space == "full":
+                self._full_stats = self._reduced(self._full_stats, None)
+            else:
+                self._stats = self._reduced(self._stats, self._pass_base)
+        self.dist.on_main(lambda: self._finish_files(spec, stats_dir))
+        if not self.dist.is_main:  # read back what rank 0 derived (eigenbases, PCA projections)
+            self._read_finished(spec, stats_dir)
+        self._current = None
+        self._pass_base = None
+        if spec.name not in self.info.done:
+            self.info.done.append(spec.name)
+        log.info("logix: finished pass %r", spec.name)
+
+    def _finish_files(self, spec: PassSpec, stats_dir: Path) -> None:
+        """The end of a pass on one process (rank 0 of a distributed run): checks, derived
+        statistics and projections, files, and the pass marked done in ``run.json``."""
         stats_dir.mkdir(parents=True, exist_ok=True)
         if spec.name == "covariance":
             self._finish_covariance(stats_dir)
@@ -340,9 +415,56 @@ class Run:
             self._stats.save(stats_dir / "fisher.safetensors")
         else:
             self._finish_log(stats_dir)
-        self._current = None
         self.info.mark_done(spec.name)
-        log.info("logix: finished pass %r", spec.name)
+
+    def _read_finished(self, spec: PassSpec, stats_dir: Path) -> None:
+        if spec.name == "covariance":
+            self._full_stats = Statistics.load(stats_dir / "full.safetensors")
+            self.projections = load_projections(self.dir / "projection.safetensors", self._names())
+            if self.config.statistics.ekfac:
+                self._stats = Statistics.load(stats_dir / "kfac.safetensors")
+        else:
+            self._stats = Statistics.load(stats_dir / f"{spec.name}.safetensors")
+
+    def _reduced(self, stats: Statistics | None, base: dict[str, Tensor] | None) -> Statistics:
+        """``base`` plus the sum over ranks of what each rank added to it in this pass.
+
+        ``base`` (the statistics carried into the pass, equal on every rank) is not summed
+        again; keys no rank changed keep their exact values. Ranks that saw no data take part
+        with zeros."""
+        base = base or {}
+        local = stats.flat() if stats is not None else {}
+        meta = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."), k not in base or not torch.equal(v, base[k]))
+                for k, v in local.items()}
+        merged: dict[str, tuple] = {}
+        for rank_meta in self.dist.all_gather_object(meta):
+            for k, (shape, dtype, changed) in rank_meta.items():
+                old = merged.get(k)
+                merged[k] = (shape, dtype, changed or (old is not None and old[2]))
+        out = {k: v.clone() for k, v in base.items()}
+        by_dtype: dict[str, list[str]] = {}
+        for k in sorted(merged):
+            if merged[k][2]:
+                by_dtype.setdefault(merged[k][1], []).append(k)
+        for dtype_name, keys in by_dtype.items():
+            dtype = getattr(torch, dtype_name)
+            parts = []
+            for k in keys:
+                shape = merged[k][0]
+                if k in local:
+                    v = local[k].to(dtype)
+                    parts.append((v - base[k].to(dtype) if k in base else v).reshape(-1))
+                else:
+                    parts.append(torch.zeros(int(np.prod(shape)) if shape else 1, dtype=dtype))
+            total = self.dist.all_reduce_sum(torch.cat(parts))
+            at = 0
+            for k in keys:
+                shape = merged[k][0]
+                n = int(np.prod(shape)) if shape else 1
+                delta = total[at : at + n].reshape(shape)
+                at += n
+                out[k] = base[k] + delta if k in base else delta
+        return Statistics.from_flat(out) if out else Statistics(self._accum_dtype())
 
     def _check_stats(self, stats: Statistics | None, name: str) -> None:
         if stats is None or not stats.modules:
@@ -379,11 +501,64 @@ class Run:
             stats.set(name, "tokens", full.raw_sum(name, "tokens"))
         return stats
 
-    def _finish_log(self, stats_dir: Path) -> None:
+    def _close_train_sink(self) -> None:
+        """Commit every rank's train rows, then check ids across ranks."""
         sink = self._sinks.pop(TRAIN_STORE)
-        sink.close()
+        error = None
+        try:
+            sink.close()
+        except BaseException as exc:  # every rank must learn of it before the next collective
+            error = exc
+        self.dist.raise_anywhere(error)
         if sink.skipped_duplicates:
             log.warning("logix: skipped %d duplicate ids", sink.skipped_duplicates)
+        self._check_rank_duplicates(TRAIN_STORE)
+
+    def _check_rank_duplicates(self, store: str) -> None:
+        """Ids committed by more than one rank: an error, or (``store.duplicate_ids: skip``)
+        each rank but the lowest drops its copy from its own shards."""
+        if not self.dist.active:
+            return
+        self.dist.barrier()  # every rank's shards are committed
+        directory = self.dir / "stores" / store
+
+        def find() -> dict[int, list]:
+            if read_manifest(directory) is None:
+                return {}
+            owners: dict[object, int] = {}
+            drop: dict[int, set] = {}
+            st = Store(directory)
+            rank_of_row = np.repeat([sh.get("rank", 0) for sh in st.manifest["shards"]], st.shard_rows)
+            for key, rank in zip(st.ids, rank_of_row.tolist()):
+                owner = owners.setdefault(key, rank)
+                if owner != rank:
+                    drop.setdefault(rank, set()).add(key)
+            drop = {r: sorted(v, key=str) for r, v in drop.items()}
+            if drop and self.config.store.duplicate_ids is DuplicatePolicy.ERROR:
+                examples = [k for ks in drop.values() for k in ks][:5]
+                n = sum(len(v) for v in drop.values())
+                raise DuplicateIdError(
+                    f"{n} ids of the {store} store were logged by more than one rank (e.g. {examples}); "
+                    "the rows stay committed. A DistributedSampler repeats examples to give every rank "
+                    "as many: split the data with logix.distributed.shard_indices (as extract() and the "
+                    "Trainer callback do) or drop_last=True, or set store.duplicate_ids=skip to keep the "
+                    "lowest rank's row."
+                )
+            return drop
+
+        drop = self.dist.on_main(find)
+        mine = drop.get(self.dist.rank, [])
+        if mine:
+            per_token = read_manifest(directory)["per_token"]
+            drop_rows(directory, self.dist.rank, set(mine), per_token)
+            log.warning(
+                "logix: rank %d dropped %d rows whose ids another rank also logged (store.duplicate_ids=skip); "
+                "the statistics of this pass include those examples once per rank that logged them",
+                self.dist.rank, len(mine),
+            )
+        self.dist.barrier()
+
+    def _finish_log(self, stats_dir: Path) -> None:
         st = self.config.statistics
         if st.raw or st.raw_joint or st.kfac or st.ekfac:
             self._check_stats(self._stats, "log")
@@ -569,9 +744,19 @@ class Run:
         if self.pending_passes:
             raise PlanError(f"finalize() called before the passes {self.pending_passes} ran.")
         if not self.info.finalized:
-            self.info.mark_finalized()
-        if QUERY_STORE in self._sinks:
-            self._sinks.pop(QUERY_STORE).close()
+            self.dist.on_main(self.info.mark_finalized)
+            self.info.finalized = True
+        queries_open = any(self.dist.all_gather_object(QUERY_STORE in self._sinks))
+        if queries_open:
+            error = None
+            try:
+                if QUERY_STORE in self._sinks:
+                    self._sinks.pop(QUERY_STORE).close()
+            except BaseException as exc:
+                error = exc
+            self.dist.raise_anywhere(error)
+            self._check_rank_duplicates(QUERY_STORE)
+        self.dist.barrier()
         return self.store()
 
     def close(self) -> None:
@@ -658,3 +843,10 @@ def load_run_store(run_dir: str | Path, name: str = TRAIN_STORE) -> Store:
     if read_manifest(path) is None:
         raise RunDirectoryError(f"{run_dir} has no store named {name!r}.")
     return Store(path)
+
+
+def _add_flat(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {k: v.clone() for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = out[k] + v if k in out else v.clone()
+    return out

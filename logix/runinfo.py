@@ -56,6 +56,7 @@ class RunInfo:
     done: list[str] = field(default_factory=list)
     modules: list[dict[str, Any]] | None = None
     finalized: bool = False
+    writer: bool = True  # under torch.distributed only rank 0 writes run.json
 
     @classmethod
     def open_or_create(cls, run_dir: Path, config: Config, specs: Sequence) -> RunInfo:
@@ -79,6 +80,8 @@ class RunInfo:
         return info
 
     def save(self) -> None:
+        if not self.writer:
+            return
         write_json_atomic(
             self.path,
             {

@@ -40,9 +40,10 @@ class StoreSink:
         queue_shards: int,
         duplicates: DuplicatePolicy,
         state: Callable[[], dict[str, Tensor]] | None = None,
+        rank: int = 0,
     ) -> None:
         self.directory = directory
-        self.writer = ShardWriter(directory, layout, dtype, per_token, queue_shards)
+        self.writer = ShardWriter(directory, layout, dtype, per_token, queue_shards, rank)
         self.committed, self.id_type = committed_ids(directory)
         self.shard_rows = shard_rows
         self.duplicates = duplicates

@@ -58,6 +58,8 @@ class InfluenceResult:
     self_influence: Tensor | None = None  # (n_train,)
     per_module: dict[str, Tensor] = field(default_factory=dict)  # module -> (n_query, k) for top_ids
     scores_path: Path | None = None
+    top_index: Tensor | None = None  # (n_query, k) global train-row indices of top_ids
+    bottom_index: Tensor | None = None  # (n_query, k) global train-row indices of bottom_ids
 
     def to_records(self) -> list[dict]:
         """One JSON-ready record per query."""
@@ -189,6 +191,7 @@ def compute_influence(
     per_module: bool = False,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    rows: tuple[int, int] | None = None,
 ) -> InfluenceResult:
     """Score every (query, train) pair, streaming the train store(s).
 
@@ -208,13 +211,19 @@ def compute_influence(
         per_module: per-module contributions of the top-k proponents' scores.
         dtype: dtype of the score GEMM (preconditioning always runs in float64);
             ``torch.float64`` for reference-grade scores at about half the speed.
+        rows: score only the train rows ``lo:hi`` of the store (a part, as the sharded scorer
+            hands each rank); top-k indices stay global, ``self_influence`` and the columns of
+            the score matrix cover the part only.
     """
     cps = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
     mode = ScoreMode.parse(mode, "mode")
     _check_checkpoints(cps)
     n_query, dim = cps[0].queries.shape[0], cps[0].train.dim * len(cps)
     train_ids = cps[0].train.ids
-    n_train = len(train_ids)
+    lo, hi = (0, len(train_ids)) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= lo <= hi <= len(train_ids):
+        raise LogixError(f"rows={rows} is outside the train store's {len(train_ids)} rows.")
+    n_train = hi - lo
     qids = list(range(n_query)) if query_ids is None else list(query_ids)
     if len(qids) != n_query:
         raise LogixError(f"{len(qids)} query ids for {n_query} query rows.")
@@ -227,7 +236,8 @@ def compute_influence(
     state = _Stream(n_query, n_train, top_k, need_self, scores_path)
     try:
         for q0 in range(0, n_query, batch):
-            _stream(cps, queries, q_norms, slice(q0, min(q0 + batch, n_query)), mode, rows_per_chunk, state, progress)
+            _stream(cps, queries, q_norms, slice(q0, min(q0 + batch, n_query)), mode, rows_per_chunk, state, progress,
+                    lo, hi)
     finally:
         state.close()
     top, bottom = state.top, state.bottom
@@ -237,6 +247,7 @@ def compute_influence(
         [[train_ids[i] for i in row] for row in bottom.index.tolist()], bottom.values,
         state.self_inf if self_influence else None,
         scores_path=None if scores_path is None else Path(scores_path),
+        top_index=top.index, bottom_index=bottom.index,
     )
     if per_module:
         result.per_module = _module_breakdown(cps, queries, top.index, mode, q_norms, state.self_inf)
@@ -257,30 +268,33 @@ class _Stream:
             self.h5.close()
 
 
-def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _Stream, progress: bool) -> None:
-    """One pass over the train store for the queries ``rows``."""
+def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _Stream, progress: bool,
+            lo: int = 0, hi: int | None = None) -> None:
+    """One pass over the train rows ``lo:hi`` for the queries ``rows``."""
     sub = [q[rows] for q in queries]
     norms = None if q_norms is None else q_norms[rows]
     top, bottom = _TopK(len(sub[0]), state.top.k, True), _TopK(len(sub[0]), state.top.k, False)
     # Chunks of exactly chunk_rows rows, read into reused buffers. Shard-aligned zero-copy chunks
     # (iter_chunks(align_to_shards=True)) measured slower on a loaded 2-core machine: smaller
     # GEMMs over memory-mapped pages (docs/benchmarks.md).
-    streams = [cp.train.iter_chunks(chunk_rows) for cp in cps]
-    bar = tqdm(total=cps[0].train.n_rows, desc="influence", unit="row", disable=not progress, leave=False)
+    hi = cps[0].train.n_rows if hi is None else hi
+    streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi) for cp in cps]
+    bar = tqdm(total=hi - lo, desc="influence", unit="row", disable=not progress, leave=False)
     scratch = _Scratch()
     for chunks in zip(*streams):
         start, n = chunks[0].start, chunks[0].rows.shape[0]
+        at = start - lo  # column of this chunk in the part's outputs
         compute_self = not state.self_done
         scores, s_inf = _score_chunk(cps, sub, chunks, mode, compute_self, scratch)
         if compute_self:
-            state.self_inf[start : start + n] = s_inf
+            state.self_inf[at : at + n] = s_inf
         elif state.self_inf is not None:
-            s_inf = state.self_inf[start : start + n]
+            s_inf = state.self_inf[at : at + n]
         scores = _normalise(scores, mode, norms, s_inf)
         top.update(scores, start)
         bottom.update(scores, start)
         if state.h5 is not None:
-            state.h5["scores"][rows, start : start + n] = scores.numpy().astype(np.float32)
+            state.h5["scores"][rows, at : at + n] = scores.numpy().astype(np.float32)
         bar.update(n)
     bar.close()
     state.self_done = True
@@ -355,7 +369,7 @@ def _open_scores(path, n_query: int, n_train: int) -> h5py.File | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = h5py.File(path, "w")
     fh.create_dataset("scores", shape=(n_query, n_train), dtype=np.float32,
-                      chunks=(min(n_query, 64), min(n_train, 4096)))
+                      chunks=(max(1, min(n_query, 64)), max(1, min(n_train, 4096))))
     return fh
 
 

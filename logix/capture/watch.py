@@ -9,6 +9,7 @@ from torch import nn
 
 from logix.capture.engine import Watched
 from logix.capture.layers import adapter_for, supported_kinds, supported_type_names
+from logix.distributed import canonical_name
 from logix.errors import UnsupportedModuleError, WatchError
 
 
@@ -36,7 +37,8 @@ def select_modules(
     selected: list[Watched] = []
     removed = {"name": 0, "exclude": 0, "kind": 0, "frozen": 0}
     unsupported_named: list[str] = []
-    for name, module in model.named_modules():
+    for raw_name, module in model.named_modules():
+        name = canonical_name(raw_name)  # FSDP / checkpoint / compile wrappers are looked through
         if not name:
             continue
         adapter = adapter_for(module)

@@ -9,7 +9,11 @@ Trainer callback and ``logix extract`` use it:
 * the loss is the per-example **sum** of the next-token cross-entropy over the label tokens
   (``-100`` ignored), whatever reduction the model or the Trainer would use;
 * the model is left exactly as it was: train/eval mode, parameter ``.grad`` tensors and the
-  RNG states are restored when extraction ends (also on errors).
+  RNG states are restored when extraction ends (also on errors);
+* under ``torch.distributed`` each rank logs its own contiguous share of the examples (every
+  example on exactly one rank, no padding) through the model inside any DDP wrapper, so no
+  gradient all-reduce runs and ranks may log different numbers of batches. A model sharded by
+  FSDP needs every rank in each forward: ranks with fewer batches then run extra, unlogged ones.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from logix.config import IdPolicy
+from logix.distributed import Dist, shard_indices, unwrap_model
 from logix.errors import BatchError, ConfigError, RunDirectoryError
 from logix.run import Pass, Run
 from logix.store import Store
@@ -189,10 +194,15 @@ def loader_with_ids(
     ids: IdPolicy | str = IdPolicy.AUTO,
     id_field: str = "id",
     limit: int = 0,
+    dist: Dist | None = None,
 ) -> DataLoader:
-    """A sequential loader of ``(ids, batch)``; ``limit`` keeps the first N items (0: all)."""
+    """A sequential loader of ``(ids, batch)``; ``limit`` keeps the first N items (0: all).
+
+    With ``dist`` (a distributed run) the loader holds this rank's contiguous share only."""
     if limit and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
+    if dist is not None and dist.active:
+        dataset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
     collate = _IdCollate(collator, model_input_keys(model), IdPolicy.parse(ids, "ids"), id_field)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
@@ -270,6 +280,10 @@ def check_model_state(run: Run, model: nn.Module) -> None:
     """
     path = run.dir / MODEL_FILE
     fingerprint = model_fingerprint(model)
+    run.dist.on_main(lambda: _check_fingerprint(run, path, fingerprint))
+
+
+def _check_fingerprint(run: Run, path, fingerprint: str) -> None:
     if not path.exists():
         write_json_atomic(path, {"fingerprint": fingerprint})
         return
@@ -286,14 +300,31 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def needs_lockstep(model: nn.Module) -> bool:
+    """Whether every rank must run each forward together (FSDP shards the parameters)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel) or type(module).__name__.startswith("FSDP"):
+            return True
+    return False
+
+
 def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
-                desc: str, progress: bool, pass_: Pass | None = None, seed: int = 0) -> None:
+                desc: str, progress: bool, pass_: Pass | None = None, seed: int = 0,
+                dist: Dist | None = None) -> None:
     sample_labels = pass_ is not None and pass_.sample_labels
     repeats = 1 if pass_ is None else pass_.repeats
     device = _device_of(model)
     generator = torch.Generator(device).manual_seed(seed) if sample_labels else None
+    extra = 0
+    if dist is not None and dist.active and needs_lockstep(model):
+        extra = max(dist.all_gather_object(len(loader))) - len(loader)
+    disable = not progress or (dist is not None and not dist.is_main)
     batches = ((r, b) for r in range(repeats) for b in loader)
-    for repeat, (ids, batch) in tqdm(batches, total=repeats * len(loader), desc=desc, disable=not progress,
+    for repeat, (ids, batch) in tqdm(batches, total=repeats * len(loader), desc=desc, disable=disable,
                                      leave=False):
         kwargs = pass_.loss_kwargs(repeat, generator) if pass_ is not None else {}
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -313,6 +344,25 @@ def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, los
                     "the modules to log (requires_grad=True), e.g. the LoRA adapters."
                 )
             loss.backward()
+        model.zero_grad(set_to_none=True)
+    _lockstep_padding(model, loader, loss_fn, repeats * extra, device)
+
+
+def _lockstep_padding(model: nn.Module, loader: DataLoader, loss_fn: LossFn, count: int, device) -> None:
+    """Forward / backward passes that log nothing, so that a rank with fewer batches joins its
+    sharded model's collectives as often as the others."""
+    if count <= 0:
+        return
+    try:
+        _, batch = next(iter(loader))
+    except StopIteration:
+        raise BatchError(
+            "This rank has no example to log but the model is FSDP-sharded, so it must still run "
+            "forwards with the other ranks: log at least as many examples as there are ranks."
+        ) from None
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    for _ in range(count):
+        loss_fn(model, batch).backward()
         model.zero_grad(set_to_none=True)
 
 
@@ -361,20 +411,23 @@ def extract(
     Returns:
         The run's train store.
     """
+    outer = model
+    model = unwrap_model(model)  # DDP: log through the inner model (no gradient all-reduce)
     if not run.watched:
         run.watch(model)
     check_model_state(run, model)
-    train = loader_with_ids(dataset, collator, model, batch_size, ids, id_field, limit)
-    with held_fixed(model), watched_weights_trainable(run):
+    dist = run.dist
+    train = loader_with_ids(dataset, collator, model, batch_size, ids, id_field, limit, dist)
+    with held_fixed(outer), watched_weights_trainable(run):
         if not run.finalized:
             for pass_ in run.plan():
                 ctx = run if row_capture is None or not pass_.writes_rows else _together(run, row_capture)
                 _log_loader(ctx, model, train, loss_fn, f"logix {pass_}", progress, pass_,
-                            run.config.projection.seed + pass_.index)
+                            run.config.projection.seed + pass_.index + 7919 * dist.rank, dist)
             run.finalize()
         if queries is not None:  # committed query ids are skipped on a resumed run
-            q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field)
-            _log_loader(run.log_queries, model, q_loader, loss_fn, "logix queries", progress)
+            q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field, dist=dist)
+            _log_loader(run.log_queries, model, q_loader, loss_fn, "logix queries", progress, dist=dist)
             run.finalize()
     return run.store()
 

@@ -21,8 +21,9 @@ eigenbasis, log); ``checkpoints.json`` in the project directory lists them with 
 epoch and learning rate (the mean rate of the steps since the previous checkpoint), which
 :func:`logix.analysis.influence` turns into TracIn-style weighted influence.
 
-Under ``torch.distributed`` only the main process logs (the others wait at the next
-collective); see the docs for multi-process logging.
+Under ``accelerate launch`` / ``torchrun`` every process logs its own share of the examples
+into the same checkpoint run (one logical store; statistics summed over processes); the
+main process alone writes ``checkpoints.json``. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from logix.analysis import CHECKPOINTS_FILE
 from logix.config import Config, resolve_config
+from logix.distributed import Dist
 from logix.integrations.extract import LossFn, extract, summed_loss
 from logix.run import Run
 from logix.store.format import write_json_atomic
@@ -89,10 +91,13 @@ class LogixCallback(TrainerCallback):
             self.config = self.config.replace(root=str(root))
         self.project = project
         self.dir = Path(self.config.root) / project
-        if overwrite and self.dir.exists():
+        if overwrite:
             import shutil
 
-            shutil.rmtree(self.dir)
+            dist = Dist.current()
+            if dist.is_main and self.dir.exists():
+                shutil.rmtree(self.dir)
+            dist.barrier()
         self.train_dataset = train_dataset
         self.queries = queries
         self.data_collator = data_collator
@@ -138,6 +143,7 @@ class LogixCallback(TrainerCallback):
             self._log(state, kwargs, "final")
         if getattr(self, "_fresh", False) and state.is_world_process_zero:
             self._drop_stale()
+        Dist.current().barrier()  # every process leaves training once the index is written
 
     def _drop_stale(self) -> None:
         """Forget checkpoints an earlier training run logged that this one did not log again."""
@@ -152,8 +158,6 @@ class LogixCallback(TrainerCallback):
 
     # ---- logging one checkpoint ---------------------------------------------------------------
     def _log(self, state: TrainerState, kwargs: dict[str, Any], name: str) -> None:
-        if not state.is_world_process_zero:
-            return
         if state.global_step in self._logged_steps:
             return  # this model state is already logged under another name
         model: nn.Module = kwargs["model"]
@@ -171,7 +175,11 @@ class LogixCallback(TrainerCallback):
             limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
         )
         self._logged_steps.add(state.global_step)
-        self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
+        if state.is_world_process_zero:
+            self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
+        else:  # keep the same in-memory index as the main process
+            self.checkpoints = [c for c in self.checkpoints if c["name"] != name] + [
+                {"name": name, "step": state.global_step, "dir": name}]
 
     def _dataset(self) -> Dataset | Sequence:
         if self.train_dataset is not None:

@@ -6,6 +6,12 @@ A store is a directory::
     shard-000000.h5            committed shards, named in the manifest
     state-000000.safetensors   optional state saved with a shard (running statistics)
 
+Under ``torch.distributed`` every rank is a writer of its own: rank 0 writes the files above,
+rank ``r > 0`` writes ``manifest.rank-0000r.json``, ``shard-r0000r-000000.h5`` and
+``state-r0000r-000000.safetensors``. Writers never touch each other's files, so no two
+processes ever replace the same file; a reader merges every rank's manifest into one logical
+store (rank 0's shards first, then rank 1's, ...).
+
 Each shard holds ``rows`` (n x dim, the store dtype; bfloat16 as raw uint16 bits),
 ``ids`` (UTF-8 strings) and, for per-token stores, ``positions`` (int64). The
 manifest holds the row layout: one block per module, ``(k_out, k_in)`` flattened
@@ -16,12 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from logix.errors import StoreError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -120,9 +129,75 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = directory / MANIFEST
+def manifest_name(rank: int = 0) -> str:
+    """The manifest file of the writer ``rank`` (rank 0: ``manifest.json``)."""
+    return MANIFEST if rank == 0 else f"manifest.rank-{rank:05d}.json"
+
+
+def file_prefix(rank: int = 0) -> str:
+    """The prefix after ``shard-`` / ``state-`` of the files of writer ``rank``."""
+    return "" if rank == 0 else f"r{rank:05d}-"
+
+
+_RANK_MANIFEST = re.compile(r"^manifest\.rank-(\d{5})\.json$")
+
+
+def owns(rank: int, name: str) -> bool:
+    """Whether the file ``name`` of a store directory belongs to writer ``rank``."""
+    if name.lstrip(".").startswith(manifest_name(rank)):
+        return True
+    pattern = rf"^\.?(shard|state)-{re.escape(file_prefix(rank))}\d{{6}}\.(h5|safetensors)(\.tmp)?$"
+    return re.match(pattern, name) is not None
+
+
+def read_rank_manifest(directory: Path, rank: int = 0) -> dict[str, Any] | None:
+    """The manifest of one writer, or None when that writer committed nothing yet."""
+    path = Path(directory) / manifest_name(rank)
     if not path.exists():
         return None
     with open(path) as fh:
         return json.load(fh)
+
+
+def manifest_ranks(directory: Path) -> list[int]:
+    """The writers (ranks) that have a manifest in ``directory``, in rank order."""
+    directory = Path(directory)
+    ranks = [0] if (directory / MANIFEST).exists() else []
+    if directory.is_dir():
+        ranks += sorted(int(m.group(1)) for p in directory.iterdir() if (m := _RANK_MANIFEST.match(p.name)))
+    return ranks
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The store's manifest: every writer's committed shards merged into one logical store.
+
+    With one writer this is ``manifest.json`` itself. With several (one per rank) the shards
+    come in rank order, and each shard entry gains its ``rank``; layout, dtype and the per-token
+    flag must agree between writers (a reader refuses a store they disagree on).
+    """
+    ranks = manifest_ranks(Path(directory))
+    if not ranks:
+        return None
+    manifests = [(r, read_rank_manifest(directory, r)) for r in ranks]
+    manifests = [(r, m) for r, m in manifests if m is not None]
+    if not manifests:  # removed between listing and reading (an overwrite in progress)
+        return None
+    if len(manifests) == 1 and manifests[0][0] == 0:
+        return manifests[0][1]
+    merged = dict(manifests[0][1])
+    merged["shards"] = []
+    merged["ranks"] = [r for r, _ in manifests]
+    merged["state"] = None
+    for rank, m in manifests:
+        for key in ("layout", "dtype", "per_token"):
+            if m[key] != merged[key]:
+                raise StoreError(
+                    f"Store {directory}: rank {rank} wrote a different {key} than rank "
+                    f"{manifests[0][0]} ({m[key]!r} vs {merged[key]!r}); the ranks ran different configs."
+                )
+        if m.get("id_type") is not None:
+            if merged.get("id_type") not in (None, m["id_type"]):
+                raise StoreError(f"Store {directory}: ranks logged both int and str ids.")
+            merged["id_type"] = m["id_type"]
+        merged["shards"] += [{**s, "rank": rank} for s in m["shards"]]
+    return merged

@@ -166,22 +166,31 @@ class Store:
             self._row_sources = sources
         return self._row_sources
 
-    def _plan(self, chunk_rows: int, align_to_shards: bool) -> Iterator[list[tuple[int, int, int]]]:
-        """Chunks as lists of ``(shard, lo, hi)`` pieces, in store order."""
+    def _plan(self, chunk_rows: int, align_to_shards: bool, start: int = 0,
+              stop: int | None = None) -> Iterator[list[tuple[int, int, int]]]:
+        """Chunks as lists of ``(shard, lo, hi)`` pieces, in store order, covering the global
+        rows ``start:stop`` only."""
         pieces: list[tuple[int, int, int]] = []
         held = 0
         big = min(_ZERO_COPY_MIN_ROWS, max(1, chunk_rows // 2))
-        for s, (_, n) in enumerate(self._shards):
-            if align_to_shards and n >= big:
+        stop = self.n_rows if stop is None else stop
+        first = 0  # global index of the shard's first row
+        for s, (_, total) in enumerate(self._shards):
+            first, shard_first = first + total, first
+            skip = max(0, start - shard_first)
+            n = min(total, stop - shard_first)
+            if n <= skip:
+                continue
+            if align_to_shards and n - skip >= big:
                 if pieces:  # small shards gathered so far
                     yield pieces
                     pieces, held = [], 0
-                count = -(-n // chunk_rows)  # equal pieces, none larger than chunk_rows
-                bounds = [n * i // count for i in range(count + 1)]
+                count = -(-(n - skip) // chunk_rows)  # equal pieces, none larger than chunk_rows
+                bounds = [skip + (n - skip) * i // count for i in range(count + 1)]
                 for lo, hi in zip(bounds[:-1], bounds[1:]):
                     yield [(s, lo, hi)]
                 continue
-            lo = 0
+            lo = skip
             while lo < n:
                 hi = min(n, lo + chunk_rows - held)
                 pieces.append((s, lo, hi))
@@ -195,7 +204,7 @@ class Store:
 
     def _chunks(
         self, chunk_rows: int, modules: Sequence[str] | None, align_to_shards: bool = False,
-        ring: _Ring | None = None, populate: bool = False,
+        ring: _Ring | None = None, populate: bool = False, start: int = 0, stop: int | None = None,
     ) -> Iterator[Chunk]:
         """Chunks of exactly ``chunk_rows`` rows (the last may be shorter), spanning shards, so
         that two stores with the same number of rows chunk identically; with ``align_to_shards``,
@@ -205,8 +214,7 @@ class Store:
         sources = self._sources()
         ring = ring or _Ring(1, _HOST_DTYPES[self.dtype_name])
         labels = _Labels(self)
-        start = 0
-        for pieces in self._plan(chunk_rows, align_to_shards):
+        for pieces in self._plan(chunk_rows, align_to_shards, start, stop):
             n = sum(hi - lo for _, lo, hi in pieces)
             s, lo, hi = pieces[0]
             if len(pieces) == 1 and columns is None and sources[s].offset is not None and _live_maps[0] < _MAX_LIVE_MAPS:
@@ -252,8 +260,13 @@ class Store:
         modules: Sequence[str] | None = None,
         prefetch: int = 2,
         align_to_shards: bool = False,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[Chunk]:
         """Yield committed rows in chunks of at most ``chunk_rows`` rows.
+
+        ``start`` / ``stop`` restrict the rows to the global range ``start:stop`` (a part of the
+        store, as a rank of a sharded scorer reads); ``Chunk.start`` stays a global index.
 
         Memory is bounded by about ``(prefetch + 3) * chunk_rows * dim`` elements whatever
         the store size; ``prefetch > 0`` reads ahead in a background thread.
@@ -275,11 +288,14 @@ class Store:
         """
         if chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}.")
+        if not 0 <= start <= (self.n_rows if stop is None else stop) <= self.n_rows:
+            raise ValueError(f"Row range {start}:{stop} is outside the store's {self.n_rows} rows.")
         ring = _Ring(max(prefetch, 0) + 3, _HOST_DTYPES[self.dtype_name])
         if prefetch <= 0:
-            yield from self._chunks(chunk_rows, modules, align_to_shards, ring)
+            yield from self._chunks(chunk_rows, modules, align_to_shards, ring, start=start, stop=stop)
             return
-        yield from _prefetched(self._chunks(chunk_rows, modules, align_to_shards, ring, populate=True), prefetch)
+        yield from _prefetched(self._chunks(chunk_rows, modules, align_to_shards, ring, populate=True,
+                                            start=start, stop=stop), prefetch)
 
     def read_all(self, modules: Sequence[str] | None = None) -> torch.Tensor:
         """All committed rows as one tensor (small stores only)."""

@@ -24,10 +24,12 @@ from safetensors.torch import save_file
 from logix.errors import StoreError
 from logix.store.format import (
     FORMAT_VERSION,
-    MANIFEST,
     Layout,
+    file_prefix,
     fsync_dir,
-    read_manifest,
+    manifest_name,
+    owns,
+    read_rank_manifest,
     to_numpy,
     write_json_atomic,
 )
@@ -42,7 +44,12 @@ class _Job:
 
 
 class ShardWriter:
-    """Writes committed shards of one store in a background thread."""
+    """Writes committed shards of one store in a background thread.
+
+    ``rank``: the writer's rank under ``torch.distributed``; each rank has its own manifest and
+    shard names in the same directory (see :mod:`logix.store.format`) and touches no other
+    rank's files.
+    """
 
     def __init__(
         self,
@@ -51,9 +58,12 @@ class ShardWriter:
         dtype: str,
         per_token: bool,
         queue_shards: int = 2,
+        rank: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self._manifest_file = self.directory / manifest_name(rank)
         self.dtype = dtype
         self.manifest = self._open_manifest(layout, dtype, per_token)
         self._clean_orphans()
@@ -66,7 +76,7 @@ class ShardWriter:
 
     # ---- manifest -------------------------------------------------------------------
     def _open_manifest(self, layout: Layout, dtype: str, per_token: bool) -> dict[str, Any]:
-        existing = read_manifest(self.directory)
+        existing = read_rank_manifest(self.directory, self.rank)
         fresh = {
             "format": FORMAT_VERSION,
             "layout": layout.to_json(),
@@ -78,7 +88,7 @@ class ShardWriter:
             "state": None,
         }
         if existing is None:
-            write_json_atomic(self.directory / MANIFEST, fresh)
+            write_json_atomic(self._manifest_file, fresh)
             return fresh
         for key in ("layout", "dtype", "per_token"):
             if existing[key] != fresh[key]:
@@ -89,15 +99,16 @@ class ShardWriter:
         return existing
 
     def _clean_orphans(self) -> None:
-        """Remove temporary files and shards that no manifest entry commits."""
+        """Remove this writer's temporary files and the shards its manifest does not commit
+        (files of other ranks' writers are left alone: they may be writing right now)."""
         named = {s["file"] for s in self.manifest["shards"]}
         if self.manifest.get("state"):
             named.add(self.manifest["state"])
         for path in self.directory.iterdir():
-            if path.name == MANIFEST:
+            if path.name == self._manifest_file.name or not owns(self.rank, path.name):
                 continue
             if path.name.startswith(".") or path.name not in named:
-                path.unlink()
+                path.unlink(missing_ok=True)
 
     def set_id_type(self, id_type: str) -> None:
         """Record whether ids are ``int`` or ``str`` (fixed by the first shard)."""
@@ -170,12 +181,13 @@ class ShardWriter:
                 self._queue.task_done()
 
     def _commit(self, job: _Job) -> None:
-        index = len(self.manifest["shards"])
-        name = f"shard-{index:06d}.h5"
+        index = self.manifest.get("next_index", len(self.manifest["shards"]))
+        prefix = file_prefix(self.rank)
+        name = f"shard-{prefix}{index:06d}.h5"
         self._write_shard(self.directory / name, job)
         state_name = None
         if job.state is not None:
-            state_name = f"state-{index:06d}.safetensors"
+            state_name = f"state-{prefix}{index:06d}.safetensors"
             tmp = self.directory / f".{state_name}.tmp"
             save_file({k: v.contiguous() for k, v in job.state.items()}, str(tmp))
             _fsync_file(tmp)
@@ -185,23 +197,66 @@ class ShardWriter:
         with self._lock:
             manifest = dict(self.manifest)
             manifest["shards"] = [*self.manifest["shards"], {"file": name, "rows": len(job.ids)}]
+            manifest["next_index"] = index + 1
             if state_name is not None:
                 manifest["state"] = state_name
-            write_json_atomic(self.directory / MANIFEST, manifest)
+            write_json_atomic(self._manifest_file, manifest)
             self.manifest = manifest
         if state_name is not None and old_state and old_state != state_name:
             (self.directory / old_state).unlink(missing_ok=True)
 
     def _write_shard(self, final: Path, job: _Job) -> None:
-        tmp = final.with_name(f".{final.name}.tmp")
-        with h5py.File(tmp, "w") as fh:
-            fh.create_dataset("rows", data=to_numpy(job.rows))
-            fh.create_dataset("ids", data=np.array([str(i) for i in job.ids], dtype=object), dtype=h5py.string_dtype())
-            if job.positions is not None:
-                fh.create_dataset("positions", data=job.positions.astype(np.int64))
-            fh.attrs["dtype"] = self.dtype
-        _fsync_file(tmp)
-        os.replace(tmp, final)
+        write_shard_file(final, to_numpy(job.rows), job.ids, job.positions, self.dtype)
+
+
+def write_shard_file(final: Path, rows: np.ndarray, ids: list, positions: np.ndarray | None, dtype: str) -> None:
+    """Write one shard under a hidden temporary name, fsync it, and rename it to ``final``."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    with h5py.File(tmp, "w") as fh:
+        fh.create_dataset("rows", data=rows)
+        fh.create_dataset("ids", data=np.array([str(i) for i in ids], dtype=object), dtype=h5py.string_dtype())
+        if positions is not None:
+            fh.create_dataset("positions", data=positions.astype(np.int64))
+        fh.attrs["dtype"] = dtype
+    _fsync_file(tmp)
+    os.replace(tmp, final)
+
+
+def drop_rows(directory: Path, rank: int, ids: set, per_token: bool) -> int:
+    """Remove every row whose id is in ``ids`` from the committed shards of writer ``rank``.
+
+    Crash-safe like a commit: each affected shard is rewritten under a new name, the manifest is
+    replaced to name it instead of the old one, and only then is the old file deleted (a crash
+    leaves either shard committed, never both, never a partial one). The writer must be closed.
+    Returns the number of rows removed."""
+    directory = Path(directory)
+    manifest = read_rank_manifest(directory, rank)
+    if manifest is None:
+        return 0
+    id_type = manifest.get("id_type")
+    removed = 0
+    for position, entry in enumerate(list(manifest["shards"])):
+        path = directory / entry["file"]
+        with h5py.File(path, "r") as fh:
+            raw_ids = [x.decode() if isinstance(x, bytes) else str(x) for x in fh["ids"][()]]
+            keys = [int(x) for x in raw_ids] if id_type == "int" else raw_ids
+            keep = np.array([k not in ids for k in keys], dtype=bool)
+            if keep.all():
+                continue
+            rows = fh["rows"][()][keep]
+            positions = fh["positions"][()][keep] if per_token else None
+            dtype = fh.attrs.get("dtype", manifest["dtype"])
+        index = manifest.get("next_index", len(manifest["shards"]))
+        name = f"shard-{file_prefix(rank)}{index:06d}.h5"
+        write_shard_file(directory / name, rows, [k for k, m in zip(keys, keep) if m], positions, dtype)
+        fsync_dir(directory)
+        shards = list(manifest["shards"])
+        shards[position] = {"file": name, "rows": int(keep.sum())}
+        manifest = {**manifest, "shards": shards, "next_index": index + 1}
+        write_json_atomic(directory / manifest_name(rank), manifest)
+        path.unlink(missing_ok=True)
+        removed += int((~keep).sum())
+    return removed
 
 
 def _fsync_file(path: Path) -> None:
