@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from logix.config import AnalysisConfig, Config
+from logix.distributed import Dist, init_from_launcher, initialized
 from logix.errors import LogixError
 from logix.statistics import Statistics
 from logix.store import Store
@@ -104,13 +105,15 @@ def _job(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> None:
     result = _job(args).run()
-    print(result.summary(max_queries=args.show))
-    print(f"\noutputs in {result.dir}")
+    if Dist.current().is_main:
+        print(result.summary(max_queries=args.show))
+        print(f"\noutputs in {result.dir}")
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
     result = _job(args).run(extract_only=True)
-    print(inspect_run(result.dir))
+    if Dist.current().is_main:
+        print(inspect_run(result.dir))
 
 
 # ---- influence ---------------------------------------------------------------------------------
@@ -135,20 +138,28 @@ def cmd_influence(args: argparse.Namespace) -> None:
         damping = Damping(damping.value if args.damping is None else args.damping,
                           damping.relative if args.absolute_damping is None else not args.absolute_damping)
     out = args.out or directory
-    out.mkdir(parents=True, exist_ok=True)
+    dist = Dist.current()
+    dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
+    parts = args.work_dir is not None or dist.active
     result = influence(
         directory, preconditioner=pre, damping=damping, mode=args.mode or ac.mode,
         weighting=args.weighting or ac.checkpoints.value, top_k=args.top_k or ac.top_k,
         memory_budget_mb=ac.memory_budget_mb, scores_path=out / "scores.h5" if args.save_scores else None,
         per_module=args.per_module, progress=not args.quiet,
         full_space_run=args.full_space_run or ac.full_space_run,
+        work_dir=(args.work_dir or out / "scoring") if parts else None, part_rows=args.part_rows,
+        overwrite_parts=args.overwrite,
     )
+    if not dist.is_main:
+        return
     texts = _job_texts(directory)
     sanity = category_agreement(result, *texts[2:]) if texts else None
     write_outputs(out, result, texts[0] if texts else {}, texts[1] if texts else {}, sanity)
     print(f"scored {len(result.query_ids)} queries x {len(result.train_ids)} train rows "
-          f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}); "
-          f"wrote {out / 'influence.jsonl'}")
+          f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}"
+          f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {out / 'influence.jsonl'}")
+    if parts and result.scores_path is not None:
+        print(f"score matrix: {result.scores_path} (a virtual dataset over the parts beside it)")
     if sanity:
         print(f"sanity: {sanity['same_category']:.1%} of top-{int(sanity['k'])} proponents share the "
               f"query's category (random: {sanity['random']:.1%})")
@@ -251,6 +262,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="asymmetric preconditioning: a projection-none run of the same model whose queries "
                    "are preconditioned in full space, then projected like DIR's rows (mode dot)")
     p.add_argument("--out", type=Path, help="output folder (default: DIR)")
+    p.add_argument("--work-dir", type=Path,
+                   help="score in resumable parts kept here (default under torchrun: OUT/scoring); a run "
+                   "interrupted mid-scoring redoes only its unfinished parts")
+    p.add_argument("--part-rows", type=int, help="train rows per part (default: about 64 parts)")
+    p.add_argument("--overwrite", action="store_true", help="discard the parts of a different scoring job in the work dir")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("contribute", help="score instruction data, fit a selector, select a subset",
                        formatter_class=_Formatter, description="Score a pool of instruction samples (in-context "
@@ -307,6 +323,8 @@ def cli_reference() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.command in ("run", "extract", "influence"):
+        init_from_launcher()
     commands = {"run": cmd_run, "extract": cmd_extract, "influence": cmd_influence,
                 "inspect": lambda a: print(inspect_run(a.run_dir)), "contribute": cmd_contribute,
                 "select": cmd_select, "report": cmd_report}
@@ -316,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         reason = " ".join(str(exc).split())
         print(f"logix: error: {reason}", file=sys.stderr)
         return 1
+    finally:
+        if initialized():
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -179,6 +179,21 @@ def shard_indices(n: int, rank: int | None = None, world_size: int | None = None
     return range(lo, hi)
 
 
+def init_from_launcher(backend: str | None = None) -> bool:
+    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
+    environment (``WORLD_SIZE`` > 1); NCCL with one GPU per local rank when CUDA is available,
+    else gloo. Returns whether a group of several processes is now initialised."""
+    if initialized():
+        return torch.distributed.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend)
+    return True
+
+
 def env_rank() -> tuple[int, int]:
     """``(RANK, WORLD_SIZE)`` from the launcher's environment (before the group exists)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -27,8 +27,10 @@ from torch import nn
 
 from logix.analysis import CHECKPOINTS_FILE, compute_influence, load_checkpoints
 from logix.analysis.influence import InfluenceResult
+from logix.analysis.sharded import sharded_influence
 from logix.config import Config, DataFormat, ModelArch, resolve_config
 from logix.data import InstructionDataset, PadCollator, TextDataset, load_jsonl, load_tokenizer
+from logix.distributed import Dist
 from logix.errors import ConfigError
 from logix.integrations.extract import extract
 from logix.run import Run
@@ -226,6 +228,9 @@ class Job:
         return cls(config, config_dir=Path(path).resolve().parent, **kwargs)
 
     def _prepare_dir(self) -> None:
+        Dist.current().on_main(self._prepare_dir_main)  # under torchrun: rank 0 writes, all wait
+
+    def _prepare_dir_main(self) -> None:
         if self.overwrite and self.dir.exists():
             import shutil
 
@@ -279,7 +284,7 @@ class Job:
                 batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
                 limit=sched.max_examples, progress=self.progress)
         entry = {"name": "model", "step": None, "epoch": None, "learning_rate": None, "dir": "model"}
-        write_json_atomic(self.dir / CHECKPOINTS_FILE, {"checkpoints": [entry]})
+        run.dist.on_main(lambda: write_json_atomic(self.dir / CHECKPOINTS_FILE, {"checkpoints": [entry]}))
         return "model"
 
     def _fine_tune(self, model, train, queries, tokenizer) -> list[str]:
@@ -302,16 +307,24 @@ class Job:
         cps, entries = load_checkpoints(self.dir, ac.preconditioner, ac.resolved_damping(),
                                         ac.checkpoints.value)
         query_ids = Store(self.dir / entries[-1]["dir"] / "stores" / "queries").ids
-        res = compute_influence(
-            cps, query_ids=query_ids, mode=ac.mode, top_k=ac.top_k, memory_budget_mb=ac.memory_budget_mb,
-            scores_path=self.dir / "scores.h5" if ac.save_scores else None,
-            self_influence=ac.self_influence, progress=self.progress,
-        )
+        dist = Dist.current()
+        if dist.active:  # each process scores its parts of the train rows; results merged exactly
+            res = sharded_influence(
+                cps, self.dir / "scoring", query_ids=query_ids, mode=ac.mode, top_k=ac.top_k,
+                memory_budget_mb=ac.memory_budget_mb, save_scores=ac.save_scores,
+                self_influence=ac.self_influence, progress=self.progress, overwrite=True,
+            )
+        else:
+            res = compute_influence(
+                cps, query_ids=query_ids, mode=ac.mode, top_k=ac.top_k, memory_budget_mb=ac.memory_budget_mb,
+                scores_path=self.dir / "scores.h5" if ac.save_scores else None,
+                self_influence=ac.self_influence, progress=self.progress,
+            )
         result.influence = res
         result.train_texts = _texts(train)
         result.query_texts = _texts(queries)
         result.sanity = category_agreement(res, _categories(train, self.config), _categories(queries, self.config))
-        write_outputs(self.dir, res, result.train_texts, result.query_texts, result.sanity)
+        dist.on_main(lambda: write_outputs(self.dir, res, result.train_texts, result.query_texts, result.sanity))
 
 
 def _device() -> torch.device:

@@ -349,8 +349,8 @@ class Run:
 
     def _open_log_pass(self) -> None:
         sink = self._open_sink(TRAIN_STORE, state=lambda: self._stats.flat())
-        if self.config.projection.type is not ProjectionType.NONE:
-            save_projections(self.dir / "projection.safetensors", self.projections)
+        if self.config.projection.type is not ProjectionType.NONE and self.dist.is_main:
+            save_projections(self.dir / "projection.safetensors", self.projections)  # same on every rank
         if sink.state_file is not None:
             self._stats = Statistics.load(sink.state_file, frozen=False)
             log.info("logix: resuming after %d committed rows", sink.writer.committed_rows)

@@ -113,6 +113,22 @@ def load_asymmetric_checkpoint(
 CHECKPOINTS_FILE = "checkpoints.json"
 
 
+def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run, work_dir, part_rows,
+                     overwrite, kwargs) -> InfluenceResult:
+    from logix.analysis.sharded import sharded_influence
+
+    kwargs = dict(kwargs)
+    save_scores = kwargs.pop("scores_path", None) is not None
+    if full_space_run is not None:
+        cps = [load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)]
+        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
+    else:
+        cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
+        query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
+    return sharded_influence(cps, work_dir, query_ids=query_ids, mode=mode, part_rows=part_rows,
+                             save_scores=save_scores, overwrite=overwrite, **kwargs)
+
+
 def checkpoint_weights(entries: list[dict], weighting: str) -> list[float]:
     """Weights of logged checkpoints: ``lr`` (learning rates, normalised to sum 1),
     ``uniform`` or ``last`` (only the last checkpoint)."""
@@ -162,6 +178,9 @@ def influence(
     mode: ScoreMode | str = ScoreMode.DOT,
     weighting: str = "lr",
     full_space_run: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    part_rows: int | None = None,
+    overwrite_parts: bool = False,
     **kwargs,
 ) -> InfluenceResult:
     """Influence of every train example of ``run_dir`` on each of its logged queries.
@@ -172,7 +191,17 @@ def influence(
     ``full_space_run``: asymmetric preconditioning (:func:`load_asymmetric_checkpoint`): the
     queries are those of this ``projection: none`` run, preconditioned in full space with
     ``preconditioner`` and projected like ``run_dir``'s rows (one run, mode ``dot``).
+
+    ``work_dir``: score in resumable parts there (:func:`logix.analysis.sharded.sharded_influence`);
+    under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and the
+    ranks share the parts. ``scores_path`` then becomes ``work_dir/scores.h5`` (a virtual
+    dataset over the parts). ``kwargs`` go to :func:`compute_influence`.
     """
+    from logix.distributed import Dist
+
+    if work_dir is not None or Dist.current().active:
+        return _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run,
+                                Path(work_dir or Path(run_dir) / "scoring"), part_rows, overwrite_parts, kwargs)
     if full_space_run is not None:
         if ScoreMode.parse(mode, "mode") is not ScoreMode.DOT:
             raise LogixError("Asymmetric preconditioning (full_space_run) scores in mode 'dot' only.")

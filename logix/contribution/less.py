@@ -466,6 +466,14 @@ def less_extract(
     """
     from logix.integrations.extract import extract
 
+    if run.dist.active:
+        from logix.errors import DistributedError
+
+        raise DistributedError(
+            "LESS rows (optimizer_states / adam_rows) are logged by one process: the optimizer's moments "
+            "are per-rank state (sharded under FSDP). Log the LESS checkpoints without torchrun / "
+            "accelerate launch, or leave optimizer_states and adam_rows off under several processes."
+        )
     moments = optimizer_moments(model, optimizer)
     if not adam_rows:
         store = extract(run, model, dataset, collator, **kwargs)
