@@ -82,18 +82,28 @@ def log_examples(run, model, prefix, n, batch, seed, indices, kill_after=None, c
 def log_run(opts, root, kill_rank=None):
     d = Dist.current()
     model = TokenLM()
-    wrapped = model
-    if d.active and opts.get("ddp", True):
+    wrapped, forward = model, model  # DDP: the forward runs through the inner model (no gradient sync)
+    wrap = opts.get("wrap", "ddp") if d.active else "none"
+    if wrap == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(model)
+    elif wrap == "fsdp1":  # sharded parameters: every forward runs through the wrapper, on all ranks
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = forward = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    elif wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.fc)
+        wrapped = forward = fully_shard(model)
     run = logix.init(opts.get("project", "run"), config=opts["config"], root=root)
     run.watch(wrapped)
     n, nq = opts.get("n", 37), opts.get("nq", 5)
     mine = shard_indices(n, d.rank, d.world_size)
     for pass_ in run.plan():
         kill = opts.get("kill_after") if (d.rank == kill_rank and pass_.writes_rows) else None
-        log_examples(run, model, "ex", n, opts.get("batch", 3), 1, mine, kill)
+        log_examples(run, forward, "ex", n, opts.get("batch", 3), 1, mine, kill)
     run.finalize()
-    log_examples(run, model, "q", nq, 2, 2, shard_indices(nq, d.rank, d.world_size), ctx=run.log_queries)
+    log_examples(run, forward, "q", nq, 2, 2, shard_indices(nq, d.rank, d.world_size), ctx=run.log_queries)
     run.finalize()
     return run
 

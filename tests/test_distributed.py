@@ -131,6 +131,19 @@ def test_pca_projection_is_computed_on_rank_0_and_shared(tmp_path):
     torch.testing.assert_close(train1.get(ids).abs(), train2.get(ids).abs(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("wrap", ["fsdp1", "fsdp2"])
+def test_fsdp_sharded_model_logs_like_one_process(tmp_path, wrap):
+    """FSDP (use_orig_params) and FSDP2: hooks on the original modules, canonical names, same rows."""
+    opts = {"config": RANDOM_EKFAC, "n": 36, "nq": 4, "score": False}  # as many batches on each rank
+    launch(1, "log", tmp_path / "root1", tmp_path / "out1", opts)
+    launch(2, "log", tmp_path / "root2", tmp_path / "out2", {**opts, "wrap": wrap})
+    one, two = tmp_path / "root1" / "run", tmp_path / "root2" / "run"
+    train2 = logix.load_store(two / "stores" / "train")
+    assert train2.layout.names == ["emb", "fc", "head"]
+    assert_same_rows(logix.load_store(one / "stores" / "train"), train2)
+    assert_same_statistics(one / "statistics" / "log.safetensors", two / "statistics" / "log.safetensors")
+
+
 def test_duplicate_ids_across_ranks(tmp_path):
     launch(2, "dup", tmp_path / "root", tmp_path / "out", {"config": CRASH})
     records = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in (0, 1)]
@@ -146,7 +159,10 @@ def test_duplicate_ids_across_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_rank_keeps_committed_shards_and_resume_completes(tmp_path):
+@pytest.mark.parametrize("resume_procs", [2, 1])
+def test_killed_rank_keeps_committed_shards_and_resume_completes(tmp_path, resume_procs):
+    """Rank 1 is SIGKILLed mid-pass (torchrun then stops rank 0). Resumed with 2 processes each rank
+    continues from its own committed state; with 1 process rank 0 also adopts rank 1's."""
     root = tmp_path / "root"
     opts = {"config": CRASH, "kill_after": 3, "batch": 2, "score": False}
     proc = launch(2, "crash", root, tmp_path / "out", opts, check=False)
@@ -161,7 +177,7 @@ def test_killed_rank_keeps_committed_shards_and_resume_completes(tmp_path):
     ids = partial.ids
     torch.testing.assert_close(partial.get(ids), reference.get(ids), rtol=1e-5, atol=1e-7)  # whole rows only
 
-    launch(2, "log", root, tmp_path / "out2", {"config": CRASH, "batch": 2, "score": False})  # resume
+    launch(resume_procs, "log", root, tmp_path / "out2", {"config": CRASH, "batch": 2, "score": False})  # resume
     assert_same_rows(reference, logix.load_store(train))
     assert_same_statistics(tmp_path / "ref" / "run" / "statistics" / "log.safetensors",
                            root / "run" / "statistics" / "log.safetensors")
@@ -198,3 +214,26 @@ def test_trainer_callback_under_accelerate_launch_equals_one_process(tmp_path):
             assert ids == sorted(b.ids)
             tol = 1e-5 if name == "start" else 2e-3  # after training: DDP's averaged gradients
             torch.testing.assert_close(a.get(ids), b.get(ids), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.slow
+def test_cli_extract_and_influence_under_torchrun_equal_one_process(tmp_path):
+    """`torchrun -m logix.cli extract` then `torchrun -m logix.cli influence`: same outputs as one process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = ["configs/quickstart.yaml", f"root={tmp_path}", "data.limit_train=120", "data.limit_queries=6",
+              "projection.rank_in=4", "projection.rank_out=4", "--quiet"]
+    for n in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                    "-m", "logix.cli"]
+        for args in (["extract", *common, "--project", f"p{n}"],
+                     ["influence", str(tmp_path / f"p{n}"), "--save-scores", "--part-rows", "32", "--quiet"]):
+            proc = subprocess.run(launcher + args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+    one = [json.loads(line) for line in (tmp_path / "p1" / "influence.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "p2" / "influence.jsonl").read_text().splitlines()]
+    assert [[p["id"] for p in q["proponents"]] for q in one] == [[p["id"] for p in q["proponents"]] for q in two]
+    train2 = logix.load_store(tmp_path / "p2" / "model" / "stores" / "train")
+    assert train2.manifest["ranks"] == [0, 1] and train2.n_rows == 120
+    with h5py.File(tmp_path / "p1" / "scores.h5") as a, \
+            h5py.File(tmp_path / "p2" / "scoring" / "scores.h5") as b:
+        np.testing.assert_allclose(a["scores"][()], b["scores"][()], rtol=1e-4, atol=1e-6 * np.abs(a["scores"][()]).max())
