@@ -118,7 +118,7 @@ def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_spa
     from logix.analysis.sharded import sharded_influence
 
     kwargs = dict(kwargs)
-    save_scores = kwargs.pop("scores_path", None) is not None
+    save_scores = bool(kwargs.pop("save_scores", False)) | (kwargs.pop("scores_path", None) is not None)
     if full_space_run is not None:
         cps = [load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)]
         query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
@@ -194,8 +194,9 @@ def influence(
 
     ``work_dir``: score in resumable parts there (:func:`logix.analysis.sharded.sharded_influence`);
     under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and the
-    ranks share the parts. ``scores_path`` then becomes ``work_dir/scores.h5`` (a virtual
-    dataset over the parts). ``kwargs`` go to :func:`compute_influence`.
+    ranks share the parts. The full score matrix is then written with ``save_scores=True`` (or
+    any ``scores_path``) to ``work_dir/scores.h5``, a virtual dataset over the parts.
+    ``kwargs`` go to :func:`compute_influence`.
     """
     from logix.distributed import Dist
 

@@ -101,7 +101,8 @@ def sharded_influence(
         overwrite: discard the results in ``work_dir`` of a different scoring job instead of
             raising.
         dist: the process group (default: the initialised one, else a single process).
-        Other arguments: see :func:`compute_influence`.
+
+    The other arguments are those of :func:`compute_influence`.
     """
     cps = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
     if not cps:
