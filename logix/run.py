@@ -832,9 +832,13 @@ def init(
     config: Config | dict | str | Path | None = None,
     root: str | Path | None = None,
     overwrite: bool = False,
+    distributed: bool | None = None,
 ) -> Run:
-    """Create or resume the run ``<root>/<project>``; see :class:`Run`."""
-    return Run(project, config=config, root=root, overwrite=overwrite)
+    """Create or resume the run ``<root>/<project>``; see :class:`Run`.
+
+    Under an initialised ``torch.distributed`` group every rank must call it (the run is
+    shared); ``distributed=False`` makes a run of this process alone."""
+    return Run(project, config=config, root=root, overwrite=overwrite, distributed=distributed)
 
 
 def load_run_store(run_dir: str | Path, name: str = TRAIN_STORE) -> Store:

@@ -112,6 +112,8 @@ def sharded_influence(
     work_dir = Path(work_dir)
     train = cps[0].train
     n_train, n_query = train.n_rows, cps[0].queries.shape[0]
+    if n_train == 0:
+        raise LogixError(f"The train store {train.directory} has no committed rows to score.")
     qids = list(range(n_query)) if query_ids is None else list(query_ids)
     part_rows = part_rows or default_part_rows(n_train)
     parts = plan_parts(n_train, part_rows)
