@@ -3,7 +3,7 @@
 Reuses ``bench_lds``'s ``lm`` task (tiny GPT-2, 320 train / 64 query sequences, ground truth from
 64 half-subset retrainings, cached under ``results/cache/``). One model, logged once unprojected
 (``projection: none`` + EK-FAC: the full-dimension reference, and the full-space statistics and
-query gradients of asymmetric preconditioning) and once per projection (random, pca) and rank pair
+query gradients of asymmetric preconditioning) and once per projection (random, pca, whitened) and rank pair
 ``(k_in, k_out)`` per side (capped by each module's dimensions). Each projected run is scored with
 the symmetric preconditioners (identity, kfac, ekfac, and raw where the blocks are small) and with
 asymmetric preconditioning (``load_asymmetric_checkpoint``: queries preconditioned in full space
@@ -142,7 +142,7 @@ def main() -> None:
                 scores, s = timed(score_matrix, full_dir, pre, d or 0.0, tmp)
                 add("none", None, None, pre, False, d, scores, s, full_bytes)
         print(f"full-dimension reference logged and scored ({time.perf_counter() - start:.0f}s)", flush=True)
-        for projection in ("random", "pca"):
+        for projection in ("random", "pca", "whitened"):
             for k_in, k_out in rank_pairs:
                 r = ranks(model, k_in, k_out)
                 raw = max(a * b for a, b in r.values()) <= RAW_MAX_ROW

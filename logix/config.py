@@ -50,7 +50,13 @@ class ProjectionType(_ChoiceEnum):
 
     RANDOM = "random"  # seeded Gaussian, entries N(0, 1/k): inner products unbiased
     PCA = "pca"  # top eigenvectors of the activation / output-gradient covariances
+    WHITENED = "whitened"  # random directions of the KFAC-whitened space: (A + d)^-1/2 R, (S + d)^-1/2 R
     NONE = "none"  # full per-example gradients (small models only)
+
+    @property
+    def needs_covariance(self) -> bool:
+        """Whether the projection is built from a first pass's full-space covariances."""
+        return self in (ProjectionType.PCA, ProjectionType.WHITENED)
 
 
 class StoreDtype(_ChoiceEnum):
@@ -107,7 +113,7 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class ProjectionConfig:
     """LoGra projection of activations (``P_in``) and output gradients (``P_out``)."""
 
-    type: ProjectionType = _help("random | pca | none.", ProjectionType.RANDOM)
+    type: ProjectionType = _help("random | pca | whitened | none.", ProjectionType.RANDOM)
     rank_in: int = _help(
         "k_in: projected size of the (bias-augmented) input activations (capped at each module's size).", 16
     )
@@ -117,9 +123,17 @@ class ProjectionConfig:
         default_factory=dict,
     )
     seed: int = _help("Seed of the random projection (mixed with each module's name).", 0)
+    whiten_damping: float = _help(
+        "whitened: damping added to each covariance factor before whitening, relative to its mean "
+        "eigenvalue (the factored damping of the KFAC inverse the stored rows approximate).", 0.01
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", ProjectionType.parse(self.type, "projection.type"))
+        if not isinstance(self.whiten_damping, (int, float)) or isinstance(self.whiten_damping, bool) \
+                or not self.whiten_damping > 0:
+            raise ConfigError(f"projection.whiten_damping must be a positive number, got {self.whiten_damping!r}.")
+        object.__setattr__(self, "whiten_damping", float(self.whiten_damping))
         for name in ("rank_in", "rank_out"):
             _positive_int(getattr(self, name), f"projection.{name}")
         ranks = {}

@@ -92,6 +92,38 @@ def pca_projection(name: str, cov: Tensor, k: int, side: str) -> Tensor:
     return top.to(torch.float32).contiguous()
 
 
+def whitened_projection(name: str, cov: Tensor, k: int, seed: int, side: str, damping: float) -> Tensor:
+    """``(C + d I)^-1/2 R``: ``k`` random directions of the space whitened by the covariance ``C``.
+
+    ``d`` is ``damping`` times the mean eigenvalue of ``C``; ``R`` (``dim x k``) has orthonormal
+    columns scaled by ``sqrt(dim / k)`` (the Q factor of a seeded Gaussian matrix), so that
+    ``E[R R^T] = I`` and ``R R^T = I`` exactly when ``k = dim``. For a module whose per-example
+    gradient is ``G`` (``d_out x d_in``) the stored block ``P_out^T G P_in`` then satisfies
+    ``E[<P^T G_q P, P^T G_t P>] = vec(G_q)^T ((A + d_A)^-1 kron (S + d_S)^-1) vec(G_t)``: plain dot
+    products of stored rows estimate the KFAC-preconditioned influence, with the projection
+    error measured in the metric the preconditioner uses (a random projection of the raw gradient
+    spends its dimensions on high-curvature directions that ``H^-1`` then down-weights).
+    """
+    dim = cov.shape[0]
+    if k > dim:
+        raise ConfigError(f"Module {name!r}: whitened rank {k} exceeds the {side} dimension {dim}.")
+    cov64 = cov.to(torch.float64)
+    if not torch.isfinite(cov64).all():
+        raise StatisticsError(f"Module {name!r}: the {side} covariance has NaN/Inf; cannot whiten.")
+    evals, evecs = torch.linalg.eigh(0.5 * (cov64 + cov64.T))
+    evals = evals.clamp_min(0)
+    shift = damping * float(evals.mean())
+    if shift <= 0:
+        raise StatisticsError(
+            f"Module {name!r}: the {side} covariance is zero (no data reached it); cannot whiten."
+        )
+    gen = torch.Generator().manual_seed(module_seed(seed, f"{name}:{side}:whitened"))
+    basis, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64))
+    basis = basis * (dim / k) ** 0.5
+    inv_sqrt = (evecs * (evals + shift).rsqrt()[None, :]) @ evecs.T
+    return (inv_sqrt @ basis).to(torch.float32).contiguous()
+
+
 def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> None:
     tensors: dict[str, Tensor] = {}
     for name, proj in projections.items():

@@ -44,6 +44,7 @@ from logix.projection import (
     pca_projection,
     random_projection,
     save_projections,
+    whitened_projection,
 )
 from logix.runinfo import RunInfo, normalise_ids
 from logix.sink import StoreSink, committed_ids
@@ -144,7 +145,7 @@ class Run:
         st = cfg.statistics
         raw = st.raw or st.raw_joint
         true_fisher = st.fisher is not FisherType.EMPIRICAL and (st.kfac or st.ekfac or raw)
-        pca = cfg.projection.type is ProjectionType.PCA
+        pca = cfg.projection.type.needs_covariance
         specs = []
         if pca:
             specs.append(PassSpec("covariance", "full", covariance=True, gradients=False,
@@ -251,7 +252,7 @@ class Run:
                     random_projection(w.name, w.shape.d_in_aug, k_in, seed, "in"),
                     random_projection(w.name, w.shape.d_out, k_out, seed, "out"),
                 )
-        if ptype is ProjectionType.PCA and "covariance" in self.info.done:
+        if ptype.needs_covariance and "covariance" in self.info.done:
             self.projections = load_projections(self.dir / "projection.safetensors", self._names())
         self._set_layout()
 
@@ -477,8 +478,17 @@ class Run:
         self._check_stats(full, "covariance")
         full.freeze()
         full.save(stats_dir / "full.safetensors")
+        pcfg = self.config.projection
         for w in self.watched:
             k_in, k_out = self._ranks(w)
+            if pcfg.type is ProjectionType.WHITENED:
+                self.projections[w.name] = ModuleProjection(
+                    whitened_projection(w.name, full.mean(w.name, "A"), k_in, pcfg.seed, "input",
+                                        pcfg.whiten_damping),
+                    whitened_projection(w.name, full.mean(w.name, "S"), k_out, pcfg.seed, "output-gradient",
+                                        pcfg.whiten_damping),
+                )
+                continue
             self.projections[w.name] = ModuleProjection(
                 pca_projection(w.name, full.mean(w.name, "A"), k_in, "input"),
                 pca_projection(w.name, full.mean(w.name, "S"), k_out, "output-gradient"),

@@ -64,7 +64,7 @@ def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
     cfg = resolve_config(config_path).projection
     if cfg.type is ProjectionType.NONE:
         return {name: ModuleProjection(None, None) for name in layout.names}
-    if cfg.type is ProjectionType.PCA:
+    if cfg.type.needs_covariance:
         path = run_dir / "projection.safetensors"
         if not path.exists():
             raise StatisticsError(f"{run_dir} has no projection.safetensors: its PCA pass did not finish.")
