@@ -143,11 +143,15 @@ def _unit(rows: Tensor) -> Tensor:
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None, key: str = "scores") -> Tensor:
+def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None, key: str = "scores",
+            as_float64: bool = True) -> Tensor:
     """``pq @ rows.T`` in ``pq``'s dtype, as float64 (in the scratch buffer ``key``: valid until
-    the next call with that key); rows of another dtype are converted a block at a time."""
+    the next call with that key); rows of another dtype are converted a block at a time.
+    ``as_float64=False``: the GEMM's own output when the dtypes match (no float64 copy)."""
     scratch = scratch or _Scratch()
     shape = (pq.shape[0], rows.shape[0])
+    if rows.dtype == pq.dtype and not as_float64:
+        return torch.matmul(pq, rows.T, out=scratch.named(key + ":gemm", shape, pq.dtype))
     out = scratch.named(key, shape, torch.float64)
     if rows.dtype == pq.dtype:
         if pq.dtype == torch.float64:
@@ -160,7 +164,10 @@ def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None, key: str 
 
 
 class _TopK:
-    """Running top-k (largest) values and global indices per query."""
+    """Running top-k (largest) values and global indices per query.
+
+    Values are kept in the dtype of the scores they came from (float32 scores are exact in
+    float32) and read as float64 through :attr:`values64`."""
 
     def __init__(self, n_query: int, k: int, largest: bool) -> None:
         self.k, self.largest = k, largest
@@ -169,13 +176,21 @@ class _TopK:
         self.index = torch.zeros((n_query, 0), dtype=torch.long)
 
     def update(self, scores: Tensor, start: int) -> None:
-        k = min(self.k, scores.shape[1])
-        values, pos = scores.topk(k, dim=1, largest=self.largest, sorted=False)  # this chunk's best
-        values = torch.cat([self.values, values], 1)
-        index = torch.cat([self.index, pos + start], 1)
-        k = min(self.k, values.shape[1])
-        self.values, pos = values.topk(k, dim=1, largest=self.largest, sorted=True)
-        self.index = index.gather(1, pos)
+        """Merge a chunk of scores whose first column is global row ``start``: one top-k over the
+        running best and the chunk together."""
+        kept = self.values.shape[1]
+        candidates = scores if kept == 0 else torch.cat([self.values.to(scores.dtype), scores], 1)
+        k = min(self.k, candidates.shape[1])
+        self.values, pos = candidates.topk(k, dim=1, largest=self.largest, sorted=True)
+        if kept == 0:
+            self.index = pos + start
+        else:
+            old = self.index.gather(1, pos.clamp(max=kept - 1))
+            self.index = torch.where(pos < kept, old, pos - kept + start)
+
+    @property
+    def values64(self) -> Tensor:
+        return self.values.to(torch.float64)
 
 
 def compute_influence(
@@ -243,8 +258,8 @@ def compute_influence(
     top, bottom = state.top, state.bottom
     result = InfluenceResult(
         qids, train_ids,
-        [[train_ids[i] for i in row] for row in top.index.tolist()], top.values,
-        [[train_ids[i] for i in row] for row in bottom.index.tolist()], bottom.values,
+        [[train_ids[i] for i in row] for row in top.index.tolist()], top.values64,
+        [[train_ids[i] for i in row] for row in bottom.index.tolist()], bottom.values64,
         state.self_inf if self_influence else None,
         scores_path=None if scores_path is None else Path(scores_path),
         top_index=top.index, bottom_index=bottom.index,
@@ -274,11 +289,13 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     sub = [q[rows] for q in queries]
     norms = None if q_norms is None else q_norms[rows]
     top, bottom = _TopK(len(sub[0]), state.top.k, True), _TopK(len(sub[0]), state.top.k, False)
-    # Chunks of exactly chunk_rows rows, read into reused buffers. Shard-aligned zero-copy chunks
-    # (iter_chunks(align_to_shards=True)) measured slower on a loaded 2-core machine: smaller
-    # GEMMs over memory-mapped pages (docs/benchmarks.md).
+    # Shard-aligned chunks: zero-copy memory maps of the shard files, scored in place (no copy of
+    # the rows out of the page cache; on a 2-core machine the copy cost as much as the GEMM:
+    # docs/benchmarks.md). Several checkpoints' stores chunk alike only when their shards do;
+    # otherwise chunks of exactly chunk_rows rows are read into reused buffers.
     hi = cps[0].train.n_rows if hi is None else hi
-    streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi) for cp in cps]
+    aligned = len({tuple(cp.train.shard_rows) for cp in cps}) == 1
+    streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi, align_to_shards=aligned) for cp in cps]
     bar = tqdm(total=hi - lo, desc="influence", unit="row", disable=not progress, leave=False)
     scratch = _Scratch()
     for chunks in zip(*streams):
@@ -338,9 +355,12 @@ def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tenso
 def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[Tensor, Tensor | None]:
     scores, s_inf = None, None
     scratch = scratch or _Scratch()
+    # dot scores of one checkpoint need no float64 arithmetic: top-k runs on the GEMM's own output
+    # (the same values, so the same selection) and only the selected values become float64
+    exact32 = mode is ScoreMode.DOT and len(cps) == 1
     for cp, pq, chunk in zip(cps, queries, chunks):
         rows = chunk.rows
-        part = _scores(pq, rows, scratch, "scores" if scores is None else "part")
+        part = _scores(pq, rows, scratch, "scores" if scores is None else "part", as_float64=not exact32)
         if mode is ScoreMode.UNIT:  # score of unit rows = score of rows / their norm (no unit copy)
             sq_norms = _row_dots(rows, None, scratch)
             part /= sq_norms.sqrt().clamp_min(1e-30)[None, :]
