@@ -208,3 +208,22 @@ def test_ddp_wrapped_model_logs_under_the_plain_names(tmp_path):
         assert store.layout.names == ["0", "2"] and store.n_rows == 5
     finally:
         dist.destroy_process_group()
+
+
+def test_checkpoints_with_different_shard_sizes_score_like_each_alone(tmp_path):
+    """Zero-copy chunks follow each store's shards; stores sharded differently fall back to
+    fixed-size chunks so the checkpoints' rows stay paired."""
+    gen = torch.Generator().manual_seed(3)
+    rows_a, rows_b = torch.randn(50, LAYOUT.dim, generator=gen), torch.randn(50, LAYOUT.dim, generator=gen)
+    ids = [f"t{i}" for i in range(50)]
+    write(tmp_path / "a", 0, [(rows_a[:20], ids[:20]), (rows_a[20:], ids[20:])])
+    write(tmp_path / "b", 0, [(rows_b[lo:lo + 7], ids[lo:lo + 7]) for lo in range(0, 50, 7)])
+    queries = torch.randn(3, LAYOUT.dim, generator=gen)
+    pre = Preconditioner("identity", None, LAYOUT)
+    a = Checkpoint(Store(tmp_path / "a"), queries, pre, weight=0.25)
+    b = Checkpoint(Store(tmp_path / "b"), queries, pre, weight=0.75)
+    both = compute_influence([a, b], top_k=50, chunk_rows=16, progress=False, dtype=torch.float64)
+    expected = queries.double() @ (0.25 * rows_a.double() + 0.75 * rows_b.double()).T
+    order = expected.argsort(dim=1, descending=True)
+    assert both.top_ids == [[ids[j] for j in row] for row in order.tolist()]
+    torch.testing.assert_close(both.top_scores, expected.gather(1, order))
