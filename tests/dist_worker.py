@@ -128,6 +128,7 @@ def trainer_task(root, out, opts):
     from transformers.utils import logging as hf_logging
 
     from logix.integrations.huggingface import LogixCallback
+    from tests.helpers import collate  # the launcher puts the repository root on PYTHONPATH
 
     hf_logging.set_verbosity_error()
     vocab = 50
@@ -141,15 +142,6 @@ def trainer_task(root, out, opts):
         length = int(torch.randint(5, 12, (1,), generator=gen))
         ids = torch.randint(1, vocab, (length,), generator=gen).tolist()
         items.append({"id": f"ex-{i}", "input_ids": ids, "labels": [-100] * 3 + ids[3:]})
-
-    def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        pad = [width - len(b["input_ids"]) for b in batch]
-        return {
-            "input_ids": torch.tensor([b["input_ids"] + [0] * p for b, p in zip(batch, pad)]),
-            "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * p for b, p in zip(batch, pad)]),
-            "labels": torch.tensor([b["labels"] + [-100] * p for b, p in zip(batch, pad)]),
-        }
 
     args = TrainingArguments(
         output_dir=str(out / "trainer_out"), max_steps=2, per_device_train_batch_size=8 // world,

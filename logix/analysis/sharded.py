@@ -44,7 +44,7 @@ from logix.analysis.influence import (
 )
 from logix.distributed import Dist
 from logix.errors import LogixError
-from logix.store.format import fsync_dir, write_json_atomic
+from logix.store.format import fsync_dir, fsync_file, write_json_atomic
 
 JOB_FILE = "job.json"
 SCORES_FILE = "scores.h5"
@@ -194,7 +194,7 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
         progress=False, dtype=dtype, rows=rows,
     )
     if scores_tmp is not None:
-        _fsync(scores_tmp)
+        fsync_file(scores_tmp)
         os.replace(scores_tmp, work_dir / scores_part_file(index))
     tensors = {
         "top_scores": result.top_scores.contiguous(),
@@ -206,7 +206,7 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
     }
     tmp = work_dir / f".{part_file(index)}.tmp"
     save_file(tensors, str(tmp))
-    _fsync(tmp)
+    fsync_file(tmp)
     os.replace(tmp, work_dir / part_file(index))  # the part is done once this name exists
     fsync_dir(work_dir)
 
@@ -267,10 +267,3 @@ def _virtual_scores(work_dir: Path, parts: list[tuple[int, int]], n_query: int) 
         fh.attrs["parts"] = len(parts)
     os.replace(tmp, work_dir / SCORES_FILE)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,6 +27,7 @@ from logix.store.format import (
     Layout,
     file_prefix,
     fsync_dir,
+    fsync_file,
     manifest_name,
     owns,
     read_rank_manifest,
@@ -190,7 +191,7 @@ class ShardWriter:
             state_name = f"state-{prefix}{index:06d}.safetensors"
             tmp = self.directory / f".{state_name}.tmp"
             save_file({k: v.contiguous() for k, v in job.state.items()}, str(tmp))
-            _fsync_file(tmp)
+            fsync_file(tmp)
             os.replace(tmp, self.directory / state_name)
         fsync_dir(self.directory)
         old_state = self.manifest.get("state")
@@ -218,7 +219,7 @@ def write_shard_file(final: Path, rows: np.ndarray, ids: list, positions: np.nda
         if positions is not None:
             fh.create_dataset("positions", data=positions.astype(np.int64))
         fh.attrs["dtype"] = dtype
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, final)
 
 
@@ -258,10 +259,3 @@ def drop_rows(directory: Path, rank: int, ids: set, per_token: bool) -> int:
         removed += int((~keep).sum())
     return removed
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
