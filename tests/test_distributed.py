@@ -237,3 +237,24 @@ def test_cli_extract_and_influence_under_torchrun_equal_one_process(tmp_path):
     with h5py.File(tmp_path / "p1" / "scores.h5") as a, \
             h5py.File(tmp_path / "p2" / "scoring" / "scores.h5") as b:
         np.testing.assert_allclose(a["scores"][()], b["scores"][()], rtol=1e-4, atol=1e-6 * np.abs(a["scores"][()]).max())
+
+
+@pytest.mark.slow
+def test_cli_run_under_torchrun_trains_logs_and_scores(tmp_path):
+    """`torchrun -m logix.cli run`: the Trainer trains with DDP, the callback logs on both processes
+    into one store per checkpoint, the analysis is scored in parts and rank 0 writes the outputs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "logix.cli",
+           "run", "configs/quickstart.yaml", f"root={tmp_path}", "data.limit_train=96", "data.limit_queries=6",
+           "train.epochs=1", "schedule.epochs=[1]", "--project", "two", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("outputs in") == 1  # printed by rank 0 only
+    project = tmp_path / "two"
+    entries = json.loads((project / "checkpoints.json").read_text())["checkpoints"]
+    assert [e["name"] for e in entries] == ["epoch-1"]
+    train = logix.load_store(project / "epoch-1" / "stores" / "train")
+    assert train.manifest["ranks"] == [0, 1] and sorted(train.ids) == sorted(set(train.ids)) and train.n_rows == 96
+    records = [json.loads(line) for line in (project / "influence.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(len(r["proponents"]) == 10 for r in records)
+    assert (project / "scoring" / "job.json").exists()
