@@ -152,12 +152,12 @@ def collective_device() -> torch.device:
 
 def _rebuild(kind: type, message: str, rank: int) -> BaseException:
     text = f"(on rank {rank}) {message}"
-    try:
-        if issubclass(kind, LogixError):
+    if isinstance(kind, type) and issubclass(kind, LogixError):
+        try:
             return kind(text)
-    except TypeError:
-        pass
-    return DistributedError(f"{kind.__name__} {text}")
+        except TypeError:  # a subclass whose constructor takes other arguments
+            return DistributedError(f"{kind.__name__} {text}")
+    return DistributedError(f"{getattr(kind, '__name__', kind)} {text}")
 
 
 def _short(value: Any) -> str:

@@ -384,7 +384,7 @@ class Run:
             return
         stats_dir = self.dir / "statistics"
         if spec.name == "log":
-            self._close_train_sink()
+            self._close_sink(TRAIN_STORE)
         if self.dist.active:  # sum every rank's statistics of this pass
             if spec.space == "full":
                 self._full_stats = self._reduced(self._full_stats, None)
@@ -456,12 +456,12 @@ class Run:
                     v = local[k].to(dtype)
                     parts.append((v - base[k].to(dtype) if k in base else v).reshape(-1))
                 else:
-                    parts.append(torch.zeros(int(np.prod(shape)) if shape else 1, dtype=dtype))
+                    parts.append(torch.zeros(int(np.prod(shape)), dtype=dtype))
             total = self.dist.all_reduce_sum(torch.cat(parts))
             at = 0
             for k in keys:
                 shape = merged[k][0]
-                n = int(np.prod(shape)) if shape else 1
+                n = int(np.prod(shape))  # 1 for a scalar (shape ())
                 delta = total[at : at + n].reshape(shape)
                 at += n
                 out[k] = base[k] + delta if k in base else delta
@@ -511,18 +511,20 @@ class Run:
             stats.set(name, "tokens", full.raw_sum(name, "tokens"))
         return stats
 
-    def _close_train_sink(self) -> None:
-        """Commit every rank's train rows, then check ids across ranks."""
-        sink = self._sinks.pop(TRAIN_STORE)
+    def _close_sink(self, name: str) -> None:
+        """Commit every rank's rows of the store ``name`` (collective; a rank without the store
+        open takes part all the same), then check ids across ranks."""
+        sink = self._sinks.pop(name, None)
         error = None
         try:
-            sink.close()
+            if sink is not None:
+                sink.close()
         except BaseException as exc:  # every rank must learn of it before the next collective
             error = exc
         self.dist.raise_anywhere(error)
-        if sink.skipped_duplicates:
+        if sink is not None and sink.skipped_duplicates:
             log.warning("logix: skipped %d duplicate ids", sink.skipped_duplicates)
-        self._check_rank_duplicates(TRAIN_STORE)
+        self._check_rank_duplicates(name)
 
     def _check_rank_duplicates(self, store: str) -> None:
         """Ids committed by more than one rank: an error, or (``store.duplicate_ids: skip``)
@@ -756,16 +758,8 @@ class Run:
         if not self.info.finalized:
             self.dist.on_main(self.info.mark_finalized)
             self.info.finalized = True
-        queries_open = any(self.dist.all_gather_object(QUERY_STORE in self._sinks))
-        if queries_open:
-            error = None
-            try:
-                if QUERY_STORE in self._sinks:
-                    self._sinks.pop(QUERY_STORE).close()
-            except BaseException as exc:
-                error = exc
-            self.dist.raise_anywhere(error)
-            self._check_rank_duplicates(QUERY_STORE)
+        if any(self.dist.all_gather_object(QUERY_STORE in self._sinks)):  # some rank logged queries
+            self._close_sink(QUERY_STORE)
         self.dist.barrier()
         return self.store()
 

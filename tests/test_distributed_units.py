@@ -227,3 +227,13 @@ def test_checkpoints_with_different_shard_sizes_score_like_each_alone(tmp_path):
     order = expected.argsort(dim=1, descending=True)
     assert both.top_ids == [[ids[j] for j in row] for row in order.tolist()]
     torch.testing.assert_close(both.top_scores, expected.gather(1, order))
+
+
+def test_part_wise_per_module_breakdown_equals_one_pass(tmp_path):
+    cp = _checkpoint(tmp_path)
+    ref = compute_influence(cp, mode="relative", top_k=4, per_module=True, progress=False, dtype=torch.float64)
+    res = sharded_influence(cp, tmp_path / "work", mode="relative", top_k=4, part_rows=9, per_module=True,
+                            self_influence=False, progress=False, dtype=torch.float64)
+    assert res.top_ids == ref.top_ids and res.self_influence is None
+    for name in ("a", "b"):
+        torch.testing.assert_close(res.per_module[name], ref.per_module[name])

@@ -40,6 +40,7 @@ from logix.analysis.influence import (
     InfluenceResult,
     ScoreMode,
     _module_breakdown,
+    _prepare_queries,
     compute_influence,
 )
 from logix.distributed import Dist
@@ -134,14 +135,15 @@ def sharded_influence(
     missing = [i for i in range(len(parts)) if not (work_dir / part_file(i)).exists()]
     if missing:
         raise LogixError(f"{work_dir}: parts {missing[:5]} have no result; run the scoring again to finish them.")
-    result = _merge(work_dir, len(parts), qids, train.ids, top_k, n_train, self_influence)
+    result = _merge(work_dir, len(parts), qids, train.ids, top_k)
     if save_scores:
         dist.on_main(lambda: _virtual_scores(work_dir, parts, n_query))
         result.scores_path = work_dir / SCORES_FILE
     if per_module:
-        queries = _prepared_queries(cps, mode)
-        result.per_module = _module_breakdown(cps, queries, result.top_index, mode,
-                                              _query_norms(cps, mode), _full_self(work_dir, len(parts), n_train))
+        queries, norms = _prepare_queries(cps, mode)
+        result.per_module = _module_breakdown(cps, queries, result.top_index, mode, norms, result.self_influence)
+    if not self_influence:
+        result.self_influence = None
     dist.barrier()
     return result
 
@@ -211,8 +213,7 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
     fsync_dir(work_dir)
 
 
-def _merge(work_dir: Path, n_parts: int, qids: list, train_ids: list, top_k: int, n_train: int,
-           self_influence: bool) -> InfluenceResult:
+def _merge(work_dir: Path, n_parts: int, qids: list, train_ids: list, top_k: int) -> InfluenceResult:
     tops, tops_i, bots, bots_i, selfs = [], [], [], [], []
     for i in range(n_parts):
         part = load_file(str(work_dir / part_file(i)))
@@ -223,7 +224,7 @@ def _merge(work_dir: Path, n_parts: int, qids: list, train_ids: list, top_k: int
         selfs.append(part["self_influence"])
     top_v, top_i = _best(torch.cat(tops, 1), torch.cat(tops_i, 1), top_k, largest=True)
     bot_v, bot_i = _best(torch.cat(bots, 1), torch.cat(bots_i, 1), top_k, largest=False)
-    self_inf = torch.cat(selfs) if self_influence else None
+    self_inf = torch.cat(selfs)
     return InfluenceResult(
         qids, train_ids,
         [[train_ids[j] for j in row] for row in top_i.tolist()], top_v,
@@ -236,22 +237,6 @@ def _best(values: torch.Tensor, index: torch.Tensor, k: int, largest: bool):
     k = min(k, values.shape[1])
     values, pos = values.topk(k, dim=1, largest=largest, sorted=True)
     return values, index.gather(1, pos)
-
-
-def _full_self(work_dir: Path, n_parts: int, n_train: int) -> torch.Tensor:
-    return torch.cat([load_file(str(work_dir / part_file(i)))["self_influence"] for i in range(n_parts)])
-
-
-def _prepared_queries(cps, mode):
-    from logix.analysis.influence import _prepare_queries
-
-    return _prepare_queries(cps, mode)[0]
-
-
-def _query_norms(cps, mode):
-    from logix.analysis.influence import _prepare_queries
-
-    return _prepare_queries(cps, mode)[1]
 
 
 def _virtual_scores(work_dir: Path, parts: list[tuple[int, int]], n_query: int) -> None:

@@ -304,12 +304,13 @@ def needs_lockstep(model: nn.Module) -> bool:
     """Whether every rank must run each forward together (FSDP shards the parameters)."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
+    except ImportError:  # torch built without distributed
         return False
-    for module in model.modules():
-        if isinstance(module, FullyShardedDataParallel) or type(module).__name__.startswith("FSDP"):
-            return True
-    return False
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard)
+    except ImportError:
+        FSDPModule = FullyShardedDataParallel  # noqa: N806  (an older torch: FSDP1 only)
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
 
 
 def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
