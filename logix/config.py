@@ -65,6 +65,8 @@ class StoreDtype(_ChoiceEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    INT8 = "int8"  # quantized: per-row, per-module absmax scale (logix.store.quant)
+    INT4 = "int4"
 
 
 class AccumDtype(_ChoiceEnum):
@@ -232,7 +234,9 @@ class StatisticsConfig:
 class StoreConfig:
     """On-disk layout of the logged rows."""
 
-    dtype: StoreDtype = _help("Dtype of the stored rows.", StoreDtype.FLOAT32)
+    dtype: StoreDtype = _help(
+        "Dtype of the stored rows: float32 | float16 | bfloat16, or quantized int8 | int4 (one "
+        "scale per row and module; queries stay float32).", StoreDtype.FLOAT32)
     shard_rows: int = _help("Rows per shard: a crash loses at most one uncommitted shard.", 1024)
     duplicate_ids: DuplicatePolicy = _help("error | skip, for an id logged twice.", DuplicatePolicy.ERROR)
     queue_shards: int = _help("Shards that may wait for the background writer (bounds memory).", 2)

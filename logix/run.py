@@ -50,6 +50,8 @@ from logix.runinfo import RunInfo, normalise_ids
 from logix.sink import StoreSink, committed_ids
 from logix.statistics import JOINT, Statistics, eigendecompose
 from logix.store import Layout, Store
+from logix.store.format import row_dtype
+from logix.store.quant import is_quantized
 from logix.store.format import manifest_ranks, read_manifest, read_rank_manifest
 from logix.store.writer import drop_rows
 
@@ -341,8 +343,11 @@ class Run:
 
     def _open_sink(self, name: str, state=None) -> StoreSink:
         cfg = self.config
+        dtype = cfg.store.dtype.value
+        if name == QUERY_STORE and is_quantized(dtype):
+            dtype = "float32"  # a few rows, scored against every train row: kept exact
         sink = StoreSink(
-            self.dir / "stores" / name, self.layout, cfg.store.dtype.value, cfg.capture.per_token,
+            self.dir / "stores" / name, self.layout, dtype, cfg.capture.per_token,
             cfg.store.shard_rows, cfg.store.queue_shards, cfg.store.duplicate_ids, state, self.dist.rank,
         )
         self._sinks[name] = sink
@@ -695,7 +700,7 @@ class Run:
         grads = {n: g.detach().to("cpu") for n, g in result.grads.items()}
         new_ids = [i for i, k in zip(ctx.ids, keep.tolist()) if k]
         ids = new_ids
-        store_dtype = _DTYPES[self.config.store.dtype.value]
+        store_dtype = row_dtype(self.config.store.dtype.value)
         if result.token_grads is None:
             rows = torch.cat([grads[n].flatten(1) for n in self._names()], dim=1)
             if len(new_ids) < len(ctx.ids):

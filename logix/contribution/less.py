@@ -71,7 +71,7 @@ from logix.run import QUERY_STORE, Run
 from logix.runinfo import normalise_ids
 from logix.sink import StoreSink, committed_ids
 from logix.store import Store
-from logix.store.format import write_json_atomic
+from logix.store.format import row_dtype, write_json_atomic
 
 MOMENTS_FILE = "optimizer.safetensors"
 """Adam moments of a checkpoint, keyed by parameter name (in the checkpoint's run directory)."""
@@ -400,7 +400,7 @@ class _AdamContext:
                         continue
                     kept = [i for i, k in zip(self.ids, keep.tolist()) if k]
                     rows = self.writer.rows({n: g[keep.to(g.device)] for n, g in grads.items()}, variant)
-                    store_dtype = getattr(torch, self.writer.run.config.store.dtype.value)
+                    store_dtype = row_dtype(self.writer.run.config.store.dtype.value)
                     sink.add(rows.to("cpu", store_dtype), kept, None, kept)
         finally:
             capture.detach()

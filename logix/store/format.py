@@ -12,7 +12,8 @@ rank ``r > 0`` writes ``manifest.rank-0000r.json``, ``shard-r0000r-000000.h5`` a
 processes ever replace the same file; a reader merges every rank's manifest into one logical
 store (rank 0's shards first, then rank 1's, ...).
 
-Each shard holds ``rows`` (n x dim, the store dtype; bfloat16 as raw uint16 bits),
+Each shard holds ``rows`` (n x dim, the store dtype; bfloat16 as raw uint16 bits; for the
+quantized dtypes int8 / int4 the codes, with ``scales``, see :mod:`logix.store.quant`),
 ``ids`` (UTF-8 strings) and, for per-token stores, ``positions`` (int64). The
 manifest holds the row layout: one block per module, ``(k_out, k_in)`` flattened
 row-major at ``offset``. A shard exists for readers only once the manifest names it.
@@ -36,6 +37,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def row_dtype(dtype: str) -> torch.dtype:
+    """The dtype of the rows a store of ``dtype`` takes in and hands out (quantized stores,
+    ``int8`` / ``int4``, take and give float32 rows; see :mod:`logix.store.quant`)."""
+    return TORCH_DTYPES.get(dtype, torch.float32)
 
 
 @dataclass(frozen=True)

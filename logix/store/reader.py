@@ -20,12 +20,15 @@ import numpy as np
 import torch
 
 from logix.errors import StoreError
-from logix.store.format import TORCH_DTYPES, Layout, from_numpy, read_manifest
+from logix.store import quant
+from logix.store.format import Layout, from_numpy, read_manifest, row_dtype
 
 Id = int | str
 
 _DISK_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}  # how rows lie in a shard
-_HOST_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bfloat16 bits
+# rows as handed out (bfloat16 as its bits; quantized stores dequantize to float32)
+_HOST_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int8": np.float32,
+                "int4": np.float32}
 _ZERO_COPY_MIN_ROWS = 256  # shards at least this large (or half a chunk) are mapped, not gathered
 _MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a mapping's pages in, read-only, ahead of use
 _MAX_LIVE_MAPS = 128  # each live memory map holds a file descriptor; past this, chunks are copies
@@ -54,6 +57,7 @@ class Store:
         self.manifest = manifest
         self.layout = Layout.from_json(manifest["layout"])
         self.dtype_name: str = manifest["dtype"]
+        self.quantized = quant.is_quantized(self.dtype_name)
         self.per_token: bool = manifest["per_token"]
         self._shards = [(s["file"], int(s["rows"])) for s in manifest["shards"]]
         self._ids: list[Id] | None = None
@@ -81,7 +85,8 @@ class Store:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype_name]
+        """The dtype of the rows handed out (float32 for quantized stores)."""
+        return row_dtype(self.dtype_name)
 
     @property
     def modules(self) -> list[str]:
@@ -102,6 +107,9 @@ class Store:
         return self._positions
 
     def nbytes(self) -> int:
+        """Bytes of the stored rows (codes and scales for quantized stores)."""
+        if self.quantized:
+            return self.n_rows * quant.row_bytes(self.dtype_name, self.layout)
         return self.n_rows * self.dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def _convert_ids(self, raw: np.ndarray) -> list[Id]:
@@ -149,6 +157,9 @@ class Store:
         return self.dim if columns is None else sum(c.stop - c.start for c in columns)
 
     def _read(self, fh: h5py.File, lo: int, hi: int, columns: list[slice] | None) -> torch.Tensor:
+        if self.quantized:
+            rows = quant.dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], self.layout, self.dtype_name, columns)
+            return torch.from_numpy(rows)
         if columns is None:
             return from_numpy(fh["rows"][lo:hi], self.dtype_name)
         parts = [from_numpy(fh["rows"][lo:hi, c], self.dtype_name) for c in columns]
@@ -211,13 +222,14 @@ class Store:
         chunks follow the shards instead (see :meth:`iter_chunks`)."""
         columns = self._columns(modules)
         width = self._width(columns)
-        sources = self._sources()
+        sources = None if self.quantized else self._sources()
         ring = ring or _Ring(1, _HOST_DTYPES[self.dtype_name])
         labels = _Labels(self)
         for pieces in self._plan(chunk_rows, align_to_shards, start, stop):
             n = sum(hi - lo for _, lo, hi in pieces)
             s, lo, hi = pieces[0]
-            if len(pieces) == 1 and columns is None and sources[s].offset is not None and _live_maps[0] < _MAX_LIVE_MAPS:
+            if (len(pieces) == 1 and columns is None and not self.quantized and sources[s].offset is not None
+                    and _live_maps[0] < _MAX_LIVE_MAPS):
                 rows = _mapped(sources[s], lo, hi, self.dim, populate).view(_HOST_DTYPES[self.dtype_name])
             else:
                 rows = ring.take(n, width)
@@ -232,6 +244,11 @@ class Store:
 
     def _fill(self, dest: np.ndarray, s: int, lo: int, hi: int, columns: list[slice] | None) -> None:
         """Copy rows ``lo:hi`` of shard ``s`` (their ``columns``) into ``dest``."""
+        if self.quantized:
+            with h5py.File(self.directory / self._shards[s][0], "r") as fh:
+                quant.dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], self.layout, self.dtype_name, columns,
+                                 out=dest)
+            return
         source = self._sources()[s]
         dest = dest.view(source.dtype)
         if source.offset is not None and columns is None:

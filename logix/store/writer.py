@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from logix.errors import StoreError
+from logix.store import quant
 from logix.store.format import (
     FORMAT_VERSION,
     Layout,
@@ -66,6 +67,7 @@ class ShardWriter:
         self.rank = rank
         self._manifest_file = self.directory / manifest_name(rank)
         self.dtype = dtype
+        self.layout = layout
         self.manifest = self._open_manifest(layout, dtype, per_token)
         self._clean_orphans()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_shards)
@@ -207,14 +209,22 @@ class ShardWriter:
             (self.directory / old_state).unlink(missing_ok=True)
 
     def _write_shard(self, final: Path, job: _Job) -> None:
+        if quant.is_quantized(self.dtype):
+            codes, scales = quant.quantize(job.rows, self.layout, self.dtype)
+            write_shard_file(final, codes, job.ids, job.positions, self.dtype, scales)
+            return
         write_shard_file(final, to_numpy(job.rows), job.ids, job.positions, self.dtype)
 
 
-def write_shard_file(final: Path, rows: np.ndarray, ids: list, positions: np.ndarray | None, dtype: str) -> None:
-    """Write one shard under a hidden temporary name, fsync it, and rename it to ``final``."""
+def write_shard_file(final: Path, rows: np.ndarray, ids: list, positions: np.ndarray | None, dtype: str,
+                     scales: np.ndarray | None = None) -> None:
+    """Write one shard under a hidden temporary name, fsync it, and rename it to ``final``
+    (``scales``: those of a quantized store's codes)."""
     tmp = final.with_name(f".{final.name}.tmp")
     with h5py.File(tmp, "w") as fh:
         fh.create_dataset("rows", data=rows)
+        if scales is not None:
+            fh.create_dataset("scales", data=scales.astype(np.float32))
         fh.create_dataset("ids", data=np.array([str(i) for i in ids], dtype=object), dtype=h5py.string_dtype())
         if positions is not None:
             fh.create_dataset("positions", data=positions.astype(np.int64))
@@ -245,11 +255,12 @@ def drop_rows(directory: Path, rank: int, ids: set, per_token: bool) -> int:
             if keep.all():
                 continue
             rows = fh["rows"][()][keep]
+            scales = fh["scales"][()][keep] if "scales" in fh else None
             positions = fh["positions"][()][keep] if per_token else None
             dtype = fh.attrs.get("dtype", manifest["dtype"])
         index = manifest.get("next_index", len(manifest["shards"]))
         name = f"shard-{file_prefix(rank)}{index:06d}.h5"
-        write_shard_file(directory / name, rows, [k for k, m in zip(keys, keep) if m], positions, dtype)
+        write_shard_file(directory / name, rows, [k for k, m in zip(keys, keep) if m], positions, dtype, scales)
         fsync_dir(directory)
         shards = list(manifest["shards"])
         shards[position] = {"file": name, "rows": int(keep.sum())}
