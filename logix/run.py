@@ -50,9 +50,8 @@ from logix.runinfo import RunInfo, normalise_ids
 from logix.sink import StoreSink, committed_ids
 from logix.statistics import JOINT, Statistics, eigendecompose
 from logix.store import Layout, Store
-from logix.store.format import row_dtype
+from logix.store.format import manifest_ranks, read_manifest, read_rank_manifest, row_dtype
 from logix.store.quant import is_quantized
-from logix.store.format import manifest_ranks, read_manifest, read_rank_manifest
 from logix.store.writer import drop_rows
 
 log = logging.getLogger("logix")
