@@ -299,21 +299,23 @@ def row_dim(model: nn.Module, k: int | None) -> int:
 
 def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_query: int,
             projection: str, k: int | None, raw: bool, fisher: str, batch: int = 64, raw_joint: bool = False,
-            classes: int = 0, ranks: dict | None = None) -> Path:
+            classes: int = 0, ranks: dict | None = None, store_dtype: str = "float32", seed: int = 0) -> Path:
     """Log train rows (every pass of the plan), then queries; returns the run directory.
 
     ``loss_fn(ids, query, labels)`` returns the summed loss of those train (or query) examples;
     ``labels`` is ``{}`` (the data's labels) or the pass's ``Pass.loss_kwargs``: labels drawn by
     ``generator`` from the model, or class ``label_class`` weighted by ``sqrt(C p)``.
     ``fisher``: ``empirical``, ``true:<label draws per example>`` or ``expected`` (``classes``).
+    ``store_dtype``: the train store's dtype (``int8`` / ``int4``: quantized); ``seed``: the projection's.
     """
-    proj = {"type": projection}
+    proj = {"type": projection, "seed": seed}
     if k is not None or ranks is not None:  # ranks: {module: [k_in, k_out]}, overrides k
         proj["ranks"] = ranks if ranks is not None else ranks_for(model, k)
     kind, _, samples = fisher.partition(":")
     stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_joint": raw_joint, "raw_max_dim": RAW_MAX_DIM,
              "fisher": kind, "fisher_samples": int(samples or 1), "fisher_classes": classes}
-    run = logix.init(name, config={"projection": proj, "statistics": stats}, root=root, overwrite=True)
+    run = logix.init(name, config={"projection": proj, "statistics": stats, "store": {"dtype": store_dtype}},
+                     root=root, overwrite=True)
     run.watch(model)
     gen = torch.Generator().manual_seed(0)
     for pass_ in run.plan():
