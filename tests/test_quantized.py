@@ -4,18 +4,26 @@ distributed row rewrite."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import logix
 from logix.analysis import Checkpoint, compute_influence, load_checkpoint
+from logix.analysis.sharded import sharded_influence
+from logix.data import load_tokenizer
+from logix.pipeline import Job
 from logix.store import Layout, ShardWriter, Store
 from logix.store.quant import dequantize, pack_int4, q_max, quantize, unpack_int4
 from logix.store.writer import drop_rows
 
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "examples" / "data"
 # block sizes 15 (odd: int4 rows pack across block boundaries), 1, 6
 LAYOUT = Layout.build([("a", "linear", (3, 5)), ("b", "linear", (1, 1)), ("c", "conv1d", (2, 3))])
 
@@ -175,3 +183,39 @@ def _matrix(result) -> torch.Tensor:
     got = torch.zeros(len(result.query_ids), len(result.train_ids), dtype=torch.float64)
     got.scatter_(1, result.top_index, result.top_scores.double())
     return got
+
+
+def test_sharded_scoring_of_an_int4_store_equals_the_single_call(tmp_path):
+    run = _log(tmp_path, "int4")
+    cp = load_checkpoint(run.dir, "ekfac")
+    one = compute_influence(cp, top_k=5, progress=False)
+    parts = sharded_influence(cp, tmp_path / "work", top_k=5, part_rows=7, progress=False)
+    assert parts.top_ids == one.top_ids
+    torch.testing.assert_close(parts.top_scores, one.top_scores, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts.self_influence, one.self_influence, rtol=1e-5, atol=1e-7)
+
+
+def test_job_with_the_lm_influence_preset_logs_int4_rows_and_scores_them(tmp_path):
+    tokenizer = load_tokenizer(str(DATA / "tokenizer.json"))
+    torch.manual_seed(0)
+    folder = tmp_path / "pretrained"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tokenizer))
+                    ).save_pretrained(folder)
+    preset = logix.Config.from_yaml(ROOT / "configs" / "lm_influence.yaml").to_dict()
+    config = {**preset, "root": str(tmp_path / "runs"),
+              "model": {"name": str(folder), "tokenizer": str(DATA / "tokenizer.json")},
+              "data": {"train": str(DATA / "instructions.jsonl"), "queries": str(DATA / "queries.jsonl"),
+                       "limit_train": 12, "limit_queries": 3, "max_length": 48},
+              "schedule": {"batch_size": 4}}
+    result = Job(config, project="q", progress=False).run()
+    assert len(result.checkpoints) == 1  # scored at the trained model
+    run_dir = tmp_path / "runs" / "q" / result.checkpoints[0]
+    store = logix.load_run_store(run_dir)
+    assert store.dtype_name == "int4" and store.n_rows == 12
+    assert logix.load_run_store(run_dir, "queries").dtype_name == "float32"
+    # identity scoring of whitened rows: the brute-force dot products of the dequantized rows
+    want = logix.load_run_store(run_dir, "queries").read_all().double() @ store.read_all().double().T
+    top = want.topk(len(result.influence.top_ids[0]), dim=1)
+    assert top.values.shape[1] == 10  # analysis.top_k
+    assert result.influence.top_ids == [[store.ids[i] for i in row] for row in top.indices.tolist()]
+    torch.testing.assert_close(result.influence.top_scores.double(), top.values, rtol=1e-4, atol=1e-6)
