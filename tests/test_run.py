@@ -251,7 +251,7 @@ def test_config_strict_loading(tmp_path):
     with pytest.raises(ConfigError, match="Unknown key 'projection.rnk_in'.*Did you mean 'rank_in'"):
         logix.Config.from_dict({"projection": {"rnk_in": 3}})
     with pytest.raises(ConfigError, match="Choose between"):
-        logix.Config.from_dict({"store": {"dtype": "int8"}})
+        logix.Config.from_dict({"store": {"dtype": "int2"}})
     with pytest.raises(ConfigError) as info:  # every problem in one error
         logix.Config.from_dict({"projection": {"rank_in": -1}, "stor": {}})
     assert "rank_in" in str(info.value) and "Did you mean 'store'" in str(info.value)
