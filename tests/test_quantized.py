@@ -219,3 +219,27 @@ def test_job_with_the_lm_influence_preset_logs_int4_rows_and_scores_them(tmp_pat
     assert top.values.shape[1] == 10  # analysis.top_k
     assert result.influence.top_ids == [[store.ids[i] for i in row] for row in top.indices.tolist()]
     torch.testing.assert_close(result.influence.top_scores.double(), top.values, rtol=1e-4, atol=1e-6)
+
+
+def test_per_token_rows_quantize_like_per_example_rows(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+    x = torch.randn(3, 7, 4)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    stores = {}
+    for dtype in ("float32", "int4"):
+        run = logix.init(dtype, root=tmp_path, config={
+            "capture": {"per_token": True}, "projection": {"type": "random", "rank_in": 3, "rank_out": 3},
+            "store": {"dtype": dtype}})
+        run.watch(model)
+        with run(data_id=["a", "b", "c"], mask=mask):
+            model(x).pow(2).sum().backward()
+        model.zero_grad(set_to_none=True)
+        stores[dtype] = run.finalize()
+    exact, quantized = stores["float32"], stores["int4"]
+    assert quantized.per_token and quantized.n_rows == int(mask.sum()) == exact.n_rows
+    assert quantized.ids == exact.ids and np.array_equal(quantized.positions, exact.positions)
+    layout = quantized.layout
+    want = dequantize(*quantize(exact.read_all(), layout, "int4"), layout, "int4")
+    assert np.array_equal(quantized.read_all().numpy(), want)

@@ -47,7 +47,12 @@ class Chunk:
 
 
 class Store:
-    """A read-only view of one store's committed shards."""
+    """A read-only view of one store's committed shards.
+
+    ``dtype_name`` is the stored dtype (``float32``, ``float16``, ``bfloat16``, or the quantized
+    ``int8`` / ``int4``, where ``quantized`` is True); ``dtype`` is the dtype of the rows handed
+    out, float32 for quantized stores, whose rows are dequantized as they are read
+    (:mod:`logix.store.quant`). ``nbytes()`` counts the bytes actually stored."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
