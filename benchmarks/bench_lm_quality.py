@@ -9,6 +9,11 @@ the symmetric preconditioners (identity, kfac, ekfac, and raw where the blocks a
 asymmetric preconditioning (``load_asymmetric_checkpoint``: queries preconditioned in full space
 with kfac / ekfac, then projected), over relative dampings.
 
+Quantized rows (``store.dtype`` int8 / int4, more dimensions for the same bytes) are swept too, for
+random and whitened projections at ``QUANT_RANKS``, with the symmetric preconditioners. The best
+settings are then re-logged with fresh projection seeds (``CONFIRM_SEEDS``): the sweep picks them
+on seed 0, so their seed-0 LDS is optimistic.
+
 Reported per setting: LDS, bytes per stored train example (the projected train row only: the
 asymmetric path reads the unprojected run's statistics and query rows, not its train store) and
 its fraction of the unprojected row, and the scoring time (load + precondition + stream, the full
@@ -17,7 +22,8 @@ outputs of two retraining seeds (the second seed's 64 retrainings are cached too
 
 Finish line: the best setting storing <= 1/16 of the full per-example gradient reaches >= 0.95x
 the LDS of full-dimension EK-FAC (best damping), with a scoring time within 2x of plain LoGra
-(symmetric ekfac at the same projection and rank), timed paired and interleaved.
+(symmetric ekfac at the same projection and rank, and random float32 rows with EK-FAC at the
+same storage budget), timed paired and interleaved; "met" also asks the fresh-seed mean for 0.95x.
 
     python benchmarks/bench_lm_quality.py          # ~10 min on 2 cores (ground truth cached)
     python benchmarks/bench_lm_quality.py --quick  # two ranks, two dampings
