@@ -59,7 +59,7 @@ def quantize(rows: torch.Tensor, layout: Layout, dtype: str) -> tuple[np.ndarray
     scales = torch.empty(n, len(layout.blocks), dtype=torch.float32)
     for b, block in enumerate(layout.blocks):
         x = rows[:, block.columns]
-        scale = x.abs().amax(dim=1, keepdim=True) / top if block.size else x.new_zeros(n, 1)
+        scale = x.abs().amax(dim=1, keepdim=True) / top
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes[:, block.columns] = torch.round(x / safe).clamp_(-top, top).to(torch.int8)
         scales[:, b] = scale[:, 0]
@@ -74,7 +74,7 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
     if dim % 2:
         codes = np.concatenate([codes, np.zeros((n, 1), codes.dtype)], axis=1)
     biased = (codes.astype(np.int16) + 8).astype(np.uint8)
-    return (biased[:, 0::2] | (biased[:, 1::2] << 4)).astype(np.uint8)
+    return biased[:, 0::2] | (biased[:, 1::2] << 4)
 
 
 def unpack_int4(packed: np.ndarray, dim: int) -> np.ndarray:
