@@ -54,7 +54,7 @@ from torch.func import functional_call, grad, vmap
 
 import logix
 from logix.capture.watch import select_modules
-from logix.projection import random_projection
+from logix.core.projection import random_projection
 
 BATCH, SEQ, VOCAB = 8, 128, 5000
 KINDS = ("logix", "loop", "vmap", "loopdense")

@@ -10,7 +10,7 @@ inside the workers between two barriers, so process start-up and imports are exc
 * **Logging**: a seeded GPT-2 (``--layers`` x ``--width``) logs ``--n-log`` sequences of
   ``--seq`` tokens (random projection k=16 per side, KFAC statistics in the log pass) with
   ``with run(...)`` around a summed loss, each process its own share
-  (``logix.distributed.shard_indices``). Throughput in examples/s.
+  (``logix.core.distributed.shard_indices``). Throughput in examples/s.
 
 Configurations, in interleaved rounds (a shared machine's load hits all alike), medians:
 ``1p x 1t`` (one process, one thread), ``2p x 1t`` (two processes, one thread each: the
@@ -47,7 +47,7 @@ CONFIGS = [("1p x 1t", 1, 1), ("2p x 1t", 2, 1), ("1p x 2t", 1, 2)]
 def _init(args) -> tuple:
     import torch.distributed as dist
 
-    from logix.distributed import Dist, init_from_launcher
+    from logix.core.distributed import Dist, init_from_launcher
 
     torch.set_num_threads(args.threads)
     if args.cuda:
@@ -83,7 +83,7 @@ def log_worker(args) -> None:
     from transformers.utils import logging as hf_logging
 
     import logix
-    from logix.distributed import shard_indices
+    from logix.core.distributed import shard_indices
 
     hf_logging.set_verbosity_error()
     d, _ = _init(args)

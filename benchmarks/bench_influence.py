@@ -48,7 +48,7 @@ import torch
 import logix
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
 from logix.analysis.influence import _chunk_rows
-from logix.statistics import Statistics, eigendecompose
+from logix.core.statistics import Statistics, eigendecompose
 from logix.store import Layout, ShardWriter, Store
 
 MODULES, K, SHARD_ROWS, TOP_K = 12, 16, 1024, 10

@@ -11,6 +11,7 @@ Public API::
     store = run.finalize()
 """
 
+from logix.capture.run import LogContext, Pass, Run, init, load_run_store
 from logix.config import (
     CaptureConfig,
     Config,
@@ -20,9 +21,8 @@ from logix.config import (
     StoreConfig,
     StoreDtype,
 )
+from logix.core.statistics import Statistics
 from logix.errors import LogixError
-from logix.run import LogContext, Pass, Run, init, load_run_store
-from logix.statistics import Statistics
 from logix.store import Store, load_store
 
 __version__ = "0.1.0"

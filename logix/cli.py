@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from logix.config import AnalysisConfig, Config
-from logix.distributed import Dist, init_from_launcher, initialized
+from logix.core.distributed import Dist, init_from_launcher, initialized
+from logix.core.statistics import Statistics
 from logix.errors import LogixError
-from logix.statistics import Statistics
 from logix.store import Store
 from logix.store.format import read_manifest
 
@@ -97,7 +97,7 @@ def _describe_store(name: str, store: Store) -> str:
 
 # ---- run / extract -----------------------------------------------------------------------------
 def _job(args: argparse.Namespace):
-    from logix.pipeline import Job
+    from logix.jobs.attribution import Job
 
     return Job.from_yaml(args.config, args.overrides, project=args.project, overwrite=args.overwrite,
                          progress=not args.quiet)
@@ -124,7 +124,7 @@ def _analysis_defaults(directory: Path) -> AnalysisConfig:
 
 def cmd_influence(args: argparse.Namespace) -> None:
     from logix.analysis import Damping, influence
-    from logix.pipeline import category_agreement, write_outputs
+    from logix.jobs.attribution import category_agreement, write_outputs
 
     directory = args.run_dir
     if not directory.is_dir():
@@ -170,7 +170,7 @@ def _job_texts(directory: Path):
     job = directory / "job.yaml"
     if not job.exists():
         return None
-    from logix.pipeline import _categories, _texts, build_datasets, build_tokenizer
+    from logix.jobs.attribution import _categories, _texts, build_datasets, build_tokenizer
 
     config = Config.from_yaml(job)
     try:
@@ -186,7 +186,7 @@ def _job_texts(directory: Path):
 
 # ---- contribution ------------------------------------------------------------------------------
 def cmd_contribute(args: argparse.Namespace) -> None:
-    from logix.contribution.job import ContributionJob
+    from logix.jobs.contribution import ContributionJob
 
     config = Config.from_yaml(args.config, args.overrides)
     job = ContributionJob(config, project=args.project, config_dir=args.config.resolve().parent,

@@ -30,7 +30,7 @@ from torch import nn
 import logix
 from logix.analysis import load_checkpoint
 from logix.analysis.sharded import sharded_influence
-from logix.distributed import Dist, shard_indices
+from logix.core.distributed import Dist, shard_indices
 
 VOCAB, SEQ = 13, 7
 

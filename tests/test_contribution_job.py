@@ -13,8 +13,8 @@ import yaml
 
 from logix.config import Config
 from logix.contribution import ScoreTable, load_pool, select
-from logix.contribution.job import ContributionJob
 from logix.errors import ConfigError
+from logix.jobs.contribution import ContributionJob
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
@@ -67,7 +67,7 @@ def test_contribute_job_scores_selects_and_resumes(tmp_path):
 def test_contribute_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'lesss'. Did you mean 'less'"):
         Config.from_dict({"contribution": {"methods": ["lesss"]}})
-    with pytest.raises(ConfigError, match="contribution.selector must be one of"):
+    with pytest.raises(ConfigError, match="Unknown value for contribution.selector"):
         Config.from_dict({"contribution": {"selector": "svm"}})
     cfg = _config(tmp_path, select_by="less")
     with pytest.raises(ConfigError, match="select_by='less' is not computed"):

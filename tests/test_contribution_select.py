@@ -13,7 +13,7 @@ from logix.analysis.evaluate import spearman
 from logix.contribution.baselines import random_scores, response_length
 from logix.contribution.pool import load_pool, record_id, record_ids
 from logix.contribution.scores import ScoreTable
-from logix.contribution.select import export_selection, format_summary, select
+from logix.contribution.selection import export_selection, format_summary, select
 from logix.contribution.selector import Selector, _ridge_fit, auc, embed_records, fit_selector
 from logix.errors import DataError
 

@@ -22,7 +22,7 @@ import torch
 
 import logix
 from logix.analysis import compute_influence, load_checkpoint
-from logix.statistics import Statistics
+from logix.core.statistics import Statistics
 from logix.store.format import read_rank_manifest
 
 WORKER = Path(__file__).with_name("dist_worker.py")

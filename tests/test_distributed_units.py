@@ -15,7 +15,7 @@ from torch import nn
 import logix
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
 from logix.analysis.sharded import part_file, plan_parts, sharded_influence
-from logix.distributed import Dist, canonical_name, shard_indices, split_evenly, unwrap_model
+from logix.core.distributed import Dist, canonical_name, shard_indices, split_evenly, unwrap_model
 from logix.errors import LogixError, StoreError
 from logix.store import Layout, ShardWriter, Store
 from logix.store.format import manifest_name, owns, read_manifest

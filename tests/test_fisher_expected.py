@@ -11,10 +11,10 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import logix
+from logix.core.statistics import JOINT
 from logix.errors import BatchError, ConfigError
 from logix.integrations import summed_loss
-from logix.integrations.extract import expected_class_loss
-from logix.statistics import JOINT
+from logix.integrations.loop import expected_class_loss
 from tests.helpers import per_example_grads, projected, rel_err
 
 N, D_IN, HIDDEN, C = 10, 4, 5, 3
@@ -138,7 +138,7 @@ def test_expected_joint_covariance_is_the_gauss_newton_matrix(tmp_path):
 
 
 def test_pass_loss_kwargs():
-    from logix.run import Pass
+    from logix.capture.run import Pass
 
     gen = torch.Generator()
     assert Pass("log", 0, 1, True).loss_kwargs(0, gen) == {}

@@ -8,8 +8,8 @@ from torch import nn
 
 import logix
 from logix.analysis import Damping, Preconditioner, compute_influence, load_checkpoint
+from logix.core.statistics import JOINT
 from logix.errors import ConfigError, LogixError, StatisticsError
-from logix.statistics import JOINT
 from tests.helpers import rel_err
 
 N, NQ, D_IN, HIDDEN, C = 24, 5, 4, 5, 3

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import logix
 from logix.data import load_tokenizer
-from logix.pipeline import Job
+from logix.jobs.attribution import Job
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 

@@ -17,7 +17,7 @@ import logix
 from logix.analysis import Checkpoint, compute_influence, load_checkpoint
 from logix.analysis.sharded import sharded_influence
 from logix.data import load_tokenizer
-from logix.pipeline import Job
+from logix.jobs.attribution import Job
 from logix.store import Layout, ShardWriter, Store
 from logix.store.quant import dequantize, pack_int4, q_max, quantize, unpack_int4
 from logix.store.writer import drop_rows

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import logix
-from logix.pipeline import Job
+from logix.jobs.attribution import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import torch
 
 import logix.store.reader as reader
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
-from logix.statistics import Statistics, eigendecompose
+from logix.core.statistics import Statistics, eigendecompose
 from logix.store import Layout, ShardWriter, Store
 
 LAYOUT = Layout.build([("a", "linear", (2, 3)), ("b", "linear", (4, 1)), ("c", "linear", (1, 5))])

@@ -1,10 +1,14 @@
 """Analysis of logged runs: preconditioners, streaming influence scores, evaluation."""
 
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
+from logix.analysis.api import influence
+from logix.analysis.checkpoints import (
+    CHECKPOINTS_FILE,
+    checkpoint_weights,
+    load_asymmetric_checkpoint,
+    load_checkpoint,
+    load_checkpoints,
+    run_projections,
+)
 from logix.analysis.evaluate import (
     LDSResult,
     lds,
@@ -13,208 +17,15 @@ from logix.analysis.evaluate import (
     subset_masks,
     topk_removal_test,
 )
-from logix.analysis.influence import Checkpoint, InfluenceResult, ScoreMode, compute_influence
+from logix.analysis.influence import Checkpoint, InfluenceResult, compute_influence
 from logix.analysis.precondition import (
-    DEFAULT_DAMPING,
     AsymmetricPreconditioner,
-    Damping,
     Preconditioner,
-    PreconditionerType,
-    default_damping,
     project_rows,
     register_preconditioner,
 )
-from logix.errors import LogixError, StatisticsError
-from logix.statistics import Statistics
-from logix.store import Store
-
-
-def load_checkpoint(
-    run_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-    damping: Damping | float | dict | None = None,
-    weight: float = 1.0,
-    queries: str = "queries",
-) -> Checkpoint:
-    """The train store, query rows and preconditioner of a finished run directory.
-
-    ``damping=None`` uses the preconditioner's default (``precondition.default_damping``)."""
-    run_dir = Path(run_dir)
-    train = Store(run_dir / "stores" / "train")
-    query_rows = Store(run_dir / "stores" / queries).read_all()
-    stats_path = run_dir / "statistics" / "log.safetensors"
-    stats = Statistics.load(stats_path) if stats_path.exists() else None
-    if stats is None and PreconditionerType.parse(preconditioner) is not PreconditionerType.IDENTITY:
-        raise StatisticsError(f"{run_dir} has no finalized statistics ({stats_path}).")
-    pre = Preconditioner(preconditioner, stats, train.layout, damping)
-    return Checkpoint(train, query_rows, pre, weight)
-
-
-def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
-    """The per-module projections of the run ``run_dir`` (``ModuleProjection``; identities for
-    ``projection: none``), rebuilt from its config (random) or read from its directory (pca).
-    ``full_layout`` gives each module's unprojected shape, ``layout`` the logged one."""
-    from logix.config import ProjectionType, resolve_config
-    from logix.projection import ModuleProjection, load_projections, random_projection
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise StatisticsError(f"{run_dir} has no config.yaml: not a logix run directory.")
-    cfg = resolve_config(config_path).projection
-    if cfg.type is ProjectionType.NONE:
-        return {name: ModuleProjection(None, None) for name in layout.names}
-    if cfg.type.needs_covariance:
-        path = run_dir / "projection.safetensors"
-        if not path.exists():
-            raise StatisticsError(f"{run_dir} has no projection.safetensors: its PCA pass did not finish.")
-        return load_projections(path, layout.names)
-    out = {}
-    for fb, block in zip(full_layout.blocks, layout.blocks):
-        out[block.name] = ModuleProjection(
-            random_projection(block.name, fb.shape[1], block.shape[1], cfg.seed, "in"),
-            random_projection(block.name, fb.shape[0], block.shape[0], cfg.seed, "out"),
-        )
-    return out
-
-
-def load_asymmetric_checkpoint(
-    run_dir: str | Path,
-    full_run_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.EKFAC,
-    damping: Damping | float | dict | None = None,
-    weight: float = 1.0,
-    queries: str = "queries",
-) -> Checkpoint:
-    """Asymmetric preconditioning: the projected train store of ``run_dir`` scored against
-    queries preconditioned in full space.
-
-    ``full_run_dir`` is a ``projection: none`` run of the same model (same modules) whose
-    statistics hold the full-space curvature (``statistics.ekfac`` for ``ekfac``) and whose
-    ``queries`` store holds the full-space query gradients (``run.log_queries``). Each query is
-    preconditioned there, ``H^-1 g_q``, then projected with ``run_dir``'s projection; the
-    returned checkpoint's preconditioner is the identity (train rows are used as logged), so
-    ``compute_influence`` scores ``<P^T H^-1 g_q, P^T g_t>``. Scores are meant for mode ``dot``.
-    """
-    run_dir, full_run_dir = Path(run_dir), Path(full_run_dir)
-    train = Store(run_dir / "stores" / "train")
-    full_queries = Store(full_run_dir / "stores" / queries)
-    full_layout = full_queries.layout
-    stats_path = full_run_dir / "statistics" / "log.safetensors"
-    if not stats_path.exists():
-        raise StatisticsError(f"{full_run_dir} has no finalized statistics ({stats_path}).")
-    projections = run_projections(run_dir, full_layout, train.layout)
-    pre = AsymmetricPreconditioner(preconditioner, Statistics.load(stats_path), full_layout, projections,
-                                   train.layout, damping)
-    rows = pre.queries(full_queries.read_all())
-    return Checkpoint(train, rows, Preconditioner(PreconditionerType.IDENTITY, None, train.layout), weight)
-
-
-CHECKPOINTS_FILE = "checkpoints.json"
-
-
-def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run, work_dir, part_rows,
-                     overwrite, kwargs) -> InfluenceResult:
-    from logix.analysis.sharded import sharded_influence
-
-    kwargs = dict(kwargs)
-    save_scores = bool(kwargs.pop("save_scores", False)) | (kwargs.pop("scores_path", None) is not None)
-    if full_space_run is not None:
-        cps = [load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)]
-        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
-    else:
-        cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
-        query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
-    return sharded_influence(cps, work_dir, query_ids=query_ids, mode=mode, part_rows=part_rows,
-                             save_scores=save_scores, overwrite=overwrite, **kwargs)
-
-
-def checkpoint_weights(entries: list[dict], weighting: str) -> list[float]:
-    """Weights of logged checkpoints: ``lr`` (learning rates, normalised to sum 1),
-    ``uniform`` or ``last`` (only the last checkpoint)."""
-    n = len(entries)
-    if n == 1:
-        return [1.0]
-    if weighting == "last":
-        return [0.0] * (n - 1) + [1.0]
-    if weighting == "uniform":
-        return [1.0 / n] * n
-    if weighting != "lr":
-        raise ValueError(f"Unknown checkpoint weighting: {weighting!r}. Choose between ['lr', 'uniform', 'last'].")
-    lrs = [e.get("learning_rate") for e in entries]
-    if any(lr is None for lr in lrs) or sum(lrs) <= 0:
-        raise StatisticsError(
-            "Some checkpoints have no recorded learning rate (or all are 0): use weighting 'uniform'."
-        )
-    total = float(sum(lrs))
-    return [float(lr) / total for lr in lrs]
-
-
-def load_checkpoints(
-    project_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-    damping: Damping | float | dict | None = None,
-    weighting: str = "lr",
-) -> tuple[list[Checkpoint], list[dict]]:
-    """Every checkpoint a Trainer callback logged under ``project_dir`` (``checkpoints.json``),
-    weighted TracIn-style, and the entries of that file; or the single run ``project_dir``."""
-    project_dir = Path(project_dir)
-    index = project_dir / CHECKPOINTS_FILE
-    if not index.exists():
-        return [load_checkpoint(project_dir, preconditioner, damping)], [{"name": project_dir.name, "dir": "."}]
-    entries = json.loads(index.read_text())["checkpoints"]
-    if not entries:
-        raise StatisticsError(f"{index} lists no logged checkpoint.")
-    weights = checkpoint_weights(entries, str(weighting))
-    cps = [load_checkpoint(project_dir / e["dir"], preconditioner, damping, w)
-           for e, w in zip(entries, weights) if w > 0]
-    return cps, [e for e, w in zip(entries, weights) if w > 0]
-
-
-def influence(
-    run_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-    damping: Damping | float | dict | None = None,
-    mode: ScoreMode | str = ScoreMode.DOT,
-    weighting: str = "lr",
-    full_space_run: str | Path | None = None,
-    work_dir: str | Path | None = None,
-    part_rows: int | None = None,
-    overwrite_parts: bool = False,
-    **kwargs,
-) -> InfluenceResult:
-    """Influence of every train example of ``run_dir`` on each of its logged queries.
-
-    ``run_dir`` is one run, or a Trainer callback's project directory whose checkpoints are
-    combined TracIn-style (``weighting``: ``lr`` | ``uniform`` | ``last``).
-
-    ``full_space_run``: asymmetric preconditioning (:func:`load_asymmetric_checkpoint`): the
-    queries are those of this ``projection: none`` run, preconditioned in full space with
-    ``preconditioner`` and projected like ``run_dir``'s rows (one run, mode ``dot``).
-
-    ``work_dir``: score in resumable parts there (:func:`logix.analysis.sharded.sharded_influence`);
-    under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and the
-    ranks share the parts. The full score matrix is then written with ``save_scores=True`` (or
-    any ``scores_path``) to ``work_dir/scores.h5``, a virtual dataset over the parts.
-    ``kwargs`` go to :func:`compute_influence`.
-    """
-    from logix.distributed import Dist
-
-    if work_dir is not None or Dist.current().active:
-        return _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run,
-                                Path(work_dir or Path(run_dir) / "scoring"), part_rows, overwrite_parts, kwargs)
-    if full_space_run is not None:
-        if ScoreMode.parse(mode, "mode") is not ScoreMode.DOT:
-            raise LogixError("Asymmetric preconditioning (full_space_run) scores in mode 'dot' only.")
-        if (Path(run_dir) / CHECKPOINTS_FILE).exists():
-            raise LogixError("Asymmetric preconditioning (full_space_run) takes one run, not a checkpoint project.")
-        cp = load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)
-        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
-        return compute_influence(cp, query_ids=query_ids, mode=mode, **kwargs)
-    cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
-    query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
-    return compute_influence(cps, query_ids=query_ids, mode=mode, **kwargs)
-
+from logix.config.choices import PreconditionerType, ScoreMode
+from logix.config.damping import DEFAULT_DAMPING, Damping, default_damping
 
 __all__ = [
     "CHECKPOINTS_FILE",

@@ -22,17 +22,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from logix.analysis.precondition import Preconditioner, PreconditionerType
-from logix.config import _ChoiceEnum
+from logix.analysis.precondition import Preconditioner
+from logix.config.choices import PreconditionerType, ScoreMode
 from logix.errors import LogixError
 from logix.store import Store
-
-
-class ScoreMode(_ChoiceEnum):
-    DOT = "dot"  # g_q^T H^-1 g_t
-    COSINE = "cosine"  # dot / (||g_q||_H ||g_t||_H), the cosine in the H^-1 metric
-    RELATIVE = "relative"  # RelatIF: dot / ||g_t||_H
-    UNIT = "unit"  # gradients scaled to unit Euclidean norm before preconditioning
 
 
 @dataclass

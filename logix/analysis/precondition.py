@@ -2,7 +2,7 @@
 (or, for ``raw-joint``, over the whole row).
 
 Each module's block of a row is the logged gradient ``V`` (``k_out x k_in``). With the run's
-statistics (see :mod:`logix.statistics`):
+statistics (see :mod:`logix.core.statistics`):
 
 * ``identity``: ``V`` unchanged (gradient dot products; TracIn at one checkpoint).
 * ``raw``: ``(C + d I)^-1 vec(V)`` with ``C = E_n[vec G_n vec G_n^T]`` the raw covariance.
@@ -27,47 +27,15 @@ copies: the stored statistics are never modified.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from logix.config import _ChoiceEnum
+from logix.config.choices import PreconditionerType
+from logix.config.damping import Damping, default_damping
+from logix.core.statistics import JOINT, Statistics
 from logix.errors import StatisticsError
-from logix.statistics import JOINT, Statistics
 from logix.store.format import Layout
-
-
-class PreconditionerType(_ChoiceEnum):
-    IDENTITY = "identity"
-    RAW = "raw"
-    KFAC = "kfac"
-    EKFAC = "ekfac"
-    RAW_JOINT = "raw-joint"
-
-
-@dataclass(frozen=True)
-class Damping:
-    """``value`` times the mean curvature eigenvalue (relative) or ``value`` itself (absolute)."""
-
-    value: float = 0.1
-    relative: bool = True
-
-    def resolve(self, spectrum: Tensor) -> float:
-        if self.value < 0:
-            raise ValueError(f"Damping must be non-negative, got {self.value}.")
-        return float(self.value * spectrum.mean()) if self.relative else float(self.value)
-
-
-DEFAULT_DAMPING = Damping()
-# Per-preconditioner defaults where they differ from DEFAULT_DAMPING (chosen on both LDS tasks
-# of benchmarks/bench_lds.py; docs/benchmarks.md has the numbers).
-_DEFAULT_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType.RAW_JOINT: Damping(3.0)}
-
-
-def default_damping(kind: PreconditionerType | str) -> Damping:
-    """The damping a preconditioner uses when none is given."""
-    return _DEFAULT_DAMPINGS.get(PreconditionerType.parse(kind, "preconditioner"), DEFAULT_DAMPING)
 
 
 class ModulePreconditioner:
@@ -272,7 +240,7 @@ def project_rows(full_rows: Tensor, full_layout: Layout, projections: dict, layo
     """Full-space rows ``(n, full_layout.dim)`` -> logged-space rows ``(n, layout.dim)``: each
     module's block ``V`` (``d_out x d_in``) becomes ``P_out^T V P_in`` (float64).
 
-    ``projections`` maps module names to :class:`~logix.projection.ModuleProjection` (``None``
+    ``projections`` maps module names to :class:`~logix.core.projection.ModuleProjection` (``None``
     matrices are identities, as for ``projection: none``)."""
     full_rows = full_rows.to(torch.float64)
     if full_rows.dim() != 2 or full_rows.shape[1] != full_layout.dim:

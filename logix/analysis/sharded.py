@@ -43,7 +43,7 @@ from logix.analysis.influence import (
     _prepare_queries,
     compute_influence,
 )
-from logix.distributed import Dist
+from logix.core.distributed import Dist
 from logix.errors import LogixError
 from logix.store.format import fsync_dir, fsync_file, write_json_atomic
 

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from logix.capture.layers import LayerAdapter, LayerShape
+from logix.core.projection import ModuleProjection
 from logix.errors import BatchError, CaptureError
-from logix.projection import ModuleProjection
 
 
 @dataclass

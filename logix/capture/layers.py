@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from logix.core.projection import ModuleProjection
 from logix.errors import UnsupportedModuleError
-from logix.projection import ModuleProjection
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from torch import nn
 
 from logix.capture.engine import Watched
 from logix.capture.layers import adapter_for, supported_kinds, supported_type_names
-from logix.distributed import canonical_name
+from logix.core.distributed import canonical_name
 from logix.errors import UnsupportedModuleError, WatchError
 
 

@@ -21,7 +21,7 @@ from logix.contribution.baselines import random_scores, response_length
 from logix.contribution.ifd import IfdResult, ifd_scores
 from logix.contribution.pool import Pool, load_pool, record_id, record_ids, write_records
 from logix.contribution.scores import ScoreTable
-from logix.contribution.select import Selection, export_selection, format_summary, select
+from logix.contribution.selection import Selection, export_selection, format_summary, select
 from logix.contribution.selector import (
     LoraSelector,
     Selector,
@@ -42,8 +42,8 @@ _LAZY = {
     "warmup_and_log": "logix.contribution.less",
     "LessResult": "logix.contribution.less",
     "response_nll": "logix.contribution.lm",
-    "ContributionJob": "logix.contribution.job",
-    "ContributionResult": "logix.contribution.job",
+    "ContributionJob": "logix.jobs.contribution",
+    "ContributionResult": "logix.jobs.contribution",
 }
 
 

@@ -55,9 +55,11 @@ from tqdm import tqdm
 
 from logix.analysis import CHECKPOINTS_FILE, checkpoint_weights
 from logix.capture.engine import BatchCapture, PassSpec
+from logix.capture.run import QUERY_STORE, Run
 from logix.config import Config, IdPolicy, resolve_config
+from logix.core.projection import ModuleProjection
 from logix.errors import BatchError, ConfigError, RunDirectoryError, StatisticsError
-from logix.integrations.extract import (
+from logix.integrations.loop import (
     LossFn,
     _log_loader,
     example_id,
@@ -66,12 +68,10 @@ from logix.integrations.extract import (
     sample_from_logits,
     watched_weights_trainable,
 )
-from logix.projection import ModuleProjection
-from logix.run import QUERY_STORE, Run
-from logix.runinfo import normalise_ids
-from logix.sink import StoreSink, committed_ids
 from logix.store import Store
 from logix.store.format import row_dtype, write_json_atomic
+from logix.store.runinfo import normalise_ids
+from logix.store.sink import StoreSink, committed_ids
 
 MOMENTS_FILE = "optimizer.safetensors"
 """Adam moments of a checkpoint, keyed by parameter name (in the checkpoint's run directory)."""
@@ -464,7 +464,7 @@ def less_extract(
     Adam capture rides along the log pass); rows a resumed or earlier-finalized run did not
     produce there are logged by :func:`log_adam_rows`. ``kwargs`` go to ``extract``.
     """
-    from logix.integrations.extract import extract
+    from logix.integrations.loop import extract
 
     if run.dist.active:
         from logix.errors import DistributedError

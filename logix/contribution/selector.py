@@ -124,10 +124,10 @@ def embed_records(
 
 def _embed_logged(model, tokenizer, texts, ids, pooling, batch_size, max_length, store_dir, progress) -> np.ndarray:
     from logix.config import DuplicatePolicy
-    from logix.runinfo import normalise_ids
-    from logix.sink import StoreSink
     from logix.store import Store
     from logix.store.format import Layout
+    from logix.store.runinfo import normalise_ids
+    from logix.store.sink import StoreSink
 
     hidden = int(model.config.hidden_size)
     layout = Layout.build([(EMBEDDING_BLOCK, EMBEDDING_BLOCK, (1, hidden))])

@@ -3,7 +3,7 @@
 ``LogixCallback`` lives in :mod:`logix.integrations.huggingface` (it imports transformers).
 """
 
-from logix.integrations.extract import (
+from logix.integrations.loop import (
     example_id,
     extract,
     held_fixed,

@@ -40,10 +40,10 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from logix.analysis import CHECKPOINTS_FILE
+from logix.capture.run import Run
 from logix.config import Config, resolve_config
-from logix.distributed import Dist
-from logix.integrations.extract import LossFn, extract, summed_loss
-from logix.run import Run
+from logix.core.distributed import Dist
+from logix.integrations.loop import LossFn, extract, summed_loss
 from logix.store.format import write_json_atomic
 
 log = logging.getLogger("logix")

@@ -162,7 +162,7 @@ def _job_texts(path: Path, queries: bool = False) -> tuple[dict, dict]:
         return {}, {}
     try:
         from logix.config import Config
-        from logix.pipeline import _dataset, _texts, build_tokenizer, resolve_path
+        from logix.jobs.attribution import _dataset, _texts, build_tokenizer, resolve_path
 
         config = Config.from_yaml(job)
         dc = config.data

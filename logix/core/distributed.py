@@ -1,7 +1,7 @@
 """``torch.distributed`` support: who this process is, and the few collectives logix needs.
 
 logix scales out on the engine users already launch with (``torchrun``, ``accelerate launch``):
-when a default process group is initialised, a :class:`~logix.run.Run` and the sharded scorer
+when a default process group is initialised, a :class:`~logix.capture.run.Run` and the sharded scorer
 pick it up automatically. Every collective here is a no-op in a single process, so the same
 code runs unchanged with one process or many.
 

@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from logix.capture.engine import BatchCapture, BatchResult, PassSpec, Watched
 from logix.capture.watch import select_modules
 from logix.config import Config, DuplicatePolicy, FisherType, ProjectionType, resolve_config
-from logix.distributed import Dist, check_wrapping, unwrap_model
-from logix.errors import BatchError, DuplicateIdError, PlanError, RunDirectoryError, WatchError
-from logix.projection import (
+from logix.core.distributed import Dist, check_wrapping, unwrap_model
+from logix.core.projection import (
     ModuleProjection,
     load_projections,
     pca_projection,
@@ -46,12 +45,13 @@ from logix.projection import (
     save_projections,
     whitened_projection,
 )
-from logix.runinfo import RunInfo, normalise_ids
-from logix.sink import StoreSink, committed_ids
-from logix.statistics import JOINT, Statistics, eigendecompose
+from logix.core.statistics import JOINT, Statistics, eigendecompose
+from logix.errors import BatchError, DuplicateIdError, PlanError, RunDirectoryError, WatchError
 from logix.store import Layout, Store
 from logix.store.format import manifest_ranks, read_manifest, read_rank_manifest, row_dtype
 from logix.store.quant import is_quantized
+from logix.store.runinfo import RunInfo, normalise_ids
+from logix.store.sink import StoreSink, committed_ids
 from logix.store.writer import drop_rows
 
 log = logging.getLogger("logix")
@@ -556,7 +556,7 @@ class Run:
                 raise DuplicateIdError(
                     f"{n} ids of the {store} store were logged by more than one rank (e.g. {examples}); "
                     "the rows stay committed. A DistributedSampler repeats examples to give every rank "
-                    "as many: split the data with logix.distributed.shard_indices (as extract() and the "
+                    "as many: split the data with logix.core.distributed.shard_indices (as extract() and the "
                     "Trainer callback do) or drop_last=True, or set store.duplicate_ids=skip to keep the "
                     "lowest rank's row."
                 )

@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from logix.capture.run import Pass, Run
 from logix.config import IdPolicy
-from logix.distributed import Dist, shard_indices, unwrap_model
+from logix.core.distributed import Dist, shard_indices, unwrap_model
 from logix.errors import BatchError, ConfigError, RunDirectoryError
-from logix.run import Pass, Run
 from logix.store import Store
 from logix.store.format import write_json_atomic
 

@@ -28,15 +28,15 @@ from torch import nn
 from logix.analysis import CHECKPOINTS_FILE, compute_influence, load_checkpoints
 from logix.analysis.influence import InfluenceResult
 from logix.analysis.sharded import sharded_influence
+from logix.capture.run import Run
 from logix.config import Config, DataFormat, ModelArch, resolve_config
+from logix.core.distributed import Dist
 from logix.data import InstructionDataset, PadCollator, TextDataset, load_jsonl, load_tokenizer
-from logix.distributed import Dist
 from logix.errors import ConfigError
-from logix.integrations.extract import extract
-from logix.run import Run
-from logix.runinfo import _versions
+from logix.integrations.loop import extract
 from logix.store import Store
 from logix.store.format import write_json_atomic
+from logix.store.runinfo import _versions
 
 log = logging.getLogger("logix")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

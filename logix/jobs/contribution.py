@@ -40,10 +40,10 @@ import torch
 from logix.contribution.baselines import random_scores, response_length
 from logix.contribution.pool import Pool, load_pool
 from logix.contribution.scores import ScoreTable
-from logix.contribution.select import Selection, export_selection, format_summary, select
+from logix.contribution.selection import Selection, export_selection, format_summary, select
 from logix.data import PadCollator
 from logix.errors import ConfigError
-from logix.pipeline import Job, build_model, build_tokenizer, resolve_path, training_arguments
+from logix.jobs.attribution import Job, build_model, build_tokenizer, resolve_path, training_arguments
 
 MODEL_METHODS = ("icl", "ifd", "less")
 
@@ -166,7 +166,7 @@ class ContributionJob(Job):
 
         dc = self.config.data
         if not hasattr(model, "peft_config"):
-            from logix.pipeline import _with_lora
+            from logix.jobs.attribution import _with_lora
 
             lora = dataclasses.replace(self.config.model.lora, enabled=True)
             model = _with_lora(model, self.config.replace(model=dataclasses.replace(self.config.model, lora=lora)))

@@ -1,0 +1,71 @@
+"""``influence()``: every train example's influence on each logged query of a run or project."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from logix.analysis.checkpoints import CHECKPOINTS_FILE, load_asymmetric_checkpoint, load_checkpoints
+from logix.analysis.influence import InfluenceResult, compute_influence
+from logix.analysis.sharded import sharded_influence
+from logix.config.choices import PreconditionerType, ScoreMode
+from logix.config.damping import Damping
+from logix.core.distributed import Dist
+from logix.errors import LogixError
+from logix.store.reader import Store
+
+
+def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run, work_dir, part_rows,
+                     overwrite, kwargs) -> InfluenceResult:
+    kwargs = dict(kwargs)
+    save_scores = bool(kwargs.pop("save_scores", False)) | (kwargs.pop("scores_path", None) is not None)
+    if full_space_run is not None:
+        cps = [load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)]
+        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
+    else:
+        cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
+        query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
+    return sharded_influence(cps, work_dir, query_ids=query_ids, mode=mode, part_rows=part_rows,
+                             save_scores=save_scores, overwrite=overwrite, **kwargs)
+
+
+def influence(
+    run_dir: str | Path,
+    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+    damping: Damping | float | dict | None = None,
+    mode: ScoreMode | str = ScoreMode.DOT,
+    weighting: str = "lr",
+    full_space_run: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    part_rows: int | None = None,
+    overwrite_parts: bool = False,
+    **kwargs,
+) -> InfluenceResult:
+    """Influence of every train example of ``run_dir`` on each of its logged queries.
+
+    ``run_dir`` is one run, or a Trainer callback's project directory whose checkpoints are
+    combined TracIn-style (``weighting``: ``lr`` | ``uniform`` | ``last``).
+
+    ``full_space_run``: asymmetric preconditioning (:func:`load_asymmetric_checkpoint`): the
+    queries are those of this ``projection: none`` run, preconditioned in full space with
+    ``preconditioner`` and projected like ``run_dir``'s rows (one run, mode ``dot``).
+
+    ``work_dir``: score in resumable parts there (:func:`logix.analysis.sharded.sharded_influence`);
+    under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and the
+    ranks share the parts. The full score matrix is then written with ``save_scores=True`` (or
+    any ``scores_path``) to ``work_dir/scores.h5``, a virtual dataset over the parts.
+    ``kwargs`` go to :func:`compute_influence`.
+    """
+    if work_dir is not None or Dist.current().active:
+        return _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run,
+                                Path(work_dir or Path(run_dir) / "scoring"), part_rows, overwrite_parts, kwargs)
+    if full_space_run is not None:
+        if ScoreMode.parse(mode, "mode") is not ScoreMode.DOT:
+            raise LogixError("Asymmetric preconditioning (full_space_run) scores in mode 'dot' only.")
+        if (Path(run_dir) / CHECKPOINTS_FILE).exists():
+            raise LogixError("Asymmetric preconditioning (full_space_run) takes one run, not a checkpoint project.")
+        cp = load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)
+        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
+        return compute_influence(cp, query_ids=query_ids, mode=mode, **kwargs)
+    cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
+    query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
+    return compute_influence(cps, query_ids=query_ids, mode=mode, **kwargs)

@@ -1,0 +1,31 @@
+"""The one table from dtype names (config values, manifest entries) to torch dtypes."""
+
+from __future__ import annotations
+
+import torch
+
+from logix.errors import ConfigError
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Quantized store dtypes: their rows go in and come out as float32 (logix.store.quant).
+QUANTIZED_DTYPES = ("int8", "int4")
+
+
+def torch_dtype(name: object) -> torch.dtype:
+    """The torch dtype called ``name`` (a string or a config enum such as ``ComputeDtype``)."""
+    key = getattr(name, "value", name)
+    if key not in TORCH_DTYPES:
+        raise ConfigError(f"Unknown dtype: {key!r}. Choose between {sorted(TORCH_DTYPES)}.")
+    return TORCH_DTYPES[key]
+
+
+def row_dtype(name: object) -> torch.dtype:
+    """The dtype of the rows a store of dtype ``name`` takes in and hands out (quantized stores,
+    ``int8`` / ``int4``, take and give float32 rows; see :mod:`logix.store.quant`)."""
+    key = getattr(name, "value", name)
+    return torch.float32 if key in QUANTIZED_DTYPES else torch_dtype(key)
