@@ -47,7 +47,7 @@ import torch
 
 import logix
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
-from logix.analysis.influence import _chunk_rows
+from logix.analysis.kernels import budget_chunk_rows
 from logix.core.statistics import Statistics, eigendecompose
 from logix.store import Layout, ShardWriter, Store
 
@@ -119,7 +119,7 @@ def logix_call(store: Store, queries: torch.Tensor, name: str, budget_mb: float,
 def chunk_rows(n_query: int, budget_mb: float) -> int:
     """The chunk size compute_influence picks (mirrors its formula; used by ``read`` only)."""
     batch = min(n_query, max(1, int(budget_mb * 2**20 / 2 // (LAYOUT.dim * 16))))
-    return _chunk_rows(LAYOUT.dim, batch, budget_mb / 2, 2)
+    return budget_chunk_rows(LAYOUT.dim, batch, budget_mb / 2, 2)
 
 
 def time_throughput(store: Store, n_query: int, budget_mb: float, rounds: int, stats: Statistics) -> dict:

@@ -65,7 +65,7 @@ from torch.func import functional_call, jacrev, vmap
 import logix
 from logix.analysis import Damping, compute_influence, lds, load_checkpoint, retrain_on_subsets, spearman
 from logix.capture.watch import select_modules
-from logix.integrations.loop import expected_class_loss
+from logix.integrations.losses import expected_class_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache"

@@ -3,7 +3,7 @@ Adam-preconditioned gradients best match a few validation examples of the target
 
 A tiny LLaMA-style model (seeded random weights, no download; ``from_pretrained`` a real one
 instead) is first trained briefly on other records (a stand-in for a pretrained base), then
-gets PEFT LoRA adapters. :func:`logix.contribution.less.warmup_and_log` trains the adapters
+gets PEFT LoRA adapters. :func:`logix.contribution.less_warmup.warmup_and_log` trains the adapters
 with the HF ``Trainer`` on a random 5% of the candidate pool and, at each epoch end, logs
 every candidate's projected Adam-preconditioned gradient and every validation example's
 plain projected gradient. :func:`logix.contribution.less.less_scores` then scores each
@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from logix.contribution.less import less_scores, warmup_and_log
+from logix.contribution.less import less_scores
+from logix.contribution.less_warmup import warmup_and_log
 from logix.data import InstructionDataset, PadCollator, load_jsonl, load_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"

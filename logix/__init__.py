@@ -11,19 +11,15 @@ Public API::
     store = run.finalize()
 """
 
-from logix.capture.run import LogContext, Pass, Run, init, load_run_store
-from logix.config import (
-    CaptureConfig,
-    Config,
-    ProjectionConfig,
-    ProjectionType,
-    StatisticsConfig,
-    StoreConfig,
-    StoreDtype,
-)
+from logix.capture.block import LogContext
+from logix.capture.passes import Pass
+from logix.capture.run import Run, init, load_run_store
+from logix.config.choices import ProjectionType, StoreDtype
+from logix.config.logger import CaptureConfig, ProjectionConfig, StatisticsConfig, StoreConfig
+from logix.config.root import Config
 from logix.core.statistics import Statistics
 from logix.errors import LogixError
-from logix.store import Store, load_store
+from logix.store.reader import Store, load_store
 
 __version__ = "0.1.0"
 

@@ -16,17 +16,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from logix.config import AnalysisConfig, Config
-from logix.core.distributed import Dist, init_from_launcher, initialized
-from logix.core.statistics import Statistics
 from logix.errors import LogixError
-from logix.store import Store
-from logix.store.format import read_manifest
+
+if TYPE_CHECKING:  # the library (and torch) is imported by the commands, so that --help stays fast
+    from logix.config import AnalysisConfig
+    from logix.store import Store
+
+
+class Command(str, enum.Enum):
+    """The subcommands of ``logix``."""
+
+    RUN = "run"
+    EXTRACT = "extract"
+    INFLUENCE = "influence"
+    CONTRIBUTE = "contribute"
+    SELECT = "select"
+    REPORT = "report"
+    INSPECT = "inspect"
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the command joins a ``torchrun`` launcher's process group."""
+        return self in (Command.RUN, Command.EXTRACT, Command.INFLUENCE)
 
 
 def _human(n: float) -> str:
@@ -40,12 +58,17 @@ def _human(n: float) -> str:
 # ---- inspect -----------------------------------------------------------------------------------
 def inspect_run(run_dir: Path) -> str:
     """A readable summary of a run directory, a job / callback project, or a single store."""
+    from logix.core.statistics import Statistics
+    from logix.store import Store
+    from logix.store.format import read_manifest
+    from logix.store.rundir import checkpoints_file, run_file, statistics_file, stores_dir
+
     if read_manifest(run_dir) is not None:
         return _describe_store(run_dir.name, Store(run_dir))
-    index = run_dir / "checkpoints.json"
+    index = checkpoints_file(run_dir)
     if index.exists():
         return _describe_project(run_dir, json.loads(index.read_text())["checkpoints"])
-    info_path = run_dir / "run.json"
+    info_path = run_file(run_dir)
     if not info_path.exists():
         raise LogixError(f"{run_dir} is not a logix run directory (no run.json).")
     info = json.loads(info_path.read_text())
@@ -56,10 +79,10 @@ def inspect_run(run_dir: Path) -> str:
         "versions   " + ", ".join(f"{k} {v}" for k, v in info.get("environment", {}).items()
                                    if k in ("logix", "torch", "transformers", "python")),
     ]
-    stores = sorted(p for p in (run_dir / "stores").glob("*") if read_manifest(p) is not None)
+    stores = sorted(p for p in stores_dir(run_dir).glob("*") if read_manifest(p) is not None)
     for path in stores:
         lines += ["", _describe_store(path.name, Store(path))]
-    stats_path = run_dir / "statistics" / "log.safetensors"
+    stats_path = statistics_file(run_dir)
     if stats_path.exists():
         stats = Statistics.load(stats_path)
         keys = sorted({k.split("::")[1] for k in stats.flat()})
@@ -68,6 +91,8 @@ def inspect_run(run_dir: Path) -> str:
 
 
 def _describe_project(project: Path, entries: list[dict]) -> str:
+    from logix.store.rundir import run_file
+
     lines = [f"project    {project} ({len(entries)} logged checkpoint(s))"]
     for e in entries:
         lr = e.get("learning_rate")
@@ -76,7 +101,7 @@ def _describe_project(project: Path, entries: list[dict]) -> str:
     outputs = [p.name for p in sorted(project.glob("*")) if p.suffix in (".jsonl", ".csv", ".h5", ".json")]
     lines.append(f"outputs    {', '.join(outputs) or '-'}")
     last = project / entries[-1]["dir"] if entries else None
-    if last is not None and (last / "run.json").exists():
+    if last is not None and run_file(last).exists():
         lines += ["", f"last checkpoint ({entries[-1]['name']}):", inspect_run(last)]
     return "\n".join(lines)
 
@@ -97,13 +122,15 @@ def _describe_store(name: str, store: Store) -> str:
 
 # ---- run / extract -----------------------------------------------------------------------------
 def _job(args: argparse.Namespace):
-    from logix.jobs.attribution import Job
+    from logix.jobs.attribution import AttributionJob
 
-    return Job.from_yaml(args.config, args.overrides, project=args.project, overwrite=args.overwrite,
-                         progress=not args.quiet)
+    return AttributionJob.from_yaml(args.config, args.overrides, project=args.project, overwrite=args.overwrite,
+                                    progress=not args.quiet)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from logix.core.distributed import Dist
+
     result = _job(args).run()
     if Dist.current().is_main:
         print(result.summary(max_queries=args.show))
@@ -111,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    from logix.core.distributed import Dist
+
     result = _job(args).run(extract_only=True)
     if Dist.current().is_main:
         print(inspect_run(result.dir))
@@ -118,13 +147,18 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 # ---- influence ---------------------------------------------------------------------------------
 def _analysis_defaults(directory: Path) -> AnalysisConfig:
-    job = directory / "job.yaml"
+    from logix.config import AnalysisConfig, Config
+    from logix.store.rundir import job_file
+
+    job = job_file(directory)
     return Config.from_yaml(job).analysis if job.exists() else AnalysisConfig()
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
     from logix.analysis import Damping, influence
-    from logix.jobs.attribution import category_agreement, write_outputs
+    from logix.analysis.records import category_agreement, write_outputs
+    from logix.core.distributed import Dist
+    from logix.store.rundir import influence_file, scores_file, scoring_dir
 
     directory = args.run_dir
     if not directory.is_dir():
@@ -144,10 +178,10 @@ def cmd_influence(args: argparse.Namespace) -> None:
     result = influence(
         directory, preconditioner=pre, damping=damping, mode=args.mode or ac.mode,
         weighting=args.weighting or ac.checkpoints.value, top_k=args.top_k or ac.top_k,
-        memory_budget_mb=ac.memory_budget_mb, scores_path=out / "scores.h5" if args.save_scores else None,
+        memory_budget_mb=ac.memory_budget_mb, scores_path=scores_file(out) if args.save_scores else None,
         per_module=args.per_module, progress=not args.quiet,
         full_space_run=args.full_space_run or ac.full_space_run,
-        work_dir=(args.work_dir or out / "scoring") if parts else None, part_rows=args.part_rows,
+        work_dir=(args.work_dir or scoring_dir(out)) if parts else None, part_rows=args.part_rows,
         overwrite_parts=args.overwrite,
     )
     if not dist.is_main:
@@ -157,7 +191,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
     write_outputs(out, result, texts[0] if texts else {}, texts[1] if texts else {}, sanity)
     print(f"scored {len(result.query_ids)} queries x {len(result.train_ids)} train rows "
           f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}"
-          f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {out / 'influence.jsonl'}")
+          f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {influence_file(out)}")
     if parts and result.scores_path is not None:
         print(f"score matrix: {result.scores_path} (a virtual dataset over the parts beside it)")
     if sanity:
@@ -167,10 +201,13 @@ def cmd_influence(args: argparse.Namespace) -> None:
 
 def _job_texts(directory: Path):
     """(train texts, query texts, train categories, query categories) from the job's data, if any."""
-    job = directory / "job.yaml"
+    from logix.store.rundir import job_file
+
+    job = job_file(directory)
     if not job.exists():
         return None
-    from logix.jobs.attribution import _categories, _texts, build_datasets, build_tokenizer
+    from logix.config import Config
+    from logix.data import build_datasets, build_tokenizer, dataset_categories, dataset_texts
 
     config = Config.from_yaml(job)
     try:
@@ -181,11 +218,13 @@ def _job_texts(directory: Path):
         return None
     if queries is None:
         return None
-    return (_texts(train), _texts(queries), _categories(train, config), _categories(queries, config))
+    return (dataset_texts(train), dataset_texts(queries), dataset_categories(train, config),
+            dataset_categories(queries, config))
 
 
 # ---- contribution ------------------------------------------------------------------------------
 def cmd_contribute(args: argparse.Namespace) -> None:
+    from logix.config import Config
     from logix.jobs.contribution import ContributionJob
 
     config = Config.from_yaml(args.config, args.overrides)
@@ -209,6 +248,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_select(args: argparse.Namespace) -> None:
     from logix.contribution import ScoreTable, export_selection, format_summary, load_pool, select
     from logix.data import PromptTemplate
+    from logix.store.rundir import SELECTED_FILE
 
     if (args.top_p is None) == (args.top_k is None):
         raise LogixError("give exactly one of --top-p or --top-k")
@@ -217,7 +257,7 @@ def cmd_select(args: argparse.Namespace) -> None:
     template = PromptTemplate(output_field=args.output_field)
     selection = select(table, args.by, top_p=args.top_p, top_k=args.top_k, pool=pool, template=template,
                        category_key=args.category_field, seed=args.seed)
-    paths = export_selection(selection, pool, args.out, name=args.name)
+    paths = export_selection(selection, pool, args.out, name=args.name or SELECTED_FILE)
     print(format_summary(selection.summary))
     print(f"wrote {paths['subset']} and {paths['summary']}")
 
@@ -234,17 +274,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logix", description="logix: which training data made your "
                                      "model do what it does.", formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "fine-tune (or load) a model, log it, score influence"),
-                            ("extract", "log a dataset with the model held fixed (no training)")):
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+    for command, help_text in ((Command.RUN, "fine-tune (or load) a model, log it, score influence"),
+                               (Command.EXTRACT, "log a dataset with the model held fixed (no training)")):
+        p = sub.add_parser(command.value, help=help_text, description=help_text, formatter_class=_Formatter)
         p.add_argument("config", type=Path, help="YAML config (see docs/configuration.md)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         p.add_argument("--project", default="job", help="directory under the config's root (default: job)")
         p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        if name == "run":
+        if command is Command.RUN:
             p.add_argument("--show", type=int, default=5, help="queries printed (all are written)")
-    p = sub.add_parser("influence", help="score logged queries against the train rows", formatter_class=_Formatter,
+    p = sub.add_parser(Command.INFLUENCE.value, help="score logged queries against the train rows", formatter_class=_Formatter,
                        description="Score the queries logged in DIR (a run, or a job / Trainer project "
                        "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
     p.add_argument("run_dir", type=Path)
@@ -268,7 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--part-rows", type=int, help="train rows per part (default: about 64 parts)")
     p.add_argument("--overwrite", action="store_true", help="discard the parts of a different scoring job in the work dir")
     p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("contribute", help="score instruction data, fit a selector, select a subset",
+    p = sub.add_parser(Command.CONTRIBUTE.value, help="score instruction data, fit a selector, select a subset",
                        formatter_class=_Formatter, description="Score a pool of instruction samples (in-context "
                        "contribution, LESS, IFD, baselines), learn the scores of a sample with a selector, select "
                        "the top and export it, as the config's contribution section says.")
@@ -277,7 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default="contribution", help="directory under the config's root")
     p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p = sub.add_parser("select", help="select the top of a score table and export the subset",
+    p = sub.add_parser(Command.SELECT.value, help="select the top of a score table and export the subset",
                        formatter_class=_Formatter, description="Rank a pool by one score of a score table "
                        "(scores.jsonl / .csv: an id column and one column per score), write the top records in "
                        "the pool's own format, and a summary beside the length and random baselines.")
@@ -287,12 +327,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="fraction of the scored examples to keep")
     p.add_argument("--top-k", type=int, help="number of examples to keep")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--name", default="selected.jsonl", help="subset file name (.json: a JSON list)")
+    p.add_argument("--name", help="subset file name (.json: a JSON list)")  # default: SELECTED_FILE
     p.add_argument("--id-field", default="id", help="record field holding ids (content hashes when absent)")
     p.add_argument("--category-field", default="category", help="record field counted in the summary")
     p.add_argument("--output-field", default="output", help="record field holding the response")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    p = sub.add_parser("report", help="write a self-contained HTML report of a project or run",
+    p = sub.add_parser(Command.REPORT.value, help="write a self-contained HTML report of a project or run",
                        formatter_class=_Formatter, description="Write DIR/report.html: one self-contained file "
                        "(figures embedded, no network needed) showing, for an influence project or run, each query's "
                        "top proponents and opponents with their texts, score distributions, self-influence outliers "
@@ -304,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="proponents per query when a bare run is scored here")
     p.add_argument("--max-queries", type=int, default=500, help="queries shown (default: 500)")
     p.add_argument("--max-rows", type=int, default=2000, help="selected examples listed (default: 2000)")
-    p_inspect = sub.add_parser("inspect", help="show what a run / project / store directory holds",
+    p_inspect = sub.add_parser(Command.INSPECT.value, help="show what a run / project / store directory holds",
                                formatter_class=_Formatter)
     p_inspect.add_argument("run_dir", type=Path)
     return parser
@@ -323,13 +363,16 @@ def cli_reference() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.command in ("run", "extract", "influence"):
+    from logix.core.distributed import init_from_launcher, initialized
+
+    command = Command(args.command)
+    if command.distributed:
         init_from_launcher()
-    commands = {"run": cmd_run, "extract": cmd_extract, "influence": cmd_influence,
-                "inspect": lambda a: print(inspect_run(a.run_dir)), "contribute": cmd_contribute,
-                "select": cmd_select, "report": cmd_report}
+    commands = {Command.RUN: cmd_run, Command.EXTRACT: cmd_extract, Command.INFLUENCE: cmd_influence,
+                Command.INSPECT: lambda a: print(inspect_run(a.run_dir)), Command.CONTRIBUTE: cmd_contribute,
+                Command.SELECT: cmd_select, Command.REPORT: cmd_report}
     try:
-        commands[args.command](args)
+        commands[command](args)
     except (LogixError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         print(f"logix: error: {reason}", file=sys.stderr)

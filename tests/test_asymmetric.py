@@ -215,9 +215,9 @@ def test_cli_full_space_run_and_config_switch(tmp_path):
 
 def test_job_with_full_space_run_is_refused_before_any_work(tmp_path):
     from logix.errors import ConfigError
-    from logix.jobs.attribution import Job
+    from logix.jobs.attribution import AttributionJob
 
-    job = Job({"root": str(tmp_path), "analysis": {"full_space_run": str(tmp_path / "full")}}, progress=False)
+    job = AttributionJob({"root": str(tmp_path), "analysis": {"full_space_run": str(tmp_path / "full")}}, progress=False)
     with pytest.raises(ConfigError, match="logix influence"):
         job.run()
     assert not (tmp_path / "job").exists()

@@ -17,14 +17,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from logix.contribution import icl as icl_module
-from logix.contribution.icl import (
-    CHAR_ALPHABET,
-    IclResult,
-    assessment_set,
-    icl_contribution,
-    load_icl_scores,
-    sigmoid_map,
-)
+from logix.contribution import icl_plan
+from logix.contribution.assessment import assessment_set
+from logix.contribution.icl import icl_contribution
+from logix.contribution.icl_logs import load_icl_scores
+from logix.contribution.icl_plan import CHAR_ALPHABET
+from logix.contribution.icl_result import IclResult, sigmoid_map
 from logix.contribution.lm import bos_ids, encode, response_nll
 from logix.data import PromptTemplate, load_jsonl, load_tokenizer
 from logix.errors import DataError, LogixError, RunDirectoryError, StoreError
@@ -122,7 +120,7 @@ def _demo_ids(tok, record: dict) -> list[int]:
 def _chars_ids(tok, record: dict, seed: int) -> list[int]:
     t = PromptTemplate()
     text = t.prompt(record) + t.response(record)
-    picks = icl_module._rng(seed, str(record["id"])).integers(0, len(CHAR_ALPHABET), size=len(text))
+    picks = icl_plan.control_rng(seed, str(record["id"])).integers(0, len(CHAR_ALPHABET), size=len(text))
     rnd = "".join(CHAR_ALPHABET[k] for k in picks)
     assert len(rnd) == len(text)
     return encode(tok, [rnd])[0]
@@ -203,7 +201,7 @@ def test_cached_batched_reference_and_oracle_agree(lm, control):
             np.testing.assert_array_equal(getattr(results[m], name), getattr(ref, name))
     res = results["cached"]
     bos = bos_ids(tok)
-    vocab = icl_module._vocabulary(model, tok)
+    vocab = icl_plan.vocabulary(model, tok)
     for i, probe in enumerate(PROBES):
         assert res.p0[i] == pytest.approx(_oracle_ppl(model, tok, None, probe, bos), rel=1e-5)
     for j, cand in enumerate(CANDIDATES):
@@ -211,7 +209,7 @@ def test_cached_batched_reference_and_oracle_agree(lm, control):
         if control == "chars":
             ctrl = _chars_ids(tok, cand, 3)
         else:
-            ctrl = vocab[icl_module._rng(3, cand["id"]).integers(0, vocab.size, size=len(demo))].tolist()
+            ctrl = vocab[icl_plan.control_rng(3, cand["id"]).integers(0, vocab.size, size=len(demo))].tolist()
             assert len(ctrl) == len(demo) and not set(ctrl) & set(tok.all_special_ids)
         for i, probe in enumerate(PROBES):
             assert res.pt[j, i] == pytest.approx(_oracle_ppl(model, tok, demo, probe, bos), rel=1e-5)

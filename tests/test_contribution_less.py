@@ -18,22 +18,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from logix import Run
-from logix.contribution.less import (
-    ADAM_STORES,
-    MOMENTS_FILE,
-    adam_transform,
-    less_extract,
-    less_scores,
-    load_moments,
-    log_adam_rows,
-    module_moments,
-    optimizer_moments,
-    token_mean_loss,
-    warmup_and_log,
-)
+from logix.contribution.less import less_scores
+from logix.contribution.less_moments import adam_transform, load_moments, optimizer_moments
+from logix.contribution.less_rows import ADAM_STORES, log_adam_rows, module_moments, token_mean_loss
+from logix.contribution.less_warmup import less_callback, less_extract, warmup_and_log
 from logix.errors import ConfigError, LogixError, RunDirectoryError, StatisticsError
 from logix.integrations.huggingface import LogixCallback
 from logix.store import Store
+from logix.store.rundir import MOMENTS_FILE
 from tests.helpers import collate
 
 hf_logging.set_verbosity_error()
@@ -95,7 +87,7 @@ def logged(tmp_path_factory):
         calls.append(len(batch["input_ids"]))
         return token_mean_loss(model, batch, **kwargs)
 
-    callback = LogixCallback(CONFIG, project="p", root=tmp, queries=VAL, loss_fn=counted_loss,
+    callback = less_callback(CONFIG, project="p", root=tmp, queries=VAL, loss_fn=counted_loss,
                              adam_rows=True, progress=False)
     trainer = train(tmp, callback=callback)
     callback.loss_calls = calls

@@ -111,7 +111,8 @@ def test_two_process_scoring_equals_one_process(logged):
     np.testing.assert_allclose(ref.top_scores.numpy(), s2["top_scores"], rtol=1e-6)
     np.testing.assert_allclose(ref.self_influence.numpy(), s2["self_influence"], rtol=1e-10)
     with h5py.File(logged / "ref.h5") as a, h5py.File(s2["scores_path"]) as b:  # parts as one matrix
-        np.testing.assert_allclose(a["scores"][()], b["scores"][()], rtol=1e-6)
+        ref_scores = a["scores"][()]  # float32 GEMMs of other chunkings: error scales with the largest term
+        np.testing.assert_allclose(ref_scores, b["scores"][()], rtol=1e-6, atol=1e-6 * np.abs(ref_scores).max())
 
 
 def test_pca_projection_is_computed_on_rank_0_and_shared(tmp_path):

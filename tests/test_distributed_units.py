@@ -14,11 +14,12 @@ from torch import nn
 
 import logix
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
-from logix.analysis.sharded import part_file, plan_parts, sharded_influence
+from logix.analysis.sharded import plan_parts, sharded_influence
 from logix.core.distributed import Dist, canonical_name, shard_indices, split_evenly, unwrap_model
 from logix.errors import LogixError, StoreError
 from logix.store import Layout, ShardWriter, Store
 from logix.store.format import manifest_name, owns, read_manifest
+from logix.store.rundir import part_file
 from logix.store.writer import drop_rows
 
 LAYOUT = Layout.build([("a", "linear", (2, 3)), ("b", "linear", (1, 2))])  # dim 8
@@ -155,13 +156,13 @@ def test_part_wise_scoring_equals_one_pass_and_resumes_only_missing_parts(tmp_pa
         np.testing.assert_allclose(b["scores"][()], a["scores"][()], rtol=1e-5, atol=1e-6 * np.abs(a["scores"][()]).max())
     assert len(plan_parts(53, 10)) == 6
     # an interruption: parts 2 and 4 lost their results; only they are scored again
-    stamps = {i: (work / part_file(i)).stat().st_mtime_ns for i in range(6)}
+    stamps = {i: part_file(work, i).stat().st_mtime_ns for i in range(6)}
     for i in (2, 4):
-        (work / part_file(i)).unlink()
+        part_file(work, i).unlink()
     again = sharded_influence(cp, work, mode=mode, top_k=6, part_rows=10, save_scores=True, progress=False)
     assert again.top_ids == ref.top_ids
     for i in (0, 1, 3, 5):
-        assert (work / part_file(i)).stat().st_mtime_ns == stamps[i]
+        assert part_file(work, i).stat().st_mtime_ns == stamps[i]
     # a different job in the same folder is refused unless overwritten
     with pytest.raises(LogixError, match="another scoring job"):
         sharded_influence(cp, work, mode=mode, top_k=3, part_rows=10, progress=False)

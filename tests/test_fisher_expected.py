@@ -14,7 +14,7 @@ import logix
 from logix.core.statistics import JOINT
 from logix.errors import BatchError, ConfigError
 from logix.integrations import summed_loss
-from logix.integrations.loop import expected_class_loss
+from logix.integrations.losses import expected_class_loss
 from tests.helpers import per_example_grads, projected, rel_err
 
 N, D_IN, HIDDEN, C = 10, 4, 5, 3
@@ -138,7 +138,7 @@ def test_expected_joint_covariance_is_the_gauss_newton_matrix(tmp_path):
 
 
 def test_pass_loss_kwargs():
-    from logix.capture.run import Pass
+    from logix.capture.passes import Pass
 
     gen = torch.Generator()
     assert Pass("log", 0, 1, True).loss_kwargs(0, gen) == {}

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import logix
 from logix.data import load_tokenizer
-from logix.jobs.attribution import Job
+from logix.jobs.attribution import AttributionJob
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
@@ -37,7 +37,7 @@ def saved_model(tmp_path, vocab: int) -> Path:
 def test_pretrained_model_from_a_folder_is_loaded_and_extracted(tmp_path):
     tokenizer = load_tokenizer(str(DATA / "tokenizer.json"))
     folder = saved_model(tmp_path, len(tokenizer))
-    job = Job(job_config(tmp_path, name=str(folder)), project="pre", progress=False)
+    job = AttributionJob(job_config(tmp_path, name=str(folder)), project="pre", progress=False)
     result = job.run(extract_only=True)
     assert result.checkpoints == ["model"] and result.influence is None
     store = logix.load_run_store(tmp_path / "runs" / "pre" / "model")
@@ -54,13 +54,13 @@ def test_pretrained_model_from_a_folder_is_loaded_and_extracted(tmp_path):
 def test_tokenizer_larger_than_the_model_vocabulary_is_a_clear_error(tmp_path):
     folder = saved_model(tmp_path, 100)
     with pytest.raises(logix.LogixError, match="tokenizer has 2048 tokens.*vocabulary has 100"):
-        Job(job_config(tmp_path, name=str(folder)), project="bad", progress=False).run(extract_only=True)
+        AttributionJob(job_config(tmp_path, name=str(folder)), project="bad", progress=False).run(extract_only=True)
 
 
 def test_a_project_with_another_config_is_not_reused(tmp_path):
     cfg = job_config(tmp_path, arch_config={"n_layer": 1, "n_embd": 16, "n_head": 2})
-    Job(cfg, project="p", progress=False).run(extract_only=True)
+    AttributionJob(cfg, project="p", progress=False).run(extract_only=True)
     cfg["projection"]["rank_in"] = 2
     with pytest.raises(logix.LogixError, match="holds a job with another config"):
-        Job(cfg, project="p", progress=False).run(extract_only=True)
-    Job(cfg, project="p", overwrite=True, progress=False).run(extract_only=True)
+        AttributionJob(cfg, project="p", progress=False).run(extract_only=True)
+    AttributionJob(cfg, project="p", overwrite=True, progress=False).run(extract_only=True)

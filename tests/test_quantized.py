@@ -17,7 +17,7 @@ import logix
 from logix.analysis import Checkpoint, compute_influence, load_checkpoint
 from logix.analysis.sharded import sharded_influence
 from logix.data import load_tokenizer
-from logix.jobs.attribution import Job
+from logix.jobs.attribution import AttributionJob
 from logix.store import Layout, ShardWriter, Store
 from logix.store.quant import dequantize, pack_int4, q_max, quantize, unpack_int4
 from logix.store.writer import drop_rows
@@ -207,7 +207,7 @@ def test_job_with_the_lm_influence_preset_logs_int4_rows_and_scores_them(tmp_pat
               "data": {"train": str(DATA / "instructions.jsonl"), "queries": str(DATA / "queries.jsonl"),
                        "limit_train": 12, "limit_queries": 3, "max_length": 48},
               "schedule": {"batch_size": 4}}
-    result = Job(config, project="q", progress=False).run()
+    result = AttributionJob(config, project="q", progress=False).run()
     assert len(result.checkpoints) == 1  # scored at the trained model
     run_dir = tmp_path / "runs" / "q" / result.checkpoints[0]
     store = logix.load_run_store(run_dir)

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 import logix
-from logix.jobs.attribution import Job
+from logix.jobs.attribution import AttributionJob
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_configs_point_at_shipped_files():
     for name in ("quickstart", "ekfac", "lora"):
-        job = Job(ROOT / "configs" / f"{name}.yaml")
+        job = AttributionJob(ROOT / "configs" / f"{name}.yaml")
         for path in (job.config.data.train, job.config.data.queries, job.config.model.tokenizer):
             assert Path(path).is_absolute() and Path(path).exists(), (name, path)
 

@@ -4,21 +4,20 @@ work return exactly what the plain paths return."""
 from __future__ import annotations
 
 import gc
-import importlib
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-import logix.store.reader as reader
+import logix.analysis.kernels as kernels
+import logix.store.mapping as mapping
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
 from logix.core.statistics import Statistics, eigendecompose
 from logix.store import Layout, ShardWriter, Store
 
 LAYOUT = Layout.build([("a", "linear", (2, 3)), ("b", "linear", (4, 1)), ("c", "linear", (1, 5))])
 SHARDS = (3, 300, 1, 40, 260)  # small shards are gathered, the others mapped (align_to_shards)
-influence_mod = importlib.import_module("logix.analysis.influence")  # the package re-exports a function of that name
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -95,8 +94,8 @@ def test_mapped_chunks_are_zero_copy_and_private(tmp_path, monkeypatch):
     rows = _write(tmp_path, "bfloat16")
     store = Store(tmp_path)
     takes = []
-    real_take = reader._Ring.take
-    monkeypatch.setattr(reader._Ring, "take", lambda self, n, w: takes.append(n) or real_take(self, n, w))
+    real_take = mapping.Ring.take
+    monkeypatch.setattr(mapping.Ring, "take", lambda self, n, w: takes.append(n) or real_take(self, n, w))
     chunks = list(store.iter_chunks(1000, prefetch=2, align_to_shards=True))
     assert takes == [41]  # only the small shards 1 + 40 were gathered into a buffer (3 is one piece)
     for c in chunks:
@@ -147,13 +146,13 @@ def test_kept_chunks_are_never_overwritten_by_buffer_reuse(tmp_path, prefetch):
 def test_streaming_consumer_reuses_a_fixed_number_of_buffers(tmp_path, monkeypatch, prefetch):
     rows = _write(tmp_path, "float16", shards=(7,) * 40)
     rings = []
-    real_init = reader._Ring.__init__
+    real_init = mapping.Ring.__init__
 
     def spy(self, capacity, dtype):
         real_init(self, capacity, dtype)
         rings.append(self)
 
-    monkeypatch.setattr(reader._Ring, "__init__", spy)
+    monkeypatch.setattr(mapping.Ring, "__init__", spy)
     store = Store(tmp_path)
     total = torch.zeros(LAYOUT.dim, dtype=torch.float64)
     for c in store.iter_chunks(5, prefetch=prefetch):
@@ -211,8 +210,8 @@ def _oracle(pre, queries, rows, mode):
 @pytest.mark.parametrize("kind", ["identity", "kfac"])
 @pytest.mark.parametrize("mode", ["dot", "unit", "relative", "cosine"])
 def test_scores_and_self_influence_match_full_float64(tmp_path, monkeypatch, dtype, kind, mode):
-    monkeypatch.setattr(influence_mod, "_BLOCK_ELEMS", 7 * LAYOUT.dim)  # several blocks per chunk
-    monkeypatch.setattr(influence_mod, "_PRE_BLOCK_ELEMS", 11 * LAYOUT.dim)
+    monkeypatch.setattr(kernels, "BLOCK_ELEMS", 7 * LAYOUT.dim)  # several blocks per chunk
+    monkeypatch.setattr(kernels, "PRE_BLOCK_ELEMS", 11 * LAYOUT.dim)
     rows = _write(tmp_path, dtype)
     store = Store(tmp_path)
     stats = _kfac_statistics(LAYOUT, len(store)) if kind == "kfac" else None
@@ -247,11 +246,11 @@ def test_checkpoints_sharded_differently_still_align(tmp_path):
 
 def test_keeping_many_mapped_chunks_falls_back_to_copies(tmp_path, monkeypatch):
     rows = _write(tmp_path, "float32", shards=(300,) * 6)
-    monkeypatch.setattr(reader, "_MAX_LIVE_MAPS", reader._live_maps[0] + 3)
+    monkeypatch.setattr(mapping, "MAX_LIVE_MAPS", mapping.live_map_count() + 3)
     store = Store(tmp_path)
     chunks = list(store.iter_chunks(100, prefetch=2, align_to_shards=True))  # 18 chunks, all kept
-    assert reader._live_maps[0] <= reader._MAX_LIVE_MAPS  # each live map holds a file descriptor
+    assert mapping.live_map_count() <= mapping.MAX_LIVE_MAPS  # each live map holds a file descriptor
     assert torch.equal(torch.cat([c.rows for c in chunks]), rows)
     del chunks
     gc.collect()
-    assert reader._live_maps[0] <= reader._MAX_LIVE_MAPS - 3  # maps are released with their chunks
+    assert mapping.live_map_count() <= mapping.MAX_LIVE_MAPS - 3  # maps are released with their chunks

@@ -2,7 +2,6 @@
 
 from logix.analysis.api import influence
 from logix.analysis.checkpoints import (
-    CHECKPOINTS_FILE,
     checkpoint_weights,
     load_asymmetric_checkpoint,
     load_checkpoint,
@@ -26,6 +25,7 @@ from logix.analysis.precondition import (
 )
 from logix.config.choices import PreconditionerType, ScoreMode
 from logix.config.damping import DEFAULT_DAMPING, Damping, default_damping
+from logix.store.rundir import CHECKPOINTS_FILE
 
 __all__ = [
     "CHECKPOINTS_FILE",

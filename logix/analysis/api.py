@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from logix.analysis.checkpoints import CHECKPOINTS_FILE, load_asymmetric_checkpoint, load_checkpoints
+from logix.analysis.checkpoints import load_asymmetric_checkpoint, load_checkpoints
 from logix.analysis.influence import InfluenceResult, compute_influence
 from logix.analysis.sharded import sharded_influence
-from logix.config.choices import PreconditionerType, ScoreMode
+from logix.config.choices import CheckpointWeighting, PreconditionerType, ScoreMode
 from logix.config.damping import Damping
 from logix.core.distributed import Dist
 from logix.errors import LogixError
 from logix.store.reader import Store
+from logix.store.rundir import QUERY_STORE, checkpoints_file, scoring_dir, store_dir
 
 
 def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run, work_dir, part_rows,
@@ -20,10 +21,10 @@ def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_spa
     save_scores = bool(kwargs.pop("save_scores", False)) | (kwargs.pop("scores_path", None) is not None)
     if full_space_run is not None:
         cps = [load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)]
-        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
+        query_ids = Store(store_dir(full_space_run, QUERY_STORE)).ids
     else:
         cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
-        query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
+        query_ids = Store(store_dir(Path(run_dir) / entries[-1]["dir"], QUERY_STORE)).ids
     return sharded_influence(cps, work_dir, query_ids=query_ids, mode=mode, part_rows=part_rows,
                              save_scores=save_scores, overwrite=overwrite, **kwargs)
 
@@ -33,7 +34,7 @@ def influence(
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
     damping: Damping | float | dict | None = None,
     mode: ScoreMode | str = ScoreMode.DOT,
-    weighting: str = "lr",
+    weighting: CheckpointWeighting | str = CheckpointWeighting.LR,
     full_space_run: str | Path | None = None,
     work_dir: str | Path | None = None,
     part_rows: int | None = None,
@@ -57,15 +58,15 @@ def influence(
     """
     if work_dir is not None or Dist.current().active:
         return _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run,
-                                Path(work_dir or Path(run_dir) / "scoring"), part_rows, overwrite_parts, kwargs)
+                                Path(work_dir or scoring_dir(run_dir)), part_rows, overwrite_parts, kwargs)
     if full_space_run is not None:
         if ScoreMode.parse(mode, "mode") is not ScoreMode.DOT:
             raise LogixError("Asymmetric preconditioning (full_space_run) scores in mode 'dot' only.")
-        if (Path(run_dir) / CHECKPOINTS_FILE).exists():
+        if checkpoints_file(run_dir).exists():
             raise LogixError("Asymmetric preconditioning (full_space_run) takes one run, not a checkpoint project.")
         cp = load_asymmetric_checkpoint(run_dir, full_space_run, preconditioner, damping)
-        query_ids = Store(Path(full_space_run) / "stores" / "queries").ids
+        query_ids = Store(store_dir(full_space_run, QUERY_STORE)).ids
         return compute_influence(cp, query_ids=query_ids, mode=mode, **kwargs)
     cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
-    query_ids = Store(Path(run_dir) / entries[-1]["dir"] / "stores" / "queries").ids
+    query_ids = Store(store_dir(Path(run_dir) / entries[-1]["dir"], QUERY_STORE)).ids
     return compute_influence(cps, query_ids=query_ids, mode=mode, **kwargs)

@@ -12,14 +12,23 @@ from pathlib import Path
 from logix.analysis.influence import Checkpoint
 from logix.analysis.precondition import AsymmetricPreconditioner, Preconditioner
 from logix.config import ProjectionType, resolve_config
-from logix.config.choices import PreconditionerType
+from logix.config.choices import CheckpointWeighting, PreconditionerType
 from logix.config.damping import Damping
 from logix.core.projection import ModuleProjection, load_projections, random_projection
 from logix.core.statistics import Statistics
 from logix.errors import StatisticsError
 from logix.store.reader import Store
-
-CHECKPOINTS_FILE = "checkpoints.json"
+from logix.store.rundir import (
+    CONFIG_FILE,
+    PROJECTION_FILE,
+    QUERY_STORE,
+    TRAIN_STORE,
+    checkpoints_file,
+    config_file,
+    projection_file,
+    statistics_file,
+    store_dir,
+)
 
 
 def load_checkpoint(
@@ -27,15 +36,15 @@ def load_checkpoint(
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
     damping: Damping | float | dict | None = None,
     weight: float = 1.0,
-    queries: str = "queries",
+    queries: str = QUERY_STORE,
 ) -> Checkpoint:
     """The train store, query rows and preconditioner of a finished run directory.
 
     ``damping=None`` uses the preconditioner's default (``precondition.default_damping``)."""
     run_dir = Path(run_dir)
-    train = Store(run_dir / "stores" / "train")
-    query_rows = Store(run_dir / "stores" / queries).read_all()
-    stats_path = run_dir / "statistics" / "log.safetensors"
+    train = Store(store_dir(run_dir, TRAIN_STORE))
+    query_rows = Store(store_dir(run_dir, queries)).read_all()
+    stats_path = statistics_file(run_dir)
     stats = Statistics.load(stats_path) if stats_path.exists() else None
     if stats is None and PreconditionerType.parse(preconditioner) is not PreconditionerType.IDENTITY:
         raise StatisticsError(f"{run_dir} has no finalized statistics ({stats_path}).")
@@ -48,16 +57,16 @@ def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
     ``projection: none``), rebuilt from its config (random) or read from its directory (pca).
     ``full_layout`` gives each module's unprojected shape, ``layout`` the logged one."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = config_file(run_dir)
     if not config_path.exists():
-        raise StatisticsError(f"{run_dir} has no config.yaml: not a logix run directory.")
+        raise StatisticsError(f"{run_dir} has no {CONFIG_FILE}: not a logix run directory.")
     cfg = resolve_config(config_path).projection
     if cfg.type is ProjectionType.NONE:
         return {name: ModuleProjection(None, None) for name in layout.names}
     if cfg.type.needs_covariance:
-        path = run_dir / "projection.safetensors"
+        path = projection_file(run_dir)
         if not path.exists():
-            raise StatisticsError(f"{run_dir} has no projection.safetensors: its PCA pass did not finish.")
+            raise StatisticsError(f"{run_dir} has no {PROJECTION_FILE}: its PCA pass did not finish.")
         return load_projections(path, layout.names)
     out = {}
     for fb, block in zip(full_layout.blocks, layout.blocks):
@@ -74,7 +83,7 @@ def load_asymmetric_checkpoint(
     preconditioner: PreconditionerType | str = PreconditionerType.EKFAC,
     damping: Damping | float | dict | None = None,
     weight: float = 1.0,
-    queries: str = "queries",
+    queries: str = QUERY_STORE,
 ) -> Checkpoint:
     """Asymmetric preconditioning: the projected train store of ``run_dir`` scored against
     queries preconditioned in full space.
@@ -87,10 +96,10 @@ def load_asymmetric_checkpoint(
     ``compute_influence`` scores ``<P^T H^-1 g_q, P^T g_t>``. Scores are meant for mode ``dot``.
     """
     run_dir, full_run_dir = Path(run_dir), Path(full_run_dir)
-    train = Store(run_dir / "stores" / "train")
-    full_queries = Store(full_run_dir / "stores" / queries)
+    train = Store(store_dir(run_dir, TRAIN_STORE))
+    full_queries = Store(store_dir(full_run_dir, queries))
     full_layout = full_queries.layout
-    stats_path = full_run_dir / "statistics" / "log.safetensors"
+    stats_path = statistics_file(full_run_dir)
     if not stats_path.exists():
         raise StatisticsError(f"{full_run_dir} has no finalized statistics ({stats_path}).")
     projections = run_projections(run_dir, full_layout, train.layout)
@@ -100,21 +109,19 @@ def load_asymmetric_checkpoint(
     return Checkpoint(train, rows, Preconditioner(PreconditionerType.IDENTITY, None, train.layout), weight)
 
 
-CHECKPOINTS_FILE = "checkpoints.json"
-
-
-def checkpoint_weights(entries: list[dict], weighting: str) -> list[float]:
+def checkpoint_weights(entries: list[dict], weighting: CheckpointWeighting | str) -> list[float]:
     """Weights of logged checkpoints: ``lr`` (learning rates, normalised to sum 1),
     ``uniform`` or ``last`` (only the last checkpoint)."""
     n = len(entries)
     if n == 1:
         return [1.0]
-    if weighting == "last":
-        return [0.0] * (n - 1) + [1.0]
-    if weighting == "uniform":
-        return [1.0 / n] * n
-    if weighting != "lr":
+    if weighting not in list(CheckpointWeighting):
         raise ValueError(f"Unknown checkpoint weighting: {weighting!r}. Choose between ['lr', 'uniform', 'last'].")
+    weighting = CheckpointWeighting(weighting)
+    if weighting is CheckpointWeighting.LAST:
+        return [0.0] * (n - 1) + [1.0]
+    if weighting is CheckpointWeighting.UNIFORM:
+        return [1.0 / n] * n
     lrs = [e.get("learning_rate") for e in entries]
     if any(lr is None for lr in lrs) or sum(lrs) <= 0:
         raise StatisticsError(
@@ -128,12 +135,12 @@ def load_checkpoints(
     project_dir: str | Path,
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
     damping: Damping | float | dict | None = None,
-    weighting: str = "lr",
+    weighting: CheckpointWeighting | str = CheckpointWeighting.LR,
 ) -> tuple[list[Checkpoint], list[dict]]:
     """Every checkpoint a Trainer callback logged under ``project_dir`` (``checkpoints.json``),
     weighted TracIn-style, and the entries of that file; or the single run ``project_dir``."""
     project_dir = Path(project_dir)
-    index = project_dir / CHECKPOINTS_FILE
+    index = checkpoints_file(project_dir)
     if not index.exists():
         return [load_checkpoint(project_dir, preconditioner, damping)], [{"name": project_dir.name, "dir": "."}]
     entries = json.loads(index.read_text())["checkpoints"]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 TrainFn = Callable[[np.ndarray], np.ndarray]  # bool mask over train examples -> (n_query,) outputs
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
+def rankdata(x: np.ndarray) -> np.ndarray:
     """Average ranks (ties share their mean rank), along the first axis."""
     order = np.argsort(x, axis=0, kind="mergesort")
     ranks = np.empty_like(order, dtype=np.float64)
@@ -39,7 +39,7 @@ def _rank(x: np.ndarray) -> np.ndarray:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of the columns of ``a`` and ``b`` (shape (n, m) -> (m,))."""
-    ra, rb = _rank(np.asarray(a, np.float64)), _rank(np.asarray(b, np.float64))
+    ra, rb = rankdata(np.asarray(a, np.float64)), rankdata(np.asarray(b, np.float64))
     ra -= ra.mean(0)
     rb -= rb.mean(0)
     denom = np.sqrt((ra**2).sum(0) * (rb**2).sum(0))

@@ -16,16 +16,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from logix.analysis.kernels import (
+    Scratch,
+    TopK,
+    budget_chunk_rows,
+    normalise,
+    row_dots,
+    score_block,
+    self_influence_rows,
+    unit_rows,
+)
 from logix.analysis.precondition import Preconditioner
-from logix.config.choices import PreconditionerType, ScoreMode
+from logix.config.choices import ScoreMode
 from logix.errors import LogixError
-from logix.store import Store
+from logix.store.reader import Store
+from logix.store.scores import ScoreMatrixWriter
 
 
 @dataclass
@@ -64,126 +73,6 @@ class InfluenceResult:
                 "opponents": [{"id": i, "score": float(s)} for i, s in zip(self.bottom_ids[q], self.bottom_scores[q])],
             })
         return out
-
-
-_BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many values (8 MB) ...
-_PRE_BLOCK_ELEMS = 2**22  # ... or of this many (32 MB) through a preconditioner: fewer, larger ops
-
-
-def _chunk_rows(dim: int, n_query: int, budget_mb: float, prefetch: int) -> int:
-    """Rows per chunk so that the chunks in flight and their score columns fit the budget.
-
-    In flight: up to ``prefetch + 3`` chunks (the consumer's, the queue's, the one being
-    read; 4 bytes per value at most). Per row of scores: float32 GEMM output, its float64
-    copy and one normalised copy. Conversions (self-influence, float64 GEMMs, half-precision
-    stores) run in fixed blocks of rows (``_BLOCK_ELEMS``, ``_PRE_BLOCK_ELEMS`` values), whose
-    memory is set aside from the budget."""
-    per_row = dim * 4 * (prefetch + 3) + n_query * (4 + 8 * 2)
-    fixed = 5 * 8 * _PRE_BLOCK_ELEMS  # a block, its preconditioned copy and the intermediates
-    return max(1, int(max(budget_mb * 2**20 - fixed, budget_mb * 2**19) // per_row))
-
-
-def _block_rows(dim: int, elems: int | None = None) -> int:
-    return max(1, (elems or _BLOCK_ELEMS) // max(1, dim))
-
-
-class _Scratch:
-    """Block buffers reused across the chunks of one call: no fresh multi-MB allocation per
-    chunk, so the allocator's heap does not fragment and memory stays flat in ``n_train``."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, Tensor] = {}
-
-    def block(self, source: Tensor, dtype: torch.dtype, max_elems: int) -> Tensor:
-        buffer = self._buffers.get(dtype)
-        if buffer is None or buffer.numel() < min(max_elems, source.numel()):
-            buffer = self._buffers[dtype] = torch.empty(min(max_elems, max(source.numel(), 1)), dtype=dtype)
-        return buffer[: source.numel()].view(source.shape).copy_(source)
-
-    def named(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A contiguous ``shape`` tensor backed by the buffer ``key`` (grown, never shrunk); its
-        contents are overwritten by the next request for ``key``."""
-        numel = int(np.prod(shape))
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            buffer = self._buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
-        return buffer[:numel].view(shape)
-
-
-def _row_dots(rows: Tensor, transform=None, scratch: _Scratch | None = None) -> Tensor:
-    """``r . transform(r)`` (``r . r`` without one) of every row, in float64, a block of rows
-    at a time: no full-chunk float64 copy."""
-    scratch = scratch or _Scratch()
-    out = torch.empty(rows.shape[0], dtype=torch.float64)
-    elems = _BLOCK_ELEMS if transform is None else _PRE_BLOCK_ELEMS
-    step = _block_rows(rows.shape[1], elems)
-    for lo in range(0, rows.shape[0], step):
-        block = scratch.block(rows[lo : lo + step], torch.float64, step * rows.shape[1])
-        other = block if transform is None else transform(block)
-        # a batched 1 x d @ d x 1 product: no block-sized temporary (vecdot allocates one per block,
-        # and multi-MB blocks freed per chunk fragment the heap)
-        torch.bmm(block.unsqueeze(1), other.unsqueeze(2), out=out[lo : lo + step].view(-1, 1, 1))
-    return out
-
-
-def _self_influence(pre: Preconditioner, rows: Tensor, scratch: _Scratch | None = None) -> Tensor:
-    """``g^T H^-1 g`` of every row, float64."""
-    return _row_dots(rows, None if pre.kind is PreconditionerType.IDENTITY else pre, scratch)
-
-
-def _unit(rows: Tensor) -> Tensor:
-    rows = rows.to(torch.float64)
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-
-def _scores(pq: Tensor, rows: Tensor, scratch: _Scratch | None = None, key: str = "scores",
-            as_float64: bool = True) -> Tensor:
-    """``pq @ rows.T`` in ``pq``'s dtype, as float64 (in the scratch buffer ``key``: valid until
-    the next call with that key); rows of another dtype are converted a block at a time.
-    ``as_float64=False``: the GEMM's own output when the dtypes match (no float64 copy)."""
-    scratch = scratch or _Scratch()
-    shape = (pq.shape[0], rows.shape[0])
-    if rows.dtype == pq.dtype and not as_float64:
-        return torch.matmul(pq, rows.T, out=scratch.named(key + ":gemm", shape, pq.dtype))
-    out = scratch.named(key, shape, torch.float64)
-    if rows.dtype == pq.dtype:
-        if pq.dtype == torch.float64:
-            return torch.matmul(pq, rows.T, out=out)
-        return out.copy_(torch.matmul(pq, rows.T, out=scratch.named(key + ":gemm", shape, pq.dtype)))
-    step = _block_rows(rows.shape[1])
-    for lo in range(0, rows.shape[0], step):
-        out[:, lo : lo + step] = pq @ scratch.block(rows[lo : lo + step], pq.dtype, step * rows.shape[1]).T
-    return out
-
-
-class _TopK:
-    """Running top-k (largest) values and global indices per query.
-
-    Values are kept in the dtype of the scores they came from (float32 scores are exact in
-    float32) and read as float64 through :attr:`values64`."""
-
-    def __init__(self, n_query: int, k: int, largest: bool) -> None:
-        self.k, self.largest = k, largest
-        fill = -float("inf") if largest else float("inf")
-        self.values = torch.full((n_query, 0), fill, dtype=torch.float64)
-        self.index = torch.zeros((n_query, 0), dtype=torch.long)
-
-    def update(self, scores: Tensor, start: int) -> None:
-        """Merge a chunk of scores whose first column is global row ``start``: one top-k over the
-        running best and the chunk together."""
-        kept = self.values.shape[1]
-        candidates = scores if kept == 0 else torch.cat([self.values.to(scores.dtype), scores], 1)
-        k = min(self.k, candidates.shape[1])
-        self.values, pos = candidates.topk(k, dim=1, largest=self.largest, sorted=True)
-        if kept == 0:
-            self.index = pos + start
-        else:
-            old = self.index.gather(1, pos.clamp(max=kept - 1))
-            self.index = torch.where(pos < kept, old, pos - kept + start)
-
-    @property
-    def values64(self) -> Tensor:
-        return self.values.to(torch.float64)
 
 
 def compute_influence(
@@ -238,8 +127,8 @@ def compute_influence(
     need_self = self_influence or mode in (ScoreMode.COSINE, ScoreMode.RELATIVE)
     batch = query_batch or max(1, int(memory_budget_mb * 2**20 / 2 // (dim * 8 * 2)))
     batch = min(batch, n_query)
-    rows_per_chunk = chunk_rows or _chunk_rows(dim, batch, memory_budget_mb / 2, 2)
-    queries, q_norms = _prepare_queries(cps, mode)
+    rows_per_chunk = chunk_rows or budget_chunk_rows(dim, batch, memory_budget_mb / 2, 2)
+    queries, q_norms = prepare_queries(cps, mode)
     queries = [q.to(dtype) for q in queries]
     state = _Stream(n_query, n_train, top_k, need_self, scores_path)
     try:
@@ -258,7 +147,7 @@ def compute_influence(
         top_index=top.index, bottom_index=bottom.index,
     )
     if per_module:
-        result.per_module = _module_breakdown(cps, queries, top.index, mode, q_norms, state.self_inf)
+        result.per_module = module_breakdown(cps, queries, top.index, mode, q_norms, state.self_inf)
     return result
 
 
@@ -266,14 +155,14 @@ class _Stream:
     """What the passes over the train store accumulate."""
 
     def __init__(self, n_query: int, n_train: int, top_k: int, need_self: bool, scores_path) -> None:
-        self.top, self.bottom = _TopK(n_query, top_k, True), _TopK(n_query, top_k, False)
+        self.top, self.bottom = TopK(n_query, top_k, True), TopK(n_query, top_k, False)
         self.self_inf = torch.zeros(n_train, dtype=torch.float64) if need_self else None
         self.self_done = not need_self
-        self.h5 = _open_scores(scores_path, n_query, n_train)
+        self.matrix = None if scores_path is None else ScoreMatrixWriter(scores_path, n_query, n_train)
 
     def close(self) -> None:
-        if self.h5 is not None:
-            self.h5.close()
+        if self.matrix is not None:
+            self.matrix.close()
 
 
 def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _Stream, progress: bool,
@@ -281,7 +170,7 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     """One pass over the train rows ``lo:hi`` for the queries ``rows``."""
     sub = [q[rows] for q in queries]
     norms = None if q_norms is None else q_norms[rows]
-    top, bottom = _TopK(len(sub[0]), state.top.k, True), _TopK(len(sub[0]), state.top.k, False)
+    top, bottom = TopK(len(sub[0]), state.top.k, True), TopK(len(sub[0]), state.top.k, False)
     # Shard-aligned chunks: zero-copy memory maps of the shard files, scored in place (no copy of
     # the rows out of the page cache; on a 2-core machine the copy cost as much as the GEMM:
     # docs/benchmarks.md). Several checkpoints' stores chunk alike only when their shards do;
@@ -290,7 +179,7 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     aligned = len({tuple(cp.train.shard_rows) for cp in cps}) == 1
     streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi, align_to_shards=aligned) for cp in cps]
     bar = tqdm(total=hi - lo, desc="influence", unit="row", disable=not progress, leave=False)
-    scratch = _Scratch()
+    scratch = Scratch()
     for chunks in zip(*streams):
         start, n = chunks[0].start, chunks[0].rows.shape[0]
         at = start - lo  # column of this chunk in the part's outputs
@@ -300,11 +189,11 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
             state.self_inf[at : at + n] = s_inf
         elif state.self_inf is not None:
             s_inf = state.self_inf[at : at + n]
-        scores = _normalise(scores, mode, norms, s_inf)
+        scores = normalise(scores, mode, norms, s_inf)
         top.update(scores, start)
         bottom.update(scores, start)
-        if state.h5 is not None:
-            state.h5["scores"][rows, at : at + n] = scores.numpy().astype(np.float32)
+        if state.matrix is not None:
+            state.matrix.write(rows, at, scores.numpy())
         bar.update(n)
     bar.close()
     state.self_done = True
@@ -332,11 +221,11 @@ def _check_checkpoints(cps: list[Checkpoint]) -> None:
             raise LogixError("Checkpoints' train stores must hold the same ids in the same order.")
 
 
-def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tensor], Tensor | None]:
+def prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tensor], Tensor | None]:
     """Preconditioned, weighted query rows per checkpoint, and their H-norms for cosine."""
     prepared, norm_sq = [], None
     for cp in cps:
-        q = _unit(cp.queries) if mode is ScoreMode.UNIT else cp.queries.to(torch.float64)
+        q = unit_rows(cp.queries) if mode is ScoreMode.UNIT else cp.queries.to(torch.float64)
         pq = cp.preconditioner(q)
         prepared.append(pq * cp.weight)
         if mode is ScoreMode.COSINE:
@@ -347,19 +236,19 @@ def _prepare_queries(cps: list[Checkpoint], mode: ScoreMode) -> tuple[list[Tenso
 
 def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[Tensor, Tensor | None]:
     scores, s_inf = None, None
-    scratch = scratch or _Scratch()
+    scratch = scratch or Scratch()
     # dot scores of one checkpoint need no float64 arithmetic: top-k runs on the GEMM's own output
     # (the same values, so the same selection) and only the selected values become float64
     exact32 = mode is ScoreMode.DOT and len(cps) == 1
     for cp, pq, chunk in zip(cps, queries, chunks):
         rows = chunk.rows
-        part = _scores(pq, rows, scratch, "scores" if scores is None else "part", as_float64=not exact32)
+        part = score_block(pq, rows, scratch, "scores" if scores is None else "part", as_float64=not exact32)
         if mode is ScoreMode.UNIT:  # score of unit rows = score of rows / their norm (no unit copy)
-            sq_norms = _row_dots(rows, None, scratch)
+            sq_norms = row_dots(rows, None, scratch)
             part /= sq_norms.sqrt().clamp_min(1e-30)[None, :]
         scores = part if scores is None else scores.add_(part)  # accumulated in the "scores" buffer
         if need_self:
-            s = _self_influence(cp.preconditioner, rows, scratch)
+            s = self_influence_rows(cp.preconditioner, rows, scratch)
             if mode is ScoreMode.UNIT:
                 s /= sq_norms.sqrt().clamp_min(1e-30) ** 2
             s = cp.weight * s
@@ -367,26 +256,7 @@ def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[T
     return scores, s_inf
 
 
-def _normalise(scores: Tensor, mode: ScoreMode, q_norms: Tensor | None, s_inf: Tensor | None) -> Tensor:
-    if mode is ScoreMode.RELATIVE:
-        return scores.div_(s_inf.clamp_min(1e-30).sqrt()[None, :])
-    if mode is ScoreMode.COSINE:
-        return scores.div_((q_norms[:, None] * s_inf.clamp_min(1e-30).sqrt()[None, :]).clamp_min(1e-30))
-    return scores
-
-
-def _open_scores(path, n_query: int, n_train: int) -> h5py.File | None:
-    if path is None:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = h5py.File(path, "w")
-    fh.create_dataset("scores", shape=(n_query, n_train), dtype=np.float32,
-                      chunks=(max(1, min(n_query, 64)), max(1, min(n_train, 4096))))
-    return fh
-
-
-def _module_breakdown(cps, queries, top_index, mode, q_norms, self_inf) -> dict[str, Tensor]:
+def module_breakdown(cps, queries, top_index, mode, q_norms, self_inf) -> dict[str, Tensor]:
     """Per-module parts of each top-k score (they sum to the score)."""
     out: dict[str, Tensor] = {}
     for cp, pq in zip(cps, queries):
@@ -395,7 +265,7 @@ def _module_breakdown(cps, queries, top_index, mode, q_norms, self_inf) -> dict[
             idx = top_index[q].tolist()
             rows = cp.train.get([train_ids[i] for i in idx]).to(torch.float64)
             if mode is ScoreMode.UNIT:
-                rows = _unit(rows)
+                rows = unit_rows(rows)
             for block in cp.train.layout.blocks:
                 part = rows[:, block.columns] @ pq[q, block.columns].to(torch.float64)
                 if mode is ScoreMode.RELATIVE:

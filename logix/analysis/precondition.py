@@ -26,7 +26,8 @@ copies: the stored statistics are never modified.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from torch import Tensor
 from logix.config.choices import PreconditionerType
 from logix.config.damping import Damping, default_damping
 from logix.core.statistics import JOINT, Statistics
-from logix.errors import StatisticsError
+from logix.errors import ConfigError, StatisticsError
 from logix.store.format import Layout
 
 
@@ -190,6 +191,7 @@ class Preconditioner:
         self.kind = PreconditionerType.parse(kind, "preconditioner")
         if damping is None:
             damping = default_damping(self.kind)
+        damping = _checked_damping(damping, layout)
         if self.kind is not PreconditionerType.IDENTITY and statistics is None:
             raise StatisticsError(f"Preconditioner {self.kind.value!r} needs the run's statistics.")
         self.layout = layout
@@ -228,11 +230,32 @@ class Preconditioner:
         return out
 
 
+def _one_damping(value, where: str) -> Damping:
+    if isinstance(value, Damping):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{where} must be a Damping or a finite number >= 0, got {value!r}.")
+    try:
+        return Damping(value)
+    except ConfigError:
+        raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}.") from None
+
+
+def _checked_damping(damping, layout: Layout) -> Damping | dict[str, Damping]:
+    """A Damping, or a ``{module or '*': Damping}`` dict, each value checked (finite, >= 0) and every
+    key a module of ``layout`` (a misspelt name would silently fall back to the default)."""
+    if not isinstance(damping, Mapping):
+        return _one_damping(damping, "damping")
+    unknown = sorted(str(k) for k in damping if k != "*" and k not in layout.names)
+    if unknown:
+        raise ConfigError(f"damping names modules that the store does not log: {unknown}; its modules are "
+                          f"{layout.names} (use '*' for every other module).")
+    return {k: _one_damping(v, f"damping[{k!r}]") for k, v in damping.items()}
+
+
 def _damping_for(damping, module: str) -> Damping:
     if isinstance(damping, dict):
-        damping = damping.get(module, damping.get("*", Damping()))
-    if isinstance(damping, (int, float)):
-        return Damping(float(damping))
+        return damping.get(module, damping.get("*", Damping()))
     return damping
 
 

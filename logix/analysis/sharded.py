@@ -29,8 +29,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -38,17 +36,23 @@ from tqdm import tqdm
 from logix.analysis.influence import (
     Checkpoint,
     InfluenceResult,
-    ScoreMode,
-    _module_breakdown,
-    _prepare_queries,
     compute_influence,
+    module_breakdown,
+    prepare_queries,
 )
+from logix.analysis.kernels import best_k
+from logix.config.choices import ScoreMode
 from logix.core.distributed import Dist
 from logix.errors import LogixError
 from logix.store.format import fsync_dir, fsync_file, write_json_atomic
-
-JOB_FILE = "job.json"
-SCORES_FILE = "scores.h5"
+from logix.store.rundir import (
+    is_scoring_part,
+    part_file,
+    scores_file,
+    scores_part_file,
+    scoring_job_file,
+)
+from logix.store.scores import write_virtual_score_matrix
 
 
 def plan_parts(n_train: int, part_rows: int) -> list[tuple[int, int]]:
@@ -62,14 +66,6 @@ def default_part_rows(n_train: int) -> int:
     """About 64 parts (at least 4,096 rows each): enough for balance across ranks and for
     fine-grained resumption, few enough that each part's GEMMs stay large."""
     return max(4096, -(-n_train // 64))
-
-
-def part_file(index: int) -> str:
-    return f"part-{index:06d}.safetensors"
-
-
-def scores_part_file(index: int) -> str:
-    return f"scores-{index:06d}.h5"
 
 
 def sharded_influence(
@@ -121,7 +117,7 @@ def sharded_influence(
     job = _job_record(cps, qids, mode, top_k, part_rows, dtype, save_scores)
     dist.on_main(lambda: _prepare(work_dir, job, overwrite))
     mine = [i for i in range(len(parts)) if i % dist.world_size == dist.rank]
-    todo = [i for i in mine if not (work_dir / part_file(i)).exists()]
+    todo = [i for i in mine if not part_file(work_dir, i).exists()]
     error = None
     try:
         bar = tqdm(todo, desc=f"influence parts (rank {dist.rank})", unit="part",
@@ -132,16 +128,16 @@ def sharded_influence(
     except BaseException as exc:  # the other ranks must not wait for this one at the merge
         error = exc
     dist.raise_anywhere(error)
-    missing = [i for i in range(len(parts)) if not (work_dir / part_file(i)).exists()]
+    missing = [i for i in range(len(parts)) if not part_file(work_dir, i).exists()]
     if missing:
         raise LogixError(f"{work_dir}: parts {missing[:5]} have no result; run the scoring again to finish them.")
     result = _merge(work_dir, len(parts), qids, train.ids, top_k)
     if save_scores:
         dist.on_main(lambda: _virtual_scores(work_dir, parts, n_query))
-        result.scores_path = work_dir / SCORES_FILE
+        result.scores_path = scores_file(work_dir)
     if per_module:
-        queries, norms = _prepare_queries(cps, mode)
-        result.per_module = _module_breakdown(cps, queries, result.top_index, mode, norms, result.self_influence)
+        queries, norms = prepare_queries(cps, mode)
+        result.per_module = module_breakdown(cps, queries, result.top_index, mode, norms, result.self_influence)
     if not self_influence:
         result.self_influence = None
     dist.barrier()
@@ -170,7 +166,7 @@ def _damping_text(cp: Checkpoint) -> str:
 
 def _prepare(work_dir: Path, job: dict, overwrite: bool) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
-    path = work_dir / JOB_FILE
+    path = scoring_job_file(work_dir)
     if path.exists():
         old = json.loads(path.read_text())
         if old == job:
@@ -182,14 +178,15 @@ def _prepare(work_dir: Path, job: dict, overwrite: bool) -> None:
                 "work_dir, or overwrite=True (--overwrite) to discard them."
             )
         for child in work_dir.iterdir():
-            if child.name.startswith(("part-", "scores-", ".part-", ".scores-")) or child.name == SCORES_FILE:
+            if is_scoring_part(child.name) or child == scores_file(work_dir):
                 child.unlink()
     write_json_atomic(path, job)
 
 
 def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtype, budget, chunk_rows,
                 query_batch) -> None:
-    scores_tmp = work_dir / f".{scores_part_file(index)}.tmp" if save_scores else None
+    final = scores_part_file(work_dir, index)
+    scores_tmp = final.with_name(f".{final.name}.tmp") if save_scores else None
     result = compute_influence(
         cps, query_ids=qids, mode=mode, top_k=top_k, memory_budget_mb=budget, chunk_rows=chunk_rows,
         query_batch=query_batch, scores_path=scores_tmp, self_influence=True, per_module=False,
@@ -197,7 +194,7 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
     )
     if scores_tmp is not None:
         fsync_file(scores_tmp)
-        os.replace(scores_tmp, work_dir / scores_part_file(index))
+        os.replace(scores_tmp, final)
     tensors = {
         "top_scores": result.top_scores.contiguous(),
         "top_index": result.top_index.contiguous(),
@@ -206,24 +203,25 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
         "self_influence": result.self_influence.contiguous(),
         "rows": torch.tensor(rows, dtype=torch.int64),
     }
-    tmp = work_dir / f".{part_file(index)}.tmp"
+    done = part_file(work_dir, index)
+    tmp = done.with_name(f".{done.name}.tmp")
     save_file(tensors, str(tmp))
     fsync_file(tmp)
-    os.replace(tmp, work_dir / part_file(index))  # the part is done once this name exists
+    os.replace(tmp, done)  # the part is done once this name exists
     fsync_dir(work_dir)
 
 
 def _merge(work_dir: Path, n_parts: int, qids: list, train_ids: list, top_k: int) -> InfluenceResult:
     tops, tops_i, bots, bots_i, selfs = [], [], [], [], []
     for i in range(n_parts):
-        part = load_file(str(work_dir / part_file(i)))
+        part = load_file(str(part_file(work_dir, i)))
         tops.append(part["top_scores"])
         tops_i.append(part["top_index"])
         bots.append(part["bottom_scores"])
         bots_i.append(part["bottom_index"])
         selfs.append(part["self_influence"])
-    top_v, top_i = _best(torch.cat(tops, 1), torch.cat(tops_i, 1), top_k, largest=True)
-    bot_v, bot_i = _best(torch.cat(bots, 1), torch.cat(bots_i, 1), top_k, largest=False)
+    top_v, top_i = best_k(torch.cat(tops, 1), torch.cat(tops_i, 1), top_k, largest=True)
+    bot_v, bot_i = best_k(torch.cat(bots, 1), torch.cat(bots_i, 1), top_k, largest=False)
     self_inf = torch.cat(selfs)
     return InfluenceResult(
         qids, train_ids,
@@ -233,22 +231,7 @@ def _merge(work_dir: Path, n_parts: int, qids: list, train_ids: list, top_k: int
     )
 
 
-def _best(values: torch.Tensor, index: torch.Tensor, k: int, largest: bool):
-    k = min(k, values.shape[1])
-    values, pos = values.topk(k, dim=1, largest=largest, sorted=True)
-    return values, index.gather(1, pos)
-
-
 def _virtual_scores(work_dir: Path, parts: list[tuple[int, int]], n_query: int) -> None:
     """``scores.h5``: one (n_query x n_train) virtual dataset mapping every part file's columns."""
-    n_train = parts[-1][1] if parts else 0
-    layout = h5py.VirtualLayout(shape=(n_query, n_train), dtype=np.float32)
-    for i, (lo, hi) in enumerate(parts):
-        source = h5py.VirtualSource(scores_part_file(i), "scores", shape=(n_query, hi - lo))
-        layout[:, lo:hi] = source
-    tmp = work_dir / f".{SCORES_FILE}.tmp"
-    with h5py.File(tmp, "w") as fh:
-        fh.create_virtual_dataset("scores", layout, fillvalue=np.nan)
-        fh.attrs["parts"] = len(parts)
-    os.replace(tmp, work_dir / SCORES_FILE)
-
+    files = [(scores_part_file(work_dir, i).name, lo, hi) for i, (lo, hi) in enumerate(parts)]
+    write_virtual_score_matrix(scores_file(work_dir), files, n_query)

@@ -15,8 +15,9 @@ of the capture at small ranks). Unprojected modules (``projection: none``, the P
 covariance pass) and per-token capture reduce in the tensor hook, so that the large
 full-space tensors are freed as the backward pass goes.
 
-All hooks are attached on ``attach`` and removed on ``detach`` (idempotent, also
-called when the block raises).
+All hooks (the forward hooks and the tensor hooks they register) form one
+:class:`~logix.capture.hooks.HookSet`: attached on ``attach`` (idempotent) and all removed on
+``detach``, also when the block raises; ``with capture:`` does both.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from logix.capture.hooks import HookSet
 from logix.capture.layers import LayerAdapter, LayerShape
+from logix.capture.spec import PassSpec, Space
 from logix.core.projection import ModuleProjection
 from logix.errors import BatchError, CaptureError
 
@@ -42,20 +44,6 @@ class Watched:
     module: nn.Module
     adapter: LayerAdapter
     shape: LayerShape
-
-
-@dataclass(frozen=True)
-class PassSpec:
-    """What the hooks compute during one pass over the data."""
-
-    name: str  # "covariance" | "kfac" | "log"
-    space: str  # "full" (no projection) or "log" (the run's projection)
-    covariance: bool  # accumulate A and S
-    gradients: bool  # form per-example gradients (rows, EK-FAC corrections, raw covariance)
-    per_token: bool = False
-    rows: bool = True  # with gradients: write them as rows of the train store
-    gradient_stats: bool = True  # with gradients: accumulate EK-FAC corrections / raw covariance
-    sample_labels: bool = False  # the loop should use labels sampled from the model (true Fisher)
 
 
 # Stacked (g P_out, a P_in) of the modules reduced together in ``finish`` stay below this.
@@ -103,7 +91,7 @@ class BatchCapture:
         self.keep = keep
         self.dtype = compute_dtype
         self.state = {w.name: _ModuleState() for w in watched}
-        self._handles: list[RemovableHandle] = []
+        self.hooks = HookSet(self._register)
         self._weights: dict[tuple, Tensor | None] = {}
         self._counts: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (weights, count)
         self._token_shape: tuple[int, ...] | None = None
@@ -115,20 +103,29 @@ class BatchCapture:
         }
 
     # ---- lifecycle --------------------------------------------------------------------
-    def attach(self) -> None:
-        if self._handles:
-            return
+    def _register(self, hooks: HookSet) -> None:
         for w in self.watched:
-            hook = functools.partial(self._forward_hook, w)
-            self._handles.append(w.module.register_forward_hook(hook))
+            hooks.add(w.module.register_forward_hook(functools.partial(self._forward_hook, w)))
+
+    def attach(self) -> BatchCapture:
+        """Register the forward hooks on the watched modules (once; again after ``detach``)."""
+        self.hooks.attach()
+        return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for st in self.state.values():
-            st.pending.clear()
-            st.deferred.clear()
+        """Remove every hook (forward and tensor hooks) and drop the activations still held."""
+        try:
+            self.hooks.detach()
+        finally:
+            for st in self.state.values():
+                st.pending.clear()
+                st.deferred.clear()
+
+    def __enter__(self) -> BatchCapture:
+        return self.attach()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.detach()
 
     # ---- weights (mask x keep) --------------------------------------------------------
     def _token_weights(self, name: str, tok: tuple[int, ...], device: torch.device) -> Tensor | None:
@@ -196,7 +193,7 @@ class BatchCapture:
         st.calls += 1
         st.pending[call] = (ap, weights)
         hook = functools.partial(self._grad_hook, w, call)
-        self._handles.append(output.register_hook(hook))
+        self.hooks.add(output.register_hook(hook))
         return output if broadcast else None
 
     def _grad_hook(self, w: Watched, call: int, grad: Tensor) -> None:
@@ -229,7 +226,7 @@ class BatchCapture:
     ) -> None:
         a_flat = ap.reshape(-1, ap.shape[-1])
         g_flat = gp.reshape(-1, gp.shape[-1])
-        one_hot = self.spec.space == "full" and w.adapter.kind == "embedding"
+        one_hot = self.spec.space is Space.FULL and w.adapter.kind == "embedding"
         cov_a = torch.diag(a_flat.sum(0)) if one_hot else a_flat.T @ a_flat
         n = self._token_count(weights, a_flat.shape[0])
         for key, value in (("A", cov_a), ("S", g_flat.T @ g_flat), ("tokens", n)):

@@ -23,8 +23,16 @@ class ChoiceEnum(str, enum.Enum):
         choices = [m.value for m in cls]
         if isinstance(value, str) and value.lower() in choices:
             return cls(value.lower())
+        if isinstance(value, bool) and cls._from_bool(value) is not None:
+            return cls._from_bool(value)
         label = f" for {where}" if where else ""
-        raise ConfigError(f"Unknown value{label}: {value!r}. Choose between {choices}.")
+        hint = " (a YAML boolean: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"Unknown value{label}: {value!r}{hint}. Choose between {choices}.")
+
+    @classmethod
+    def _from_bool(cls, value: bool) -> ChoiceEnum | None:
+        """The member a YAML boolean stands for (None: booleans are not a value of this choice)."""
+        return None
 
     def __str__(self) -> str:
         return self.value
@@ -77,6 +85,11 @@ class FisherType(ChoiceEnum):
     TRUE = "true"  # labels sampled from the model's predictions, in passes of their own (GGN)
     EXPECTED = "expected"  # every class enumerated, weighted by its probability: the exact GGN
 
+    @classmethod
+    def _from_bool(cls, value: bool) -> FisherType:
+        # ``fisher: true`` (a YAML boolean) is the true Fisher; ``fisher: false`` the empirical one
+        return cls.TRUE if value else cls.EMPIRICAL
+
 
 # fisher: expected runs one backward pass per class and example; above this it is refused.
 MAX_EXPECTED_CLASSES = 256
@@ -87,6 +100,13 @@ class DuplicatePolicy(ChoiceEnum):
 
     ERROR = "error"  # raise DuplicateIdError (default): never a silent overwrite
     SKIP = "skip"  # keep the first row, drop the new one (counted and reported)
+
+
+class NonFinitePolicy(ChoiceEnum):
+    """What to do with a batch whose rows or statistics hold NaN / Inf (capture.nonfinite)."""
+
+    ERROR = "error"  # raise BatchError naming the ids (default); nothing of the batch is kept
+    SKIP = "skip"  # drop the non-finite examples (ids recorded in run.json), keep the rest
 
 
 class IdPolicy(ChoiceEnum):
@@ -161,6 +181,18 @@ class ContributionMethod(ChoiceEnum):
     LESS = "less"  # gradient cosine with the validation subtasks (LoRA warm-up)
     LENGTH = "length"  # response length (baseline)
     RANDOM = "random"  # random scores (baseline)
+
+
+class ScoreColumn(ChoiceEnum):
+    """A score column of ``logix contribute`` that selection can rank by (contribution.select_by)."""
+
+    ICL = "icl"
+    IFD = "ifd"
+    LESS = "less"
+    LENGTH = "length"
+    RANDOM = "random"
+    ICL_SHARE_POSITIVE = "icl_share_positive"  # share of the probes the demonstration helps
+    ICL_SIGMOID = "icl_sigmoid"  # mean bounded (sigmoid-mapped) contribution over the probes
 
 
 class IclControl(ChoiceEnum):

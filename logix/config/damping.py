@@ -6,24 +6,39 @@ time (:meth:`Damping.resolve`).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from logix.config.choices import PreconditionerType
+from logix.errors import ConfigError, StatisticsError
 
 
 @dataclass(frozen=True)
 class Damping:
-    """``value`` times the mean curvature eigenvalue (relative) or ``value`` itself (absolute)."""
+    """``value`` times the mean curvature eigenvalue (relative) or ``value`` itself (absolute).
+
+    ``value`` must be a finite number >= 0 and ``relative`` a bool; anything else is a
+    :class:`~logix.errors.ConfigError` (a ``ValueError``) naming the value."""
 
     value: float = 0.1
     relative: bool = True
 
+    def __post_init__(self) -> None:
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"Damping must be a finite number >= 0, got {value!r}.")
+        if not isinstance(self.relative, bool):
+            raise ConfigError(f"Damping.relative must be true or false, got {self.relative!r}.")
+        object.__setattr__(self, "value", float(value))
+
     def resolve(self, spectrum: Tensor) -> float:
-        if self.value < 0:
-            raise ValueError(f"Damping must be non-negative, got {self.value}.")
-        return float(self.value * spectrum.mean()) if self.relative else float(self.value)
+        d = float(self.value * spectrum.mean()) if self.relative else self.value
+        if not math.isfinite(d):
+            raise StatisticsError(f"Damping {self.value!r} (relative) resolved to {d!r}: the curvature spectrum is not finite.")
+        return d
 
 
 DEFAULT_DAMPING = Damping()

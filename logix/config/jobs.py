@@ -19,12 +19,14 @@ from logix.config.choices import (
     ModelDtype,
     Pooling,
     PreconditionerType,
+    ScoreColumn,
     ScoreMode,
     SelectorHead,
     TrainOn,
 )
 from logix.config.damping import Damping, default_damping
 from logix.config.fields import (
+    check_types,
     did_you_mean,
     help_field,
     non_negative_int,
@@ -48,6 +50,7 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self, "model.lora.")
         positive_int(self.r, "model.lora.r")
         positive_int(self.alpha, "model.lora.alpha")
         probability(self.dropout, "model.lora.dropout")
@@ -75,8 +78,7 @@ class ModelConfig:
     lora: LoraConfig = help_field("Optional LoRA adapters.", default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arch", ModelArch.parse(self.arch, "model.arch"))
-        object.__setattr__(self, "dtype", ModelDtype.parse(self.dtype, "model.dtype"))
+        check_types(self, "model.")
         if not isinstance(self.arch_config, Mapping):
             raise ConfigError(f"model.arch_config must be a mapping, got {self.arch_config!r}.")
         object.__setattr__(self, "arch_config", types.MappingProxyType(dict(self.arch_config)))
@@ -100,12 +102,10 @@ class DataConfig:
     limit_queries: int = help_field("Use only the first N query records (0: all).", 0)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "format", DataFormat.parse(self.format, "data.format"))
-        object.__setattr__(self, "ids", IdPolicy.parse(self.ids, "data.ids"))
+        check_types(self, "data.")
         positive_int(self.max_length, "data.max_length")
         non_negative_int(self.limit_train, "data.limit_train")
         non_negative_int(self.limit_queries, "data.limit_queries")
-        object.__setattr__(self, "train_on", TrainOn.parse(self.train_on, "data.train_on"))
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,19 @@ class TrainConfig:
     lr: float = help_field("Peak learning rate.", 5e-4)
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
     warmup_ratio: float = help_field("Fraction of steps of linear warm-up.", 0.0)
-    scheduler: str = help_field("transformers lr_scheduler_type (linear, cosine, constant, ...).", "linear")
+    scheduler: str = help_field("transformers lr_scheduler_type (linear, cosine, constant, ...; checked by "
+                                "transformers, whose list grows).", "linear")
     seed: int = help_field("Trainer seed (data order, dropout).", 0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
+        check_types(self, "train.")
+        if self.epochs <= 0:
             raise ConfigError(f"train.epochs must be a positive number, got {self.epochs!r}.")
-        if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
+        if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps must be -1 or a positive integer, got {self.max_steps!r}.")
         positive_int(self.batch_size, "train.batch_size")
         positive_int(self.grad_accum, "train.grad_accum")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+        if self.lr <= 0:
             raise ConfigError(f"train.lr must be a positive number, got {self.lr!r}.")
         probability(self.warmup_ratio, "train.warmup_ratio")
 
@@ -153,6 +155,7 @@ class LogScheduleConfig:
     max_examples: int = help_field("Log only the first N training examples (0: all).", 0)
 
     def __post_init__(self) -> None:
+        check_types(self, "schedule.")
         for name in ("epochs", "steps"):
             values = getattr(self, name)
             if isinstance(values, int):
@@ -194,21 +197,12 @@ class AnalysisConfig:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "preconditioner",
-                           PreconditionerType.parse(self.preconditioner, "analysis.preconditioner"))
-        object.__setattr__(self, "mode", ScoreMode.parse(self.mode, "analysis.mode"))
-        object.__setattr__(
-            self, "checkpoints", CheckpointWeighting.parse(self.checkpoints, "analysis.checkpoints")
-        )
+        check_types(self, "analysis.")
         positive_int(self.top_k, "analysis.top_k")
-        if self.damping is not None and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
-                                         or self.damping < 0):
-            raise ConfigError(f"analysis.damping must be a number >= 0 or null, got {self.damping!r}.")
-        if not isinstance(self.memory_budget_mb, (int, float)) or self.memory_budget_mb <= 0:
+        if self.damping is not None and self.damping < 0:
+            raise ConfigError(f"analysis.damping must be a finite number >= 0 or null, got {self.damping!r}.")
+        if self.memory_budget_mb <= 0:
             raise ConfigError(f"analysis.memory_budget_mb must be positive, got {self.memory_budget_mb!r}.")
-        if self.full_space_run is not None and not isinstance(self.full_space_run, str):
-            raise ConfigError(f"analysis.full_space_run must be a run directory (string) or null, got "
-                              f"{self.full_space_run!r}.")
         if self.full_space_run is not None and self.mode is not ScoreMode.DOT:
             raise ConfigError("analysis.full_space_run (asymmetric preconditioning) scores in mode 'dot' only; "
                               f"got analysis.mode={self.mode!r}.")
@@ -247,12 +241,15 @@ class ContributionConfig:
     pooling: Pooling = help_field("Embedding of a record for the selector: mean | last.", Pooling.MEAN)
     holdout: float = help_field("Fraction of the scored sample held out to report the selector's quality.", 0.2)
     label_top_p: float = help_field("Positive class of logistic / lora selectors and of the reported AUC.", 0.1)
-    select_by: str = help_field("Score to select by (default: the first model-based method).", "")
+    select_by: ScoreColumn | None = help_field(
+        "Score to select by: icl | ifd | less | length | random | icl_share_positive | icl_sigmoid "
+        "(null: the first model-based method).", None)
     top_p: float = help_field("Fraction of the pool to select (ignored when top_k > 0).", 0.1)
     top_k: int = help_field("Number of examples to select (0: use top_p).", 0)
     seed: int = help_field("Seed of sampling, random controls and the random baseline.", 0)
 
     def __post_init__(self) -> None:
+        check_types(self, "contribution.")
         methods = str_tuple(self.methods, "contribution.methods")
         valid = [m.value for m in ContributionMethod]
         for m in methods:
@@ -260,9 +257,6 @@ class ContributionConfig:
                 raise ConfigError(f"contribution.methods: unknown method {m!r}.{did_you_mean(m, valid)} "
                                   f"Valid: {', '.join(valid)}.")
         object.__setattr__(self, "methods", tuple(ContributionMethod(m) for m in methods))
-        object.__setattr__(self, "icl_control", IclControl.parse(self.icl_control, "contribution.icl_control"))
-        object.__setattr__(self, "pooling", Pooling.parse(self.pooling, "contribution.pooling"))
-        object.__setattr__(self, "selector", SelectorHead.parse(self.selector, "contribution.selector"))
         non_negative_int(self.sample_size, "contribution.sample_size")
         positive_int(self.assessment_size, "contribution.assessment_size")
         positive_int(self.batch_size, "contribution.batch_size")

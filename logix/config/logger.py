@@ -15,10 +15,11 @@ from logix.config.choices import (
     ComputeDtype,
     DuplicatePolicy,
     FisherType,
+    NonFinitePolicy,
     ProjectionType,
     StoreDtype,
 )
-from logix.config.fields import help_field, positive_int, str_tuple
+from logix.config.fields import check_types, help_field, positive_int, str_tuple
 from logix.errors import ConfigError
 
 
@@ -42,9 +43,8 @@ class ProjectionConfig:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "type", ProjectionType.parse(self.type, "projection.type"))
-        if not isinstance(self.whiten_damping, (int, float)) or isinstance(self.whiten_damping, bool) \
-                or not self.whiten_damping > 0:
+        check_types(self, "projection.")
+        if not self.whiten_damping > 0:
             raise ConfigError(f"projection.whiten_damping must be a positive number, got {self.whiten_damping!r}.")
         object.__setattr__(self, "whiten_damping", float(self.whiten_damping))
         for name in ("rank_in", "rank_out"):
@@ -77,13 +77,17 @@ class CaptureConfig:
     )
     per_token: bool = help_field("Store one projected gradient per (unmasked) token instead of per example.", False)
     compute_dtype: ComputeDtype = help_field("Dtype the hooks compute projections in.", ComputeDtype.FLOAT32)
+    nonfinite: NonFinitePolicy = help_field(
+        "error | skip, for a batch whose rows or statistics hold NaN / Inf (a NaN loss, an overflow): "
+        "error refuses the batch naming the ids (nothing of it is kept); skip drops the non-finite "
+        "examples, records their ids in run.json (skipped_nonfinite) and logs a warning.",
+        NonFinitePolicy.ERROR,
+    )
 
     def __post_init__(self) -> None:
+        check_types(self, "capture.")
         for name in ("modules", "exclude", "types"):
             object.__setattr__(self, name, str_tuple(getattr(self, name), f"capture.{name}"))
-        object.__setattr__(
-            self, "compute_dtype", ComputeDtype.parse(self.compute_dtype, "capture.compute_dtype")
-        )
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,8 @@ class StatisticsConfig:
         "empirical | true | expected: curvature from the data's labels, from labels sampled from the "
         "model (the Gauss-Newton / true Fisher; adds statistics passes whose loss uses "
         "Pass.sample_labels), or from every class weighted by its probability (the exact GGN of a "
-        "classifier; needs fisher_classes).",
+        "classifier; needs fisher_classes). The YAML booleans work too: true is the true Fisher, "
+        "false the empirical one.",
         FisherType.EMPIRICAL,
     )
     fisher_classes: int = help_field(
@@ -122,12 +127,11 @@ class StatisticsConfig:
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", AccumDtype.parse(self.dtype, "statistics.dtype"))
-        object.__setattr__(self, "fisher", FisherType.parse(self.fisher, "statistics.fisher"))
+        check_types(self, "statistics.")
         positive_int(self.fisher_samples, "statistics.fisher_samples")
         positive_int(self.raw_max_dim, "statistics.raw_max_dim")
         if self.fisher is FisherType.EXPECTED:
-            if not isinstance(self.fisher_classes, int) or isinstance(self.fisher_classes, bool) or self.fisher_classes < 2:
+            if self.fisher_classes < 2:
                 raise ConfigError(
                     "statistics.fisher: expected needs statistics.fisher_classes, the number of classes of "
                     f"the model's output (>= 2), got {self.fisher_classes!r}."
@@ -153,9 +157,6 @@ class StoreConfig:
     queue_shards: int = help_field("Shards that may wait for the background writer (bounds memory).", 2)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", StoreDtype.parse(self.dtype, "store.dtype"))
-        object.__setattr__(
-            self, "duplicate_ids", DuplicatePolicy.parse(self.duplicate_ids, "store.duplicate_ids")
-        )
+        check_types(self, "store.")
         positive_int(self.shard_rows, "store.shard_rows")
         positive_int(self.queue_shards, "store.queue_shards")

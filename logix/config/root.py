@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from logix.config.fields import apply_overrides, build, help_field, plain
+from logix.config.fields import apply_overrides, build, check_types, help_field, plain
 from logix.config.jobs import (
     AnalysisConfig,
     ContributionConfig,
@@ -49,6 +49,9 @@ class Config:
     contribution: ContributionConfig = help_field(
         "Instruction-data contribution and selection (`logix contribute`).", default_factory=ContributionConfig
     )
+
+    def __post_init__(self) -> None:
+        check_types(self, "")
 
     # ---- construction -------------------------------------------------------------
     @classmethod

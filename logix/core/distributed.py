@@ -18,6 +18,7 @@ Rules the rest of the package follows:
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,25 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from logix.config.choices import ChoiceEnum
 from logix.errors import DistributedError, LogixError
 
 T = TypeVar("T")
+
+
+class Backend(ChoiceEnum):
+    """The ``torch.distributed`` backends logix starts a group with."""
+
+    NCCL = "nccl"  # one GPU per local rank
+    GLOO = "gloo"  # CPU
+
+
+class _Outcome(enum.Enum):
+    """What :meth:`Dist.on_main` sends from rank 0: a result or an error."""
+
+    OK = "ok"
+    ERROR = "error"
+    NONE = ""  # what the other ranks hold before the broadcast
 
 
 @dataclass(frozen=True)
@@ -97,17 +114,17 @@ class Dist:
         from its message, else :class:`DistributedError`), so no rank waits forever."""
         if not self.active:
             return fn()
-        result: tuple[str, Any]
+        result: tuple[_Outcome, Any]
         if self.is_main:
             try:
-                result = ("ok", fn())
+                result = (_Outcome.OK, fn())
             except BaseException as exc:  # sent to the other ranks, then raised here too
-                self.broadcast_object(("error", (type(exc), str(exc))))
+                self.broadcast_object((_Outcome.ERROR, (type(exc), str(exc))))
                 raise
         else:
-            result = ("", None)
+            result = (_Outcome.NONE, None)
         result = self.broadcast_object(result)
-        if result[0] == "error":
+        if result[0] is _Outcome.ERROR:
             raise _rebuild(*result[1], rank=0)
         return result[1]
 
@@ -145,7 +162,7 @@ def collective_device() -> torch.device:
     """Where the default group's collectives run: the current CUDA device under NCCL, else CPU."""
     import torch.distributed as dist
 
-    if initialized() and dist.get_backend() == "nccl":
+    if initialized() and dist.get_backend() == Backend.NCCL:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -179,7 +196,7 @@ def shard_indices(n: int, rank: int | None = None, world_size: int | None = None
     return range(lo, hi)
 
 
-def init_from_launcher(backend: str | None = None) -> bool:
+def init_from_launcher(backend: Backend | str | None = None) -> bool:
     """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
     environment (``WORLD_SIZE`` > 1); NCCL with one GPU per local rank when CUDA is available,
     else gloo. Returns whether a group of several processes is now initialised."""
@@ -187,10 +204,10 @@ def init_from_launcher(backend: str | None = None) -> bool:
         return torch.distributed.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
+    backend = backend or (Backend.NCCL if torch.cuda.is_available() else Backend.GLOO)
+    if backend == Backend.NCCL:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend)
+    torch.distributed.init_process_group(str(backend))
     return True
 
 

@@ -1,7 +1,9 @@
-"""The one table from dtype names (config values, manifest entries) to torch dtypes."""
+"""Every dtype table in one place: names (config values, manifest entries) to torch dtypes, and the
+numpy layouts of a store's rows."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from logix.errors import ConfigError
@@ -14,6 +16,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 # Quantized store dtypes: their rows go in and come out as float32 (logix.store.quant).
 QUANTIZED_DTYPES = ("int8", "int4")
+
+# How the rows of a store of each (unquantized) dtype lie in a shard file.
+DISK_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+# Rows as a store hands them out, as numpy arrays (bfloat16 as its bits; quantized stores
+# dequantize to float32).
+HOST_DTYPES: dict[str, type] = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16,
+                                "int8": np.float32, "int4": np.float32}
 
 
 def torch_dtype(name: object) -> torch.dtype:

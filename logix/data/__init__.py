@@ -14,7 +14,16 @@ A typical offline pipeline::
 
 from __future__ import annotations
 
-from logix.data.collate import PadCollator
+from logix.data.build import (
+    absolute_paths,
+    build_dataset,
+    build_datasets,
+    build_tokenizer,
+    dataset_categories,
+    dataset_texts,
+    resolve_path,
+)
+from logix.data.collate import PadCollator, PaddingSide
 from logix.data.datasets import IGNORE_INDEX, InstructionDataset, TextDataset
 from logix.data.io import load_jsonl, load_tokenizer
 from logix.data.template import PromptTemplate, stable_id
@@ -23,9 +32,17 @@ __all__ = [
     "IGNORE_INDEX",
     "InstructionDataset",
     "PadCollator",
+    "PaddingSide",
     "PromptTemplate",
     "TextDataset",
+    "absolute_paths",
+    "build_dataset",
+    "build_datasets",
+    "build_tokenizer",
+    "dataset_categories",
+    "dataset_texts",
     "load_jsonl",
     "load_tokenizer",
+    "resolve_path",
     "stable_id",
 ]

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from logix.config.choices import ChoiceEnum
 from logix.data.datasets import IGNORE_INDEX
 from logix.errors import DataError
 
 _PADDED = ("input_ids", "attention_mask", "labels")
+
+
+class PaddingSide(ChoiceEnum):
+    """Where :class:`PadCollator` puts the padding of a shorter item."""
+
+    RIGHT = "right"  # after the tokens
+    LEFT = "left"  # before them
 
 
 @dataclass(frozen=True)
@@ -32,12 +40,14 @@ class PadCollator:
     """
 
     pad_token_id: int
-    padding_side: Literal["right", "left"] = "right"
+    padding_side: PaddingSide | str = PaddingSide.RIGHT
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
-        if self.padding_side not in ("right", "left"):
-            raise DataError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        try:
+            object.__setattr__(self, "padding_side", PaddingSide(self.padding_side))
+        except (ValueError, TypeError):
+            raise DataError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}") from None
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise DataError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
 
@@ -73,7 +83,7 @@ class PadCollator:
 
     def _pad(self, values: list[int], width: int, fill: int) -> list[int]:
         padding = [fill] * (width - len(values))
-        return values + padding if self.padding_side == "right" else padding + values
+        return values + padding if self.padding_side is PaddingSide.RIGHT else padding + values
 
 
 def _columns(index: int, item: Mapping[str, Any]) -> dict[str, list[int]]:

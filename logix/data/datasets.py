@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
+from logix.config import IdPolicy, TrainOn
 from logix.data.template import PromptTemplate, field_of, stable_id
 from logix.errors import DataError
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 """The label of tokens that carry no loss (prompt tokens, padding)."""
 
-IdPolicy = Literal["auto", "column", "hash"]
 ALPACA = PromptTemplate()
 """The default template (Alpaca); a frozen dataclass, so sharing one instance is safe."""
 Item = dict[str, Any]
@@ -31,12 +31,10 @@ Item = dict[str, Any]
 class _TokenizedDataset(Dataset):
     """Shared storage, id resolution and item access of the datasets below."""
 
-    def __init__(self, records: Sequence[Mapping[str, Any]], id_field: str, ids: IdPolicy) -> None:
-        if ids not in ("auto", "column", "hash"):
-            raise DataError(f"ids must be 'auto', 'column' or 'hash', got {ids!r}")
+    def __init__(self, records: Sequence[Mapping[str, Any]], id_field: str, ids: IdPolicy | str) -> None:
         self._records = list(records)
         self._id_field = id_field
-        self._id_policy = ids
+        self._id_policy = _choice(IdPolicy, ids, "ids")
         self._input_ids: list[list[int]] = []
         self._labels: list[list[int]] = []
         self._ids: list[str | int] = []
@@ -48,11 +46,11 @@ class _TokenizedDataset(Dataset):
     def _resolve_ids(self) -> list[str | int]:
         present = [self._id_field in r for r in self._records]
         policy = self._id_policy
-        if policy == "auto" and any(present) and not all(present):
+        if policy is IdPolicy.AUTO and any(present) and not all(present):
             missing = present.index(False)
             raise DataError(f"record {missing} has no {self._id_field!r} but others do; "
                             "give every record an id or pass ids='hash'")
-        if policy == "hash" or (policy == "auto" and not any(present)):
+        if policy is IdPolicy.HASH or (policy is IdPolicy.AUTO and not any(present)):
             ids: list[str | int] = [stable_id(t) for t in self._input_ids]
         else:
             ids = [_check_id(field_of(r, self._id_field, "id field"), self._id_field) for r in self._records]
@@ -88,6 +86,16 @@ class _TokenizedDataset(Dataset):
             DataError: A record lacks the field.
         """
         return [field_of(r, field) for r in self._records]
+
+
+def _choice(enum: type[IdPolicy] | type[TrainOn], value: Any, name: str):
+    """``value`` as a member of ``enum`` (its string value or the member itself)."""
+    try:
+        return enum(value)
+    except (ValueError, TypeError):
+        choices = [m.value for m in enum]
+        raise DataError(f"{name} must be {', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r}, "
+                        f"got {value!r}") from None
 
 
 def _check_id(value: Any, field: str) -> str | int:
@@ -157,13 +165,12 @@ class InstructionDataset(_TokenizedDataset):
         tokenizer: PreTrainedTokenizerBase,
         max_length: int = 128,
         template: PromptTemplate = ALPACA,
-        train_on: Literal["response", "all"] = "response",
+        train_on: TrainOn | str = TrainOn.RESPONSE,
         id_field: str = "id",
-        ids: IdPolicy = "auto",
+        ids: IdPolicy | str = IdPolicy.AUTO,
     ) -> None:
         super().__init__(records, id_field, ids)
-        if train_on not in ("response", "all"):
-            raise DataError(f"train_on must be 'response' or 'all', got {train_on!r}")
+        train_on = _choice(TrainOn, train_on, "train_on")
         _check_max_length(max_length)
         self.template = template
         self.max_length = max_length
@@ -179,7 +186,7 @@ class InstructionDataset(_TokenizedDataset):
             raise DataError(f"record {index}: its prompt has {len(prompt)} tokens, leaving no room for the "
                             f"response within max_length={self.max_length}; raise max_length or drop it")
         input_ids = (prompt + response)[: self.max_length]
-        if self.train_on == "all":
+        if self.train_on is TrainOn.ALL:
             return input_ids, list(input_ids)
         return input_ids, [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
 
@@ -215,7 +222,7 @@ class TextDataset(_TokenizedDataset):
         max_length: int = 128,
         text_field: str = "text",
         id_field: str = "id",
-        ids: IdPolicy = "auto",
+        ids: IdPolicy | str = IdPolicy.AUTO,
     ) -> None:
         super().__init__(records, id_field, ids)
         _check_max_length(max_length)

@@ -39,12 +39,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from logix.analysis import CHECKPOINTS_FILE
 from logix.capture.run import Run
 from logix.config import Config, resolve_config
 from logix.core.distributed import Dist
-from logix.integrations.loop import LossFn, extract, summed_loss
+from logix.integrations.loop import extract
+from logix.integrations.losses import LossFn, summed_loss
 from logix.store.format import write_json_atomic
+from logix.store.rundir import CHECKPOINTS_FILE, checkpoints_file
 
 log = logging.getLogger("logix")
 
@@ -65,11 +66,10 @@ class LogixCallback(TrainerCallback):
         overwrite: delete an existing project directory first (default: resume it; a checkpoint
             directory logged with another model state is then an error, never silently reused).
         progress: show progress bars while logging.
-        optimizer_states: also save the optimizer's Adam moments, keyed by parameter name, in
-            each checkpoint's ``optimizer.safetensors`` (for LESS, :mod:`logix.contribution.less`).
-        adam_rows: also log each training example's projected Adam-preconditioned gradient
-            (LESS) into the checkpoint's ``train_adam`` / ``train_adam_code`` stores; ``True``:
-            both variants, or a list of ``"paper"`` / ``"code"``. Implies ``optimizer_states``.
+        extractor: what logs one checkpoint, in place of :func:`logix.integrations.extract`
+            (the default): called as ``extract`` is, plus ``optimizer=`` (the Trainer's
+            optimizer), e.g. LESS's extractor, which also saves the optimizer's Adam moments
+            and Adam-preconditioned rows (``logix.contribution.less_warmup.less_callback``).
     """
 
     def __init__(
@@ -83,8 +83,7 @@ class LogixCallback(TrainerCallback):
         loss_fn: LossFn = summed_loss,
         overwrite: bool = False,
         progress: bool = True,
-        optimizer_states: bool = False,
-        adam_rows: bool | Sequence[str] = False,
+        extractor: Callable | None = None,
     ) -> None:
         self.config = resolve_config(config)
         if root is not None:
@@ -103,8 +102,7 @@ class LogixCallback(TrainerCallback):
         self.data_collator = data_collator
         self.loss_fn = loss_fn
         self.progress = progress
-        self.optimizer_states = optimizer_states or bool(adam_rows)
-        self.adam_rows = adam_rows
+        self.extractor = extractor
         self.checkpoints: list[dict[str, Any]] = self._read_checkpoints()
         self._dataloader = None
         self._step_lr: dict[int, float] = {}  # optimizer step (1-based) -> its learning rate
@@ -154,7 +152,7 @@ class LogixCallback(TrainerCallback):
                     "from the index (their directories are left in place)", self.dir / CHECKPOINTS_FILE,
                     ", ".join(c["name"] for c in stale))
         self.checkpoints = [c for c in self.checkpoints if c["step"] in self._logged_steps]
-        write_json_atomic(self.dir / CHECKPOINTS_FILE, {"checkpoints": self.checkpoints})
+        write_json_atomic(checkpoints_file(self.dir), {"checkpoints": self.checkpoints})
 
     # ---- logging one checkpoint ---------------------------------------------------------------
     def _log(self, state: TrainerState, kwargs: dict[str, Any], name: str) -> None:
@@ -165,10 +163,8 @@ class LogixCallback(TrainerCallback):
         sched = self.config.schedule
         log.info("logix: logging checkpoint %s (step %d)", name, state.global_step)
         log_fn: Callable = extract
-        if self.optimizer_states:  # LESS: Adam moments by parameter name, Adam-preconditioned rows
-            from logix.contribution.less import less_extract
-
-            log_fn = functools.partial(less_extract, optimizer=kwargs.get("optimizer"), adam_rows=self.adam_rows)
+        if self.extractor is not None:
+            log_fn = functools.partial(self.extractor, optimizer=kwargs.get("optimizer"))
         log_fn(
             run, model, self._dataset(), self._collator(), queries=self.queries,
             batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
@@ -210,10 +206,10 @@ class LogixCallback(TrainerCallback):
                  "learning_rate": next_lr if lr is None else lr, "next_learning_rate": next_lr,
                  "dir": name}
         self.checkpoints = [c for c in self.checkpoints if c["name"] != name] + [entry]
-        write_json_atomic(self.dir / CHECKPOINTS_FILE, {"checkpoints": self.checkpoints})
+        write_json_atomic(checkpoints_file(self.dir), {"checkpoints": self.checkpoints})
 
     def _read_checkpoints(self) -> list[dict[str, Any]]:
-        path = self.dir / CHECKPOINTS_FILE
+        path = checkpoints_file(self.dir)
         return json.loads(path.read_text())["checkpoints"] if path.exists() else []
 
     def runs(self) -> list[Run]:

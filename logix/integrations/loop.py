@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,183 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from logix.capture.run import Pass, Run
 from logix.config import IdPolicy
-from logix.core.distributed import Dist, shard_indices, unwrap_model
+from logix.core.distributed import Dist, unwrap_model
 from logix.errors import BatchError, ConfigError, RunDirectoryError
+from logix.integrations.batches import loader_with_ids
+from logix.integrations.losses import LossFn, summed_loss
 from logix.store import Store
 from logix.store.format import write_json_atomic
-
-MODEL_FILE = "model.json"  # the fingerprint of the model state a run directory was logged with
-LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
-# Inputs every HF model accepts under these names, besides its forward signature.
-_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
-
-
-def summed_loss(
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    sample_labels: bool = False,
-    generator: torch.Generator | None = None,
-    label_class: int | None = None,
-    num_classes: int | None = None,
-) -> Tensor:
-    """Loss summed over the batch's examples and each example's label tokens.
-
-    Causal LM (``labels`` shaped like ``input_ids``): next-token cross-entropy of
-    ``logits[:, :-1]`` against ``labels[:, 1:]``, ``-100`` ignored. Classification
-    (``labels`` of shape ``(batch,)``): cross-entropy of the logits. The model is called
-    without ``labels`` so its own (mean) loss is never formed.
-
-    Args:
-        model: the model.
-        batch: ``input_ids`` (and ``attention_mask`` ...) and ``labels``.
-        sample_labels: replace every real label by one drawn from the model's own predictive
-            distribution (same positions): the loss of a true-Fisher statistics pass
-            (``Pass.sample_labels``).
-        generator: random generator of the draws (on the model's device).
-        label_class: classifiers only (``statistics.fisher: expected``): every example's label
-            is this class and its loss is weighted by ``sqrt(C p_c)`` (``p`` detached, ``C`` the
-            number of classes), so the mean over the ``C`` repeats of a pass (class ``0..C-1``)
-            of any gradient second moment is exactly its expectation under the model's labels.
-        num_classes: with ``label_class``, the classes the pass enumerates (``Pass.repeats``);
-            checked against the logits.
-
-    Raises:
-        BatchError: the batch has no ``labels``; ``label_class`` with sequence labels, or with
-            logits of another number of classes.
-    """
-    if "labels" not in batch:
-        raise BatchError("summed_loss needs `labels` in the batch (use -100 for tokens without loss).")
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels" and isinstance(v, Tensor)}
-    logits = model(**inputs).logits.float()
-    if label_class is not None:
-        return expected_class_loss(logits, labels, label_class, num_classes)
-    if labels.dim() == 1:
-        if sample_labels:
-            labels = sample_from_logits(logits, generator)
-        return F.cross_entropy(logits, labels, reduction="sum")
-    logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-    if sample_labels:
-        labels = torch.where(labels == -100, labels, sample_from_logits(logits, generator))
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-
-
-def expected_class_loss(logits: Tensor, labels: Tensor, label_class: int, num_classes: int | None) -> Tensor:
-    """``sum_n sqrt(C p_nc) CE(logits_n, c)`` with ``p`` detached: the loss of repeat ``c`` of an
-    expected-Fisher pass (see :func:`summed_loss`). Its per-example gradient is
-    ``sqrt(C p_c) g_c``, so averaging ``g g^T`` over ``c = 0..C-1`` gives ``sum_c p_c g_c g_c^T``,
-    which for softmax cross-entropy is the Gauss-Newton matrix ``J^T (diag p - p p^T) J``."""
-    classes = logits.shape[-1]
-    if labels.dim() != 1 or logits.dim() != 2:
-        raise BatchError(
-            "statistics.fisher: expected needs one label per example (a classifier, labels of shape "
-            f"(batch,)); got labels of shape {tuple(labels.shape)}. With several label tokens per example "
-            "(a language model) the per-example gradient mixes every token's class and enumerating "
-            "classes is not exact: use statistics.fisher: true with fisher_samples draws."
-        )
-    if num_classes is not None and num_classes != classes:
-        raise BatchError(
-            f"statistics.fisher_classes is {num_classes} but the model outputs {classes} classes: set "
-            f"statistics.fisher_classes: {classes}."
-        )
-    if not 0 <= label_class < classes:
-        raise BatchError(f"label_class {label_class} is outside the model's {classes} classes.")
-    target = torch.full((logits.shape[0],), label_class, dtype=torch.long, device=logits.device)
-    with torch.no_grad():
-        weight = (classes * logits.softmax(-1)[:, label_class]).sqrt()
-    return (weight * F.cross_entropy(logits, target, reduction="none")).sum()
-
-
-def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One class per row of ``logits`` (n, classes), drawn from ``softmax(logits)``."""
-    with torch.no_grad():
-        probs = logits.detach().float().softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def stable_token_id(token_ids: Sequence[int] | Tensor) -> str:
-    """A stable hash id of an example's tokens (same tokens, same id, on every machine)."""
-    from logix.data import stable_id
-
-    if isinstance(token_ids, Tensor):
-        token_ids = token_ids.tolist()
-    return stable_id([int(t) for t in token_ids])
-
-
-def example_id(item: Mapping[str, Any], policy: IdPolicy | str, id_field: str = "id") -> int | str:
-    """The id of one dataset item under ``policy`` (``auto`` | ``column`` | ``hash``)."""
-    policy = IdPolicy.parse(policy, "ids")
-    if policy is not IdPolicy.HASH and id_field in item:
-        value = item[id_field]
-        if isinstance(value, Tensor):
-            value = value.item()
-        if isinstance(value, np.integer):
-            value = int(value)
-        if not isinstance(value, (int, str)) or isinstance(value, bool):
-            raise BatchError(f"Id column {id_field!r} must hold ints or strings, got {value!r}.")
-        return value
-    if policy is IdPolicy.COLUMN:
-        raise BatchError(
-            f"The dataset's items have no {id_field!r} column (keys: {sorted(item)}). Add one, set "
-            "data.ids=hash, or, under a Trainer that dropped it (remove_unused_columns=True), pass "
-            "the original dataset to LogixCallback(train_dataset=...)."
-        )
-    if "input_ids" not in item:
-        raise BatchError(f"Cannot hash an id: the item has no input_ids (keys: {sorted(item)}).")
-    return stable_token_id(item["input_ids"])
-
-
-def model_input_keys(model: nn.Module) -> set[str]:
-    """Batch keys the model's forward accepts (PEFT / wrapped models are looked through)."""
-    base = model
-    for attr in ("get_base_model", "module"):
-        inner = getattr(base, attr, None)
-        if callable(inner) and attr == "get_base_model":
-            base = inner()
-        elif isinstance(inner, nn.Module):
-            base = inner
-    params = inspect.signature(base.forward).parameters
-    return set(params) | set(_MODEL_KEYS)
-
-
-class _IdCollate:
-    """Reads each item's id, strips keys the model does not take, then runs the collator."""
-
-    def __init__(self, collator: Callable, keys: set[str], policy: IdPolicy, id_field: str) -> None:
-        self.collator, self.keys, self.policy, self.id_field = collator, keys, policy, id_field
-
-    def __call__(self, items: list[Mapping[str, Any]]) -> tuple[list, dict[str, Tensor]]:
-        ids = [example_id(item, self.policy, self.id_field) for item in items]
-        clean = [{k: v for k, v in item.items() if k in self.keys} for item in items]
-        return ids, dict(self.collator(clean))
-
-
-def loader_with_ids(
-    dataset: Dataset | Sequence[Mapping[str, Any]],
-    collator: Callable,
-    model: nn.Module,
-    batch_size: int,
-    ids: IdPolicy | str = IdPolicy.AUTO,
-    id_field: str = "id",
-    limit: int = 0,
-    dist: Dist | None = None,
-) -> DataLoader:
-    """A sequential loader of ``(ids, batch)``; ``limit`` keeps the first N items (0: all).
-
-    With ``dist`` (a distributed run) the loader holds this rank's contiguous share only."""
-    if limit and limit < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(limit))
-    if dist is not None and dist.active:
-        dataset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
-    collate = _IdCollate(collator, model_input_keys(model), IdPolicy.parse(ids, "ids"), id_field)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+from logix.store.rundir import model_file
 
 
 @contextlib.contextmanager
@@ -278,7 +113,7 @@ def check_model_state(run: Run, model: nn.Module) -> None:
         RunDirectoryError: the directory was logged with another model state, so resuming it
             would mix (or silently reuse) rows of two models.
     """
-    path = run.dir / MODEL_FILE
+    path = model_file(run.dir)
     fingerprint = model_fingerprint(model)
     run.dist.on_main(lambda: _check_fingerprint(run, path, fingerprint))
 
@@ -313,9 +148,11 @@ def needs_lockstep(model: nn.Module) -> bool:
     return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
 
 
-def _log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
-                desc: str, progress: bool, pass_: Pass | None = None, seed: int = 0,
-                dist: Dist | None = None) -> None:
+def log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss_fn: LossFn,
+               desc: str, progress: bool, pass_: Pass | None = None, seed: int = 0,
+               dist: Dist | None = None) -> None:
+    """Run ``loss_fn`` forward / backward on every batch of ``loader`` (``repeats`` times for
+    ``pass_``) inside ``ctx_factory(data_id=, mask=)``, so the context logs each batch."""
     sample_labels = pass_ is not None and pass_.sample_labels
     repeats = 1 if pass_ is None else pass_.repeats
     device = _device_of(model)
@@ -423,12 +260,12 @@ def extract(
         if not run.finalized:
             for pass_ in run.plan():
                 ctx = run if row_capture is None or not pass_.writes_rows else _together(run, row_capture)
-                _log_loader(ctx, model, train, loss_fn, f"logix {pass_}", progress, pass_,
+                log_loader(ctx, model, train, loss_fn, f"logix {pass_}", progress, pass_,
                             run.config.projection.seed + pass_.index + 7919 * dist.rank, dist)
             run.finalize()
         if queries is not None:  # committed query ids are skipped on a resumed run
             q_loader = loader_with_ids(queries, collator, model, batch_size, ids, id_field, dist=dist)
-            _log_loader(run.log_queries, model, q_loader, loss_fn, "logix queries", progress, dist=dist)
+            log_loader(run.log_queries, model, q_loader, loss_fn, "logix queries", progress, dist=dist)
             run.finalize()
     return run.store()
 

@@ -42,8 +42,10 @@ from logix.contribution.pool import Pool, load_pool
 from logix.contribution.scores import ScoreTable
 from logix.contribution.selection import Selection, export_selection, format_summary, select
 from logix.data import PadCollator
+from logix.data.build import build_tokenizer, resolve_path
 from logix.errors import ConfigError
-from logix.jobs.attribution import Job, build_model, build_tokenizer, resolve_path, training_arguments
+from logix.integrations.models import build_model, with_lora
+from logix.jobs.attribution import AttributionJob, training_arguments
 
 MODEL_METHODS = ("icl", "ifd", "less")
 
@@ -68,7 +70,7 @@ class ContributionResult:
         return "\n".join(lines)
 
 
-class ContributionJob(Job):
+class ContributionJob(AttributionJob):
     """Model, pool, scores, selector and selection, as ``config.contribution`` says (see the module docstring)."""
 
     def __init__(self, config, project: str = "contribution", **kwargs: Any) -> None:
@@ -166,10 +168,8 @@ class ContributionJob(Job):
 
         dc = self.config.data
         if not hasattr(model, "peft_config"):
-            from logix.jobs.attribution import _with_lora
-
             lora = dataclasses.replace(self.config.model.lora, enabled=True)
-            model = _with_lora(model, self.config.replace(model=dataclasses.replace(self.config.model, lora=lora)))
+            model = with_lora(model, self.config.replace(model=dataclasses.replace(self.config.model, lora=lora)))
         key = self._category_key(probes)
         tasks: dict[str, list] = {}
         for p in probes:
@@ -213,7 +213,7 @@ class ContributionJob(Job):
         cc = self.cc
         methods = list(dict.fromkeys(cc.methods))
         model_methods = [m for m in methods if m in MODEL_METHODS]
-        by = cc.select_by or (model_methods[0] if model_methods else methods[0] if methods else "length")
+        by = cc.select_by.value if cc.select_by else (model_methods[0] if model_methods else methods[0] if methods else "length")
         if by not in (*methods, "length", "random", "icl_share_positive", "icl_sigmoid"):
             raise ConfigError(f"contribution.select_by={by!r} is not computed; add it to contribution.methods "
                               f"({', '.join(methods)}).")

@@ -10,13 +10,14 @@ matplotlib figures::
     report.plot_contribution_scores("logix_runs/contribution")
 """
 
+from logix.analysis.records import per_module_records
 from logix.report.data import (
     ContributionData,
     InfluenceData,
     ReportData,
     ReportError,
+    ReportKind,
     load,
-    per_module_records,
 )
 from logix.report.html import render, write_report
 from logix.report.plots import (
@@ -37,6 +38,7 @@ __all__ = [
     "InfluenceData",
     "ReportData",
     "ReportError",
+    "ReportKind",
     "figure_png_base64",
     "load",
     "per_module_records",

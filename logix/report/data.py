@@ -17,16 +17,40 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from logix.analysis.records import per_module_records
+from logix.config.choices import ChoiceEnum
 from logix.errors import LogixError
+from logix.store.rundir import (
+    CONTRIBUTION_SCORES_FILE,
+    PROBES_FILE,
+    SELECTED_FILE,
+    SELECTION_DIR,
+    SUMMARY_FILE,
+    checkpoints_file,
+    influence_file,
+    job_file,
+    per_module_file,
+    run_file,
+    sanity_file,
+    scores_file,
+    self_influence_file,
+)
 
 log = logging.getLogger("logix")
+
+
+class ReportKind(ChoiceEnum):
+    """What a report's directory holds."""
+
+    INFLUENCE = "influence"  # an influence project: influence.jsonl and its companions
+    RUN = "run"  # a single run (or a project) without influence.jsonl: scored here from its stores
+    CONTRIBUTION = "contribution"  # a contribution project: scores.jsonl, selection/
 
 
 class ReportError(LogixError, ValueError):
@@ -64,7 +88,7 @@ class ReportData:
     """Everything a report shows about one directory."""
 
     path: Path
-    kind: str  # "influence" | "run" | "contribution"
+    kind: ReportKind
     influence: InfluenceData | None = None
     contribution: ContributionData | None = None
     job: dict | None = None
@@ -88,16 +112,16 @@ def load(directory: str | Path | ReportData, *, compute: bool = True, top_k: int
     if not path.is_dir():
         raise ReportError(f"{path} is not a directory: give a logix project or run directory "
                           "(e.g. logix_runs/quickstart or logix_runs/contribution).")
-    job = _read_yaml(path / "job.yaml")
-    if (path / "influence.jsonl").exists():
-        return ReportData(path, "influence", influence=_load_influence(path), job=job)
-    if ((path / "scores.jsonl").exists() or (path / "selection" / "summary.json").exists()
-            or ((path / "summary.json").exists() and (path / "selected.jsonl").exists())):
-        return ReportData(path, "contribution", contribution=_load_contribution(path, job), job=job)
-    if (path / "run.json").exists() or (path / "checkpoints.json").exists():
+    job = _read_yaml(job_file(path))
+    if influence_file(path).exists():
+        return ReportData(path, ReportKind.INFLUENCE, influence=_load_influence(path), job=job)
+    if ((path / CONTRIBUTION_SCORES_FILE).exists() or (path / SELECTION_DIR / SUMMARY_FILE).exists()
+            or ((path / SUMMARY_FILE).exists() and (path / SELECTED_FILE).exists())):
+        return ReportData(path, ReportKind.CONTRIBUTION, contribution=_load_contribution(path, job), job=job)
+    if run_file(path).exists() or checkpoints_file(path).exists():
         if not compute:
             raise ReportError(f"{path} holds no influence.jsonl: run `logix influence {path}` first.")
-        return ReportData(path, "run", influence=_compute_influence(path, top_k), job=job)
+        return ReportData(path, ReportKind.RUN, influence=_compute_influence(path, top_k), job=job)
     raise ReportError(
         f"{path} holds no logix outputs (no influence.jsonl, scores.jsonl, selection/summary.json or "
         "run.json): give the directory `logix run`, `logix influence`, `logix contribute` or logix.init wrote.")
@@ -105,23 +129,23 @@ def load(directory: str | Path | ReportData, *, compute: bool = True, top_k: int
 
 # ---- influence ---------------------------------------------------------------------------------
 def _load_influence(path: Path) -> InfluenceData:
-    queries = _read_jsonl(path / "influence.jsonl")
+    queries = _read_jsonl(influence_file(path))
     data = InfluenceData(queries)
-    si = path / "self_influence.csv"
+    si = self_influence_file(path)
     if si.exists():
         with open(si, newline="", encoding="utf-8") as fh:
             data.self_influence = {_id(r["id"]): float(r["self_influence"]) for r in csv.DictReader(fh)}
     else:
         data.notes.append("no self_influence.csv (set analysis.self_influence: true): no outlier table.")
-    if (path / "sanity.json").exists():
-        data.sanity = json.loads((path / "sanity.json").read_text())
-    if (path / "per_module.json").exists():
-        data.per_module = json.loads((path / "per_module.json").read_text())
+    if sanity_file(path).exists():
+        data.sanity = json.loads(sanity_file(path).read_text())
+    if per_module_file(path).exists():
+        data.per_module = json.loads(per_module_file(path).read_text())
     else:
         data.notes.append(f"no per_module.json: `logix influence {path} --per-module` writes the per-module "
                           "breakdown of the proponents' scores.")
-    if (path / "scores.h5").exists():
-        data.all_scores = _read_scores(path / "scores.h5")
+    if scores_file(path).exists():
+        data.all_scores = _read_scores(scores_file(path))
     for record in queries:
         for key in ("proponents", "opponents"):
             for entry in record.get(key, []):
@@ -143,36 +167,29 @@ def _id(value: str):
 
 
 def _read_scores(path: Path) -> np.ndarray | None:
-    import h5py
+    from logix.store.scores import read_score_matrix
 
-    with h5py.File(path, "r") as fh:
-        if "scores" not in fh:
-            return None
-        ds = fh["scores"]
-        if ds.size > 20_000_000:  # a histogram does not need more than a sample
-            step = int(math.ceil(ds.size / 20_000_000))
-            return np.asarray(ds[:, ::step])
-        return np.asarray(ds[...])
+    return read_score_matrix(path, max_values=20_000_000)  # a histogram does not need more than a sample
 
 
 def _job_texts(path: Path, queries: bool = False) -> tuple[dict, dict]:
     """(train texts, query texts) from the job's data (``job.yaml``), or empty dicts."""
-    job = path / "job.yaml"
+    job = job_file(path)
     if not job.exists():
         return {}, {}
     try:
         from logix.config import Config
-        from logix.jobs.attribution import _dataset, _texts, build_tokenizer, resolve_path
+        from logix.data.build import build_dataset, build_tokenizer, dataset_texts, resolve_path
 
         config = Config.from_yaml(job)
         dc = config.data
         if not dc.train:
             return {}, {}
         tokenizer = build_tokenizer(config, Path.cwd())
-        train = _texts(_dataset(resolve_path(dc.train, path), dc.limit_train, config, tokenizer))
+        train = dataset_texts(build_dataset(resolve_path(dc.train, path), dc.limit_train, config, tokenizer))
         query = {}
         if queries and dc.queries:
-            query = _texts(_dataset(resolve_path(dc.queries, path), dc.limit_queries, config, tokenizer))
+            query = dataset_texts(build_dataset(resolve_path(dc.queries, path), dc.limit_queries, config, tokenizer))
         return train, query
     except (LogixError, OSError, ValueError) as exc:
         log.warning("logix: texts unavailable for the report (%s)", exc)
@@ -185,7 +202,7 @@ def _compute_influence(path: Path, top_k: int) -> InfluenceData:
     from logix.analysis import influence
     from logix.config import AnalysisConfig, Config
 
-    ac = Config.from_yaml(path / "job.yaml").analysis if (path / "job.yaml").exists() else AnalysisConfig()
+    ac = Config.from_yaml(job_file(path)).analysis if job_file(path).exists() else AnalysisConfig()
     damping = ac.resolved_damping()
     try:
         result = influence(path, preconditioner=ac.preconditioner, damping=damping,
@@ -214,22 +231,13 @@ def _compute_influence(path: Path, top_k: int) -> InfluenceData:
     return data
 
 
-def per_module_records(result) -> dict | None:
-    """``InfluenceResult.per_module`` as JSON: per query, each module's part of each proponent's score."""
-    if not result.per_module:
-        return None
-    modules = list(result.per_module)
-    return {"modules": modules, "queries": [
-        {"query_id": qid, "ids": list(result.top_ids[q]),
-         "modules": {m: [float(v) for v in result.per_module[m][q].tolist()] for m in modules}}
-        for q, qid in enumerate(result.query_ids)]}
-
-
 # ---- contribution ------------------------------------------------------------------------------
 def _load_contribution(path: Path, job: dict | None) -> ContributionData:
-    sel = path / "selection" if (path / "selection").is_dir() else path
+    sel = path / SELECTION_DIR if (path / SELECTION_DIR).is_dir() else path
     notes = []
-    scores_path = path / "scores.jsonl" if (path / "scores.jsonl").exists() else sel / "scores.jsonl"
+    scores_path = path / CONTRIBUTION_SCORES_FILE
+    if not scores_path.exists():
+        scores_path = sel / CONTRIBUTION_SCORES_FILE
     ids, scores = [], {}
     if scores_path.exists():
         from logix.contribution import ScoreTable
@@ -238,12 +246,12 @@ def _load_contribution(path: Path, job: dict | None) -> ContributionData:
         ids, scores = table.ids, dict(table.columns)
     else:
         notes.append("no scores.jsonl: no score distributions.")
-    summary = json.loads((sel / "summary.json").read_text()) if (sel / "summary.json").exists() else None
+    summary = json.loads((sel / SUMMARY_FILE).read_text()) if (sel / SUMMARY_FILE).exists() else None
     if summary is None:
         notes.append("no selection/summary.json: no selection, category or agreement sections "
                      "(`logix select --scores ... --out DIR/selection` writes it).")
-    selected = _read_jsonl(sel / "selected.jsonl") if (sel / "selected.jsonl").exists() else []
-    probes = _read_jsonl(path / "probes.jsonl") if (path / "probes.jsonl").exists() else []
+    selected = _read_jsonl(sel / SELECTED_FILE) if (sel / SELECTED_FILE).exists() else []
+    probes = _read_jsonl(path / PROBES_FILE) if (path / PROBES_FILE).exists() else []
     pool = _pool_records(path, job, summary, notes)
     return ContributionData(scores, ids, summary, selected, probes, pool, notes)
 
@@ -296,11 +304,14 @@ def _read_yaml(path: Path) -> dict | None:
         raise ReportError(f"{path} is not valid YAML ({exc}).") from exc
 
 
+_INSTRUCTION_FIELDS = ("instruction", "output")  # the fields of an instruction record
+
+
 def record_text(record: dict | None, fallback: str = "") -> str:
     """A readable one-string form of a pool record (instruction / input / output, or its text)."""
     if not record:
         return fallback
-    if "instruction" in record or "output" in record:
+    if any(key in record for key in _INSTRUCTION_FIELDS):
         parts = [str(record.get("instruction") or "")]
         if record.get("input"):
             parts.append(str(record["input"]))

@@ -99,7 +99,7 @@ def self_influence_outliers(source, top: int = 20) -> list[dict]:
         return []
     ids = list(inf.self_influence)
     values = np.array([inf.self_influence[i] for i in ids], dtype=float)
-    z = _robust_z(values)
+    z = robust_z(values)
     order = np.argsort(-values)[:top]
     texts = inf.train_texts
     counts: dict[str, int] = {}
@@ -109,7 +109,8 @@ def self_influence_outliers(source, top: int = 20) -> list[dict]:
              "text": texts.get(ids[i]), "copies": counts.get(texts.get(ids[i]), 0)} for i in order]
 
 
-def _robust_z(values: np.ndarray) -> np.ndarray:
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """Robust z-scores of ``log10(values)``: distance to the median in units of 1.4826 MAD."""
     logs = np.log10(np.clip(values, 1e-300, None))
     med = np.median(logs)
     mad = 1.4826 * np.median(np.abs(logs - med))
@@ -165,7 +166,7 @@ def plot_per_module(source) -> Figure:
     ax = fig.subplots()
     vals = [shares[n] for n in names]
     ax.barh(range(len(names)), vals, color=[PROPONENT if v >= 0 else OPPONENT for v in vals])
-    ax.set_yticks(range(len(names)), [_label(_short_module(n)) for n in names], fontsize=7)
+    ax.set_yticks(range(len(names)), [_label(short_module(n)) for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color="#333", lw=0.8)
     _style(ax, "Per-module share of the top proponents' scores", "mean share of the score", "")
@@ -173,7 +174,8 @@ def plot_per_module(source) -> Figure:
     return fig
 
 
-def _short_module(name: str, width: int = 38) -> str:
+def short_module(name: str, width: int = 38) -> str:
+    """``name`` cut to its last ``width`` characters (an ellipsis in front) when longer."""
     return name if len(name) <= width else "\u2026" + name[-(width - 1):]
 
 

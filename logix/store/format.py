@@ -31,18 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from logix.config.choices import ChoiceEnum, StoreDtype
 from logix.errors import StoreError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+class IdType(ChoiceEnum):
+    """The type of a store's ids (the manifest's ``id_type``), fixed by its first shard."""
 
-def row_dtype(dtype: str) -> torch.dtype:
-    """The dtype of the rows a store of ``dtype`` takes in and hands out (quantized stores,
-    ``int8`` / ``int4``, take and give float32 rows; see :mod:`logix.store.quant`)."""
-    return TORCH_DTYPES.get(dtype, torch.float32)
+    INT = "int"
+    STR = "str"
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def to_numpy(rows: torch.Tensor) -> np.ndarray:
 
 
 def from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bfloat16":
+    if dtype == StoreDtype.BFLOAT16:
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
 
@@ -153,6 +153,16 @@ def manifest_name(rank: int = 0) -> str:
 def file_prefix(rank: int = 0) -> str:
     """The prefix after ``shard-`` / ``state-`` of the files of writer ``rank``."""
     return "" if rank == 0 else f"r{rank:05d}-"
+
+
+def shard_name(rank: int, index: int) -> str:
+    """The file of writer ``rank``'s shard number ``index``."""
+    return f"shard-{file_prefix(rank)}{index:06d}.h5"
+
+
+def state_name(rank: int, index: int) -> str:
+    """The state file saved with writer ``rank``'s shard number ``index``."""
+    return f"state-{file_prefix(rank)}{index:06d}.safetensors"
 
 
 _RANK_MANIFEST = re.compile(r"^manifest\.rank-(\d{5})\.json$")

@@ -31,6 +31,8 @@ STORES_DIR = "stores"
 MOMENTS_FILE = "optimizer.safetensors"
 TRAIN_STORE = "train"
 QUERY_STORE = "queries"
+ADAM_STORE = "train_adam"  # LESS: Adam-preconditioned train rows (paper variant)
+ADAM_CODE_STORE = "train_adam_code"  # ... of the code variant
 
 # ---- a project directory ---------------------------------------------------------------------
 JOB_FILE = "job.yaml"
@@ -43,6 +45,11 @@ PER_MODULE_FILE = "per_module.json"
 SCORES_FILE = "scores.h5"
 SCORING_DIR = "scoring"
 REPORT_FILE = "report.html"
+TRAINER_DIR = "trainer"  # the Hugging Face Trainer's output_dir of a fine-tuning job
+# a scoring work folder (``sharded_influence``; by default a project's ``scoring/``)
+SCORING_JOB_FILE = "job.json"
+PART_FILE = "part-{index:06d}.safetensors"
+SCORES_PART_FILE = "scores-{index:06d}.h5"
 
 # ---- a contribution directory (``logix contribute``) -------------------------------------------
 CONTRIBUTION_SCORES_FILE = "scores.jsonl"
@@ -52,6 +59,13 @@ SELECTED_FILE = "selected.jsonl"
 SUMMARY_FILE = "summary.json"
 LESS_FILE = "less.json"
 ICL_META_FILE = "meta.json"
+ICL_DIR = "icl"  # the in-context pass's logs: meta.json and the stores below
+ICL_PROBES_STORE = "probes"
+ICL_PAIRS_STORE = "pairs"
+EMBEDDINGS_DIR = "embeddings"  # the selector's embedding store
+WARMUP_DIR = "warmup"  # the Trainer's output_dir of the pool warm-up
+LESS_DIR = "less"  # the LESS warm-up's project directory
+LESS_TRAINER_DIR = "trainer_output"  # the Trainer's output_dir inside a LESS project directory
 
 
 def run_file(run_dir: str | Path) -> Path:
@@ -129,8 +143,61 @@ def scoring_dir(project_dir: str | Path) -> Path:
     return Path(project_dir) / SCORING_DIR
 
 
+def scoring_job_file(work_dir: str | Path) -> Path:
+    """What a scoring work folder scores (a resumed call must match it)."""
+    return Path(work_dir) / SCORING_JOB_FILE
+
+
+def part_file(work_dir: str | Path, index: int) -> Path:
+    """Part ``index``'s results (top-k, self-influence) in a scoring work folder."""
+    return Path(work_dir) / PART_FILE.format(index=index)
+
+
+def scores_part_file(work_dir: str | Path, index: int) -> Path:
+    """Part ``index``'s columns of the score matrix in a scoring work folder."""
+    return Path(work_dir) / SCORES_PART_FILE.format(index=index)
+
+
+def is_scoring_part(name: str) -> bool:
+    """Whether the file ``name`` of a scoring work folder is a part's file (or its temporary)."""
+    prefixes = tuple(pattern.split("{")[0] for pattern in (PART_FILE, SCORES_PART_FILE))
+    return name.startswith(prefixes + tuple(f".{prefix}" for prefix in prefixes))
+
+
 def report_file(directory: str | Path) -> Path:
     return Path(directory) / REPORT_FILE
+
+
+def trainer_dir(project_dir: str | Path) -> Path:
+    return Path(project_dir) / TRAINER_DIR
+
+
+def contribution_scores_file(directory: str | Path) -> Path:
+    return Path(directory) / CONTRIBUTION_SCORES_FILE
+
+
+def probes_file(directory: str | Path) -> Path:
+    return Path(directory) / PROBES_FILE
+
+
+def selection_dir(directory: str | Path) -> Path:
+    return Path(directory) / SELECTION_DIR
+
+
+def summary_file(directory: str | Path) -> Path:
+    return Path(directory) / SUMMARY_FILE
+
+
+def less_file(project_dir: str | Path) -> Path:
+    return Path(project_dir) / LESS_FILE
+
+
+def icl_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ICL_DIR
+
+
+def icl_meta_file(run_dir: str | Path) -> Path:
+    return icl_dir(run_dir) / ICL_META_FILE
 
 
 def is_run_dir(path: str | Path) -> bool:

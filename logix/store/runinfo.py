@@ -15,12 +15,12 @@ from torch import Tensor
 
 from logix.config import Config
 from logix.errors import BatchError, RunDirectoryError, WatchError
-from logix.store.format import write_json_atomic
+from logix.store.format import IdType, write_json_atomic
+from logix.store.rundir import config_file, run_file, stores_dir
 
-RUN_FILE = "run.json"
 
-
-def _versions() -> dict[str, str]:
+def environment_versions() -> dict[str, str]:
+    """Versions of Python, the platform and the packages a run depends on."""
     return dict(_versions_cached())
 
 
@@ -57,11 +57,15 @@ class RunInfo:
     modules: list[dict[str, Any]] | None = None
     finalized: bool = False
     writer: bool = True  # under torch.distributed only rank 0 writes run.json
+    # capture.nonfinite: skip — ids whose rows were not stored, by store, and the batches of each pass
+    # that lost examples or statistics to NaN / Inf
+    skipped_nonfinite: dict[str, list] = field(default_factory=dict)
+    nonfinite_batches: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def open_or_create(cls, run_dir: Path, config: Config, specs: Sequence) -> RunInfo:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / RUN_FILE
+        path = run_file(run_dir)
         identity = config.identity()
         passes = [s.name for s in specs]
         if path.exists():
@@ -72,10 +76,12 @@ class RunInfo:
                     f"{run_dir} holds a run with a different config ({'; '.join(changes)}). "
                     "Use another project name, or pass overwrite=True to delete the old run."
                 )
-            info = cls(path, identity, passes, data["done"], data.get("modules"), data["finalized"])
+            info = cls(path, identity, passes, data["done"], data.get("modules"), data["finalized"],
+                       skipped_nonfinite=data.get("skipped_nonfinite", {}),
+                       nonfinite_batches=data.get("nonfinite_batches", {}))
         else:
             info = cls(path, identity, passes)
-        config.to_yaml(run_dir / "config.yaml")
+        config.to_yaml(config_file(run_dir))
         info.save()
         return info
 
@@ -90,7 +96,9 @@ class RunInfo:
                 "done": self.done,
                 "modules": self.modules,
                 "finalized": self.finalized,
-                "environment": _versions(),
+                "skipped_nonfinite": self.skipped_nonfinite,
+                "nonfinite_batches": self.nonfinite_batches,
+                "environment": environment_versions(),
             },
         )
 
@@ -112,7 +120,7 @@ class RunInfo:
             )
 
     def _has_rows(self) -> bool:
-        return (self.path.parent / "stores").exists()
+        return stores_dir(self.path.parent).exists()
 
     def mark_done(self, name: str) -> None:
         if name not in self.done:
@@ -124,26 +132,26 @@ class RunInfo:
         self.save()
 
 
-def normalise_ids(data_id: Sequence | Tensor) -> tuple[list, str]:
+def normalise_ids(data_id: Sequence | Tensor) -> tuple[list, IdType]:
     """Ids as a list of python ints or strs, and which of the two they are."""
     if isinstance(data_id, Tensor):
         if data_id.dtype.is_floating_point or data_id.dim() != 1:
             raise BatchError("data_id tensors must be 1-D integer tensors (one id per example).")
-        return [int(x) for x in data_id.tolist()], "int"
+        return [int(x) for x in data_id.tolist()], IdType.INT
     if isinstance(data_id, (str, bytes)) or not isinstance(data_id, Sequence):
         raise BatchError(
             f"data_id must be a sequence with one id per example, got {type(data_id).__name__}."
         )
     ids = list(data_id)
     if all(isinstance(x, str) for x in ids):
-        return ids, "str"
+        return ids, IdType.STR
     if all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-        return ids, "int"
+        return ids, IdType.INT
     try:
         import numpy as np
 
         if all(isinstance(x, np.integer) for x in ids):
-            return [int(x) for x in ids], "int"
+            return [int(x) for x in ids], IdType.INT
     except ImportError:  # numpy is a dependency; defensive only
         pass
     raise BatchError("data_id must hold only ints or only strings (one per example).")

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from logix.config import DuplicatePolicy
 from logix.errors import BatchError, DuplicateIdError
-from logix.store import Layout, ShardWriter, Store
-from logix.store.format import read_manifest
+from logix.store.format import Layout, read_manifest
+from logix.store.reader import Store
+from logix.store.writer import ShardWriter
 
 
 def committed_ids(directory: Path) -> tuple[set, str | None]:

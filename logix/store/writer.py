@@ -22,19 +22,21 @@ import torch
 from safetensors.torch import save_file
 
 from logix.errors import StoreError
-from logix.store import quant
 from logix.store.format import (
     FORMAT_VERSION,
+    IdType,
     Layout,
-    file_prefix,
     fsync_dir,
     fsync_file,
     manifest_name,
     owns,
     read_rank_manifest,
+    shard_name,
+    state_name,
     to_numpy,
     write_json_atomic,
 )
+from logix.store.quant import is_quantized, quantize
 
 
 @dataclass
@@ -185,32 +187,31 @@ class ShardWriter:
 
     def _commit(self, job: _Job) -> None:
         index = self.manifest.get("next_index", len(self.manifest["shards"]))
-        prefix = file_prefix(self.rank)
-        name = f"shard-{prefix}{index:06d}.h5"
+        name = shard_name(self.rank, index)
         self._write_shard(self.directory / name, job)
-        state_name = None
+        saved = None
         if job.state is not None:
-            state_name = f"state-{prefix}{index:06d}.safetensors"
-            tmp = self.directory / f".{state_name}.tmp"
+            saved = state_name(self.rank, index)
+            tmp = self.directory / f".{saved}.tmp"
             save_file({k: v.contiguous() for k, v in job.state.items()}, str(tmp))
             fsync_file(tmp)
-            os.replace(tmp, self.directory / state_name)
+            os.replace(tmp, self.directory / saved)
         fsync_dir(self.directory)
         old_state = self.manifest.get("state")
         with self._lock:
             manifest = dict(self.manifest)
             manifest["shards"] = [*self.manifest["shards"], {"file": name, "rows": len(job.ids)}]
             manifest["next_index"] = index + 1
-            if state_name is not None:
-                manifest["state"] = state_name
+            if saved is not None:
+                manifest["state"] = saved
             write_json_atomic(self._manifest_file, manifest)
             self.manifest = manifest
-        if state_name is not None and old_state and old_state != state_name:
+        if saved is not None and old_state and old_state != saved:
             (self.directory / old_state).unlink(missing_ok=True)
 
     def _write_shard(self, final: Path, job: _Job) -> None:
-        if quant.is_quantized(self.dtype):
-            codes, scales = quant.quantize(job.rows, self.layout, self.dtype)
+        if is_quantized(self.dtype):
+            codes, scales = quantize(job.rows, self.layout, self.dtype)
             write_shard_file(final, codes, job.ids, job.positions, self.dtype, scales)
             return
         write_shard_file(final, to_numpy(job.rows), job.ids, job.positions, self.dtype)
@@ -250,7 +251,7 @@ def drop_rows(directory: Path, rank: int, ids: set, per_token: bool) -> int:
         path = directory / entry["file"]
         with h5py.File(path, "r") as fh:
             raw_ids = [x.decode() if isinstance(x, bytes) else str(x) for x in fh["ids"][()]]
-            keys = [int(x) for x in raw_ids] if id_type == "int" else raw_ids
+            keys = [int(x) for x in raw_ids] if id_type == IdType.INT else raw_ids
             keep = np.array([k not in ids for k in keys], dtype=bool)
             if keep.all():
                 continue
@@ -259,7 +260,7 @@ def drop_rows(directory: Path, rank: int, ids: set, per_token: bool) -> int:
             positions = fh["positions"][()][keep] if per_token else None
             dtype = fh.attrs.get("dtype", manifest["dtype"])
         index = manifest.get("next_index", len(manifest["shards"]))
-        name = f"shard-{file_prefix(rank)}{index:06d}.h5"
+        name = shard_name(rank, index)
         write_shard_file(directory / name, rows, [k for k, m in zip(keys, keep) if m], positions, dtype, scales)
         fsync_dir(directory)
         shards = list(manifest["shards"])

@@ -1,0 +1,151 @@
+"""The scorer's kernels: chunk sizing, block-wise float64 work on rows, the score GEMM, and
+top-k merging.
+
+Float64 work on a chunk's rows (self-influence, norms, conversions of half-precision rows)
+runs a block of rows at a time in reused buffers (:class:`Scratch`), so memory stays flat in
+``n_train`` whatever the chunk size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from logix.analysis.precondition import Preconditioner
+from logix.config.choices import PreconditionerType, ScoreMode
+
+BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many values (8 MB) ...
+PRE_BLOCK_ELEMS = 2**22  # ... or of this many (32 MB) through a preconditioner: fewer, larger ops
+
+
+def budget_chunk_rows(dim: int, n_query: int, budget_mb: float, prefetch: int) -> int:
+    """Rows per chunk so that the chunks in flight and their score columns fit the budget.
+
+    In flight: up to ``prefetch + 3`` chunks (the consumer's, the queue's, the one being
+    read; 4 bytes per value at most). Per row of scores: float32 GEMM output, its float64
+    copy and one normalised copy. Conversions (self-influence, float64 GEMMs, half-precision
+    stores) run in fixed blocks of rows (``BLOCK_ELEMS``, ``PRE_BLOCK_ELEMS`` values), whose
+    memory is set aside from the budget."""
+    per_row = dim * 4 * (prefetch + 3) + n_query * (4 + 8 * 2)
+    fixed = 5 * 8 * PRE_BLOCK_ELEMS  # a block, its preconditioned copy and the intermediates
+    return max(1, int(max(budget_mb * 2**20 - fixed, budget_mb * 2**19) // per_row))
+
+
+def block_rows(dim: int, elems: int | None = None) -> int:
+    return max(1, (elems or BLOCK_ELEMS) // max(1, dim))
+
+
+class Scratch:
+    """Block buffers reused across the chunks of one call: no fresh multi-MB allocation per
+    chunk, so the allocator's heap does not fragment and memory stays flat in ``n_train``."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    def block(self, source: Tensor, dtype: torch.dtype, max_elems: int) -> Tensor:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < min(max_elems, source.numel()):
+            buffer = self._buffers[dtype] = torch.empty(min(max_elems, max(source.numel(), 1)), dtype=dtype)
+        return buffer[: source.numel()].view(source.shape).copy_(source)
+
+    def named(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A contiguous ``shape`` tensor backed by the buffer ``key`` (grown, never shrunk); its
+        contents are overwritten by the next request for ``key``."""
+        numel = int(np.prod(shape))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
+def row_dots(rows: Tensor, transform=None, scratch: Scratch | None = None) -> Tensor:
+    """``r . transform(r)`` (``r . r`` without one) of every row, in float64, a block of rows
+    at a time: no full-chunk float64 copy."""
+    scratch = scratch or Scratch()
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    elems = BLOCK_ELEMS if transform is None else PRE_BLOCK_ELEMS
+    step = block_rows(rows.shape[1], elems)
+    for lo in range(0, rows.shape[0], step):
+        block = scratch.block(rows[lo : lo + step], torch.float64, step * rows.shape[1])
+        other = block if transform is None else transform(block)
+        # a batched 1 x d @ d x 1 product: no block-sized temporary (vecdot allocates one per block,
+        # and multi-MB blocks freed per chunk fragment the heap)
+        torch.bmm(block.unsqueeze(1), other.unsqueeze(2), out=out[lo : lo + step].view(-1, 1, 1))
+    return out
+
+
+def self_influence_rows(pre: Preconditioner, rows: Tensor, scratch: Scratch | None = None) -> Tensor:
+    """``g^T H^-1 g`` of every row, float64."""
+    return row_dots(rows, None if pre.kind is PreconditionerType.IDENTITY else pre, scratch)
+
+
+def unit_rows(rows: Tensor) -> Tensor:
+    rows = rows.to(torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def score_block(pq: Tensor, rows: Tensor, scratch: Scratch | None = None, key: str = "scores",
+                as_float64: bool = True) -> Tensor:
+    """``pq @ rows.T`` in ``pq``'s dtype, as float64 (in the scratch buffer ``key``: valid until
+    the next call with that key); rows of another dtype are converted a block at a time.
+    ``as_float64=False``: the GEMM's own output when the dtypes match (no float64 copy)."""
+    scratch = scratch or Scratch()
+    shape = (pq.shape[0], rows.shape[0])
+    if rows.dtype == pq.dtype and not as_float64:
+        return torch.matmul(pq, rows.T, out=scratch.named(key + ":gemm", shape, pq.dtype))
+    out = scratch.named(key, shape, torch.float64)
+    if rows.dtype == pq.dtype:
+        if pq.dtype == torch.float64:
+            return torch.matmul(pq, rows.T, out=out)
+        return out.copy_(torch.matmul(pq, rows.T, out=scratch.named(key + ":gemm", shape, pq.dtype)))
+    step = block_rows(rows.shape[1])
+    for lo in range(0, rows.shape[0], step):
+        out[:, lo : lo + step] = pq @ scratch.block(rows[lo : lo + step], pq.dtype, step * rows.shape[1]).T
+    return out
+
+
+class TopK:
+    """Running top-k (largest) values and global indices per query.
+
+    Values are kept in the dtype of the scores they came from (float32 scores are exact in
+    float32) and read as float64 through :attr:`values64`."""
+
+    def __init__(self, n_query: int, k: int, largest: bool) -> None:
+        self.k, self.largest = k, largest
+        fill = -float("inf") if largest else float("inf")
+        self.values = torch.full((n_query, 0), fill, dtype=torch.float64)
+        self.index = torch.zeros((n_query, 0), dtype=torch.long)
+
+    def update(self, scores: Tensor, start: int) -> None:
+        """Merge a chunk of scores whose first column is global row ``start``: one top-k over the
+        running best and the chunk together."""
+        kept = self.values.shape[1]
+        candidates = scores if kept == 0 else torch.cat([self.values.to(scores.dtype), scores], 1)
+        k = min(self.k, candidates.shape[1])
+        self.values, pos = candidates.topk(k, dim=1, largest=self.largest, sorted=True)
+        if kept == 0:
+            self.index = pos + start
+        else:
+            old = self.index.gather(1, pos.clamp(max=kept - 1))
+            self.index = torch.where(pos < kept, old, pos - kept + start)
+
+    @property
+    def values64(self) -> Tensor:
+        return self.values.to(torch.float64)
+
+
+def normalise(scores: Tensor, mode: ScoreMode, q_norms: Tensor | None, s_inf: Tensor | None) -> Tensor:
+    if mode is ScoreMode.RELATIVE:
+        return scores.div_(s_inf.clamp_min(1e-30).sqrt()[None, :])
+    if mode is ScoreMode.COSINE:
+        return scores.div_((q_norms[:, None] * s_inf.clamp_min(1e-30).sqrt()[None, :]).clamp_min(1e-30))
+    return scores
+
+
+def best_k(values: Tensor, index: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """The ``k`` best of candidate ``values`` per query (sorted) and their global ``index``
+    (the merge of several parts' top-k: the top-k of their union)."""
+    k = min(k, values.shape[1])
+    values, pos = values.topk(k, dim=1, largest=largest, sorted=True)
+    return values, index.gather(1, pos)

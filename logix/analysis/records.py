@@ -1,0 +1,71 @@
+"""An :class:`InfluenceResult` as records and files: per-module breakdowns, the category sanity
+figure, and the outputs of an influence project (``influence.jsonl``, ``self_influence.csv``,
+``sanity.json``, ``per_module.json``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from logix.analysis.influence import InfluenceResult
+from logix.store.format import write_json_atomic
+from logix.store.rundir import influence_file, per_module_file, sanity_file, self_influence_file
+
+
+def per_module_records(result) -> dict | None:
+    """``InfluenceResult.per_module`` as JSON: per query, each module's part of each proponent's score."""
+    if not result.per_module:
+        return None
+    modules = list(result.per_module)
+    return {"modules": modules, "queries": [
+        {"query_id": qid, "ids": list(result.top_ids[q]),
+         "modules": {m: [float(v) for v in result.per_module[m][q].tolist()] for m in modules}}
+        for q, qid in enumerate(result.query_ids)]}
+
+
+def category_agreement(result: InfluenceResult, train_cat: dict | None, query_cat: dict | None) -> dict | None:
+    """Share of top-k proponents in the query's own category, and what random picks would give.
+
+    Random: for each query, the share of training examples of its category (the expected
+    share of a uniformly random top-k), averaged over queries.
+    """
+    if not train_cat or not query_cat:
+        return None
+    counts: dict[Any, int] = {}
+    for c in train_cat.values():
+        counts[c] = counts.get(c, 0) + 1
+    hits, total, expected = 0, 0, 0.0
+    for qid, top in zip(result.query_ids, result.top_ids):
+        category = query_cat.get(qid)
+        hits += sum(train_cat.get(t) == category for t in top)
+        total += len(top)
+        expected += counts.get(category, 0) / len(train_cat)
+    same = hits / max(total, 1)
+    rand = expected / max(len(result.query_ids), 1)
+    return {"same_category": same, "random": rand, "ratio": same / rand if rand else float("inf"),
+            "k": float(len(result.top_ids[0]) if result.top_ids else 0)}
+
+
+def write_outputs(directory: Path, result: InfluenceResult, train_texts: dict, query_texts: dict,
+                  sanity: dict | None) -> None:
+    """``influence.jsonl`` (per query: proponents and opponents with texts), ``self_influence.csv``,
+    ``sanity.json`` and, when the result has per-module scores, ``per_module.json``."""
+    with open(influence_file(directory), "w") as fh:
+        for record in result.to_records():
+            record["query_text"] = query_texts.get(record["query_id"])
+            for key in ("proponents", "opponents"):
+                for entry in record[key]:
+                    entry["text"] = train_texts.get(entry["id"])
+            fh.write(json.dumps(record) + "\n")
+    if result.self_influence is not None:
+        with open(self_influence_file(directory), "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "self_influence"])
+            for tid, value in zip(result.train_ids, result.self_influence.tolist()):
+                writer.writerow([tid, f"{value:.6e}"])
+    if sanity is not None:
+        write_json_atomic(sanity_file(directory), sanity)
+    if result.per_module:  # compute_influence(per_module=True) / `logix influence --per-module`
+        write_json_atomic(per_module_file(directory), per_module_records(result))

@@ -1,0 +1,69 @@
+"""The score-matrix file: the full ``n_query x n_train`` influence scores as HDF5.
+
+One dataset, ``scores`` (float32, query rows by train columns), written by
+:func:`~logix.analysis.compute_influence` (``scores_path``) block by block as the train store
+streams past. The sharded scorer writes one such file per part (its columns) and then one
+*virtual* dataset over them (:func:`write_virtual_score_matrix`), which reads as one matrix
+through h5py as long as the part files stay beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SCORES_DATASET = "scores"
+
+
+class ScoreMatrixWriter:
+    """A score-matrix file being written: create it, :meth:`write` blocks of it, :meth:`close` it."""
+
+    def __init__(self, path: str | Path, n_query: int, n_train: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = h5py.File(self.path, "w")
+        self._scores = self._fh.create_dataset(
+            SCORES_DATASET, shape=(n_query, n_train), dtype=np.float32,
+            chunks=(max(1, min(n_query, 64)), max(1, min(n_train, 4096))),
+        )
+
+    def write(self, queries: slice, start: int, scores: np.ndarray) -> None:
+        """The scores of the queries ``queries`` against the train columns from ``start`` on."""
+        self._scores[queries, start : start + scores.shape[1]] = scores.astype(np.float32)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def write_virtual_score_matrix(path: str | Path, parts: Sequence[tuple[str, int, int]], n_query: int) -> None:
+    """One ``(n_query x n_train)`` virtual score matrix at ``path`` mapping the columns
+    ``lo:hi`` of each part ``(file name beside path, lo, hi)``; replaced atomically."""
+    path = Path(path)
+    n_train = parts[-1][2] if parts else 0
+    layout = h5py.VirtualLayout(shape=(n_query, n_train), dtype=np.float32)
+    for name, lo, hi in parts:
+        source = h5py.VirtualSource(name, SCORES_DATASET, shape=(n_query, hi - lo))
+        layout[:, lo:hi] = source
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as fh:
+        fh.create_virtual_dataset(SCORES_DATASET, layout, fillvalue=np.nan)
+        fh.attrs["parts"] = len(parts)
+    os.replace(tmp, path)
+
+
+def read_score_matrix(path: str | Path, max_values: int | None = None) -> np.ndarray | None:
+    """The score matrix of the file ``path`` (None when it holds none); with ``max_values``, a
+    larger matrix comes as every ``ceil(size / max_values)``-th column only (a sample)."""
+    with h5py.File(path, "r") as fh:
+        if SCORES_DATASET not in fh:
+            return None
+        ds = fh[SCORES_DATASET]
+        if max_values is not None and ds.size > max_values:
+            step = int(math.ceil(ds.size / max_values))
+            return np.asarray(ds[:, ::step])
+        return np.asarray(ds[...])
