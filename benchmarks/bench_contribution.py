@@ -79,7 +79,7 @@ def logix_version() -> str:
 def icl_setup(n_candidates: int, n_probes: int, demo_repeat: int = 1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from logix.contribution.icl import assessment_set
+    from logix.contribution.assessment import assessment_set
     from logix.data import load_jsonl, load_tokenizer
 
     tok = load_tokenizer(str(ROOT / "examples" / "data" / "tokenizer.json"))

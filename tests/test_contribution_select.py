@@ -11,10 +11,13 @@ import torch
 
 from logix.analysis.evaluate import spearman
 from logix.contribution.baselines import random_scores, response_length
+from logix.contribution.embeddings import embed_records
 from logix.contribution.pool import load_pool, record_id, record_ids
 from logix.contribution.scores import ScoreTable
 from logix.contribution.selection import export_selection, format_summary, select
-from logix.contribution.selector import Selector, _ridge_fit, auc, embed_records, fit_selector
+from logix.contribution.selector import Selector, fit_selector
+from logix.contribution.selector_heads import ridge_fit
+from logix.contribution.selector_report import auc
 from logix.errors import DataError
 
 CATS = ["sort", "capitals", "reverse"]
@@ -206,7 +209,7 @@ def test_ridge_leave_one_out_matches_brute_force():
     y = x @ rng.normal(size=6) + 0.5 * rng.normal(size=25)
     xc, yc = x - x.mean(0), y - y.mean()
     for alpha in (0.1, 3.0):
-        _, chosen, err = _ridge_fit(xc, yc, [alpha])
+        _, chosen, err = ridge_fit(xc, yc, [alpha])
         brute = []
         for i in range(25):
             keep = np.arange(25) != i
@@ -307,7 +310,7 @@ def test_fit_selector_scores_the_whole_pool():
 def test_lora_selector_learns_a_planted_category_and_leaves_the_lm_untouched():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from logix.contribution.selector import LoraSelector
+    from logix.contribution.lora_selector import LoraSelector
     from logix.data import load_jsonl, load_tokenizer
 
     tok = load_tokenizer("examples/data/tokenizer.json")

@@ -18,29 +18,27 @@ config.
 """
 
 from logix.contribution.baselines import random_scores, response_length
+from logix.contribution.embeddings import embed_records
 from logix.contribution.ifd import IfdResult, ifd_scores
+from logix.contribution.lora_selector import LoraSelector
+from logix.contribution.methods import MethodInputs, MethodSpec, register_method
 from logix.contribution.pool import Pool, load_pool, record_id, record_ids, write_records
 from logix.contribution.scores import ScoreTable
 from logix.contribution.selection import Selection, export_selection, format_summary, select
-from logix.contribution.selector import (
-    LoraSelector,
-    Selector,
-    SelectorReport,
-    SelectorResult,
-    auc,
-    embed_records,
-    fit_selector,
-)
+from logix.contribution.selector import Selector, SelectorResult, fit_selector
+from logix.contribution.selector_heads import register_head
+from logix.contribution.selector_report import SelectorReport, auc
 
 _LAZY = {
     "icl_contribution": "logix.contribution.icl",
-    "assessment_set": "logix.contribution.icl",
-    "load_icl_scores": "logix.contribution.icl",
-    "IclResult": "logix.contribution.icl",
-    "sigmoid_map": "logix.contribution.icl",
+    "assessment_set": "logix.contribution.assessment",
+    "load_icl_scores": "logix.contribution.icl_logs",
+    "IclResult": "logix.contribution.icl_result",
+    "sigmoid_map": "logix.contribution.icl_result",
     "less_scores": "logix.contribution.less",
-    "warmup_and_log": "logix.contribution.less",
     "LessResult": "logix.contribution.less",
+    "warmup_and_log": "logix.contribution.less_warmup",
+    "less_callback": "logix.contribution.less_warmup",
     "response_nll": "logix.contribution.lm",
     "ContributionJob": "logix.jobs.contribution",
     "ContributionResult": "logix.jobs.contribution",
@@ -59,6 +57,8 @@ def __getattr__(name: str):
 __all__ = [
     "IfdResult",
     "LoraSelector",
+    "MethodInputs",
+    "MethodSpec",
     "Pool",
     "ScoreTable",
     "Selection",
@@ -75,6 +75,8 @@ __all__ = [
     "random_scores",
     "record_id",
     "record_ids",
+    "register_head",
+    "register_method",
     "response_length",
     "select",
     "write_records",

@@ -57,7 +57,7 @@ from logix.config.choices import ChoiceEnum, IclControl
 from logix.contribution.icl_logs import check_meta, open_writer, pass_meta, submit_rows, write_rows
 from logix.contribution.icl_plan import ID_SEP, SEPARATOR, Plan, build_plan
 from logix.contribution.icl_result import IclResult
-from logix.contribution.lm import Bos, response_nll_ids
+from logix.contribution.lm import Bos, BosChoice, response_nll_ids
 from logix.contribution.lm_cache import cached_response_nll
 from logix.data.template import PromptTemplate
 from logix.errors import DataError
@@ -90,7 +90,7 @@ def icl_contribution(
     batch_size: int = 8,
     separator: str = SEPARATOR,
     max_length: int | None = None,
-    bos: Bos = "auto",
+    bos: Bos = BosChoice.AUTO,
     run_dir: str | Path | None = None,
     overwrite: bool = False,
     commit_every: int = 1024,

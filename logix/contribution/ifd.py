@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from logix.contribution.lm import BosChoice, response_nll
 from logix.data import PromptTemplate
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def ifd_scores(
     batch_size: int = 8,
     max_length: int | None = None,
     drop_above_one: bool = True,
-    bos: bool | str = "auto",
+    bos: bool | str = BosChoice.AUTO,
     progress: bool = True,
 ) -> IfdResult:
     """IFD of every record under a frozen causal LM (two forward passes per record, batched).
@@ -69,14 +70,12 @@ def ifd_scores(
     Raises:
         DataError: A record lacks a field or has an empty response.
     """
-    from logix.contribution.lm import response_nll
-
     template = template or PromptTemplate()
     prompts = [template.prompt(r) for r in records]
     responses = [template.response(r) for r in records]
     # BOS whenever the tokenizer has one, so that s(A) scores every response token (a one-token
     # response has nothing to score without a context) and both terms see the same context start.
-    bos = tokenizer.bos_token_id is not None if bos == "auto" else bos
+    bos = tokenizer.bos_token_id is not None if bos == BosChoice.AUTO else bos
     kw = dict(batch_size=batch_size, max_length=max_length, progress=progress, bos=bos)
     nll_q, n_q = response_nll(model, tokenizer, prompts, responses, **kw)
     nll_a, n_a = response_nll(model, tokenizer, [""] * len(records), responses, **kw)

@@ -42,14 +42,25 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from logix.config.choices import ChoiceEnum
 from logix.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-Bos = bool | Literal["auto"]
+
+
+class BosChoice(ChoiceEnum):
+    """The one non-boolean choice of ``bos=``."""
+
+    AUTO = "auto"  # prepend BOS exactly when the tokenizer adds it itself
+
+
+Bos = bool | Literal["auto"] | BosChoice
 
 __all__ = [
+    "Bos",
+    "BosChoice",
     "bos_ids",
     "encode",
     "keep_logits_kwargs",
@@ -71,13 +82,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[lis
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def bos_ids(tokenizer: PreTrainedTokenizerBase, bos: Bos = "auto") -> list[int]:
+def bos_ids(tokenizer: PreTrainedTokenizerBase, bos: Bos = BosChoice.AUTO) -> list[int]:
     """``[bos_token_id]`` when a BOS token is to be prepended, else ``[]``.
 
     Raises:
         DataError: ``bos=True`` but the tokenizer has no BOS token, or ``bos`` is not a valid choice.
     """
-    if bos not in ("auto", True, False):
+    if bos not in (BosChoice.AUTO, True, False):
         raise DataError(f"bos must be 'auto', True or False, got {bos!r}")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos is False:
@@ -238,7 +249,7 @@ def response_nll(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
-    bos: Bos = "auto",
+    bos: Bos = BosChoice.AUTO,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL of each response given its prefix, over the response tokens only.

@@ -25,13 +25,20 @@ from typing import Any
 import numpy as np
 
 from logix.analysis.evaluate import spearman
+from logix.config.choices import ContributionMethod
 from logix.contribution.baselines import random_scores, response_length
 from logix.contribution.pool import Pool, write_records
 from logix.contribution.scores import ScoreTable
 from logix.data import PromptTemplate
 from logix.errors import DataError
+from logix.store.rundir import (
+    SELECTED_FILE,
+    SUMMARY_FILE,
+    contribution_scores_file,
+    summary_file,
+)
 
-BASELINES = ("length", "random")
+BASELINES = (ContributionMethod.LENGTH, ContributionMethod.RANDOM)
 
 
 @dataclass
@@ -115,10 +122,10 @@ def _with_baselines(table: ScoreTable, pool: Pool | None, template: PromptTempla
                         "were the scores computed on another file?")
     out = ScoreTable(list(table.ids), dict(table.columns))
     records = pool.subset(table.ids)
-    if "length" not in out.columns:
-        out.add("length", response_length(records, template=template))
-    if "random" not in out.columns:
-        out.add_by_id("random", pool.ids, random_scores(len(pool), seed))
+    if ContributionMethod.LENGTH not in out.columns:
+        out.add(ContributionMethod.LENGTH.value, response_length(records, template=template))
+    if ContributionMethod.RANDOM not in out.columns:
+        out.add_by_id(ContributionMethod.RANDOM.value, pool.ids, random_scores(len(pool), seed))
     return out
 
 
@@ -169,7 +176,7 @@ def summarize(selection: Selection, pool: Pool | None, *, template: PromptTempla
     return summary
 
 
-def export_selection(selection: Selection, pool: Pool, out_dir: str | Path, *, name: str = "selected.jsonl") -> dict[str, Path]:
+def export_selection(selection: Selection, pool: Pool, out_dir: str | Path, *, name: str = SELECTED_FILE) -> dict[str, Path]:
     """Write the chosen records (the input's own format, best first), the summary and the scores.
 
     Files (each written atomically: complete or absent): ``<out_dir>/<name>`` (JSON Lines, or a JSON
@@ -179,11 +186,11 @@ def export_selection(selection: Selection, pool: Pool, out_dir: str | Path, *, n
     records = pool.subset(selection.ids)  # validates before anything is written
     paths = {"subset": write_records(out_dir / name, records)}
     summary = dict(selection.summary, subset_file=str(paths["subset"]), source=pool.source)
-    tmp = out_dir / ".summary.json.tmp"
+    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
-    paths["summary"] = out_dir / "summary.json"
-    paths["scores"] = selection.table.save(out_dir / "scores.jsonl")
+    os.replace(tmp, summary_file(out_dir))
+    paths["summary"] = summary_file(out_dir)
+    paths["scores"] = selection.table.save(contribution_scores_file(out_dir))
     return paths
 
 

@@ -48,8 +48,9 @@ class Selector:
         seed: Seed of the MLP's initialisation and validation split.
     """
 
-    def __init__(self, head: str = "ridge", *, label_top_p: float = 0.1, alphas: Sequence[float] = (1e-3, 1e-2, 1e-1, 1, 10, 100),
-                 hidden: int = 128, epochs: int = 300, weight_decay: float = 1e-3, seed: int = 0) -> None:
+    def __init__(self, head: SelectorHead | str = SelectorHead.RIDGE, *, label_top_p: float = 0.1,
+                 alphas: Sequence[float] = (1e-3, 1e-2, 1e-1, 1, 10, 100), hidden: int = 128, epochs: int = 300,
+                 weight_decay: float = 1e-3, seed: int = 0) -> None:
         try:
             kind: SelectorHead | None = SelectorHead(head)
         except ValueError:

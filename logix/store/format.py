@@ -17,6 +17,15 @@ quantized dtypes int8 / int4 the codes, with ``scales``, see :mod:`logix.store.q
 ``ids`` (UTF-8 strings) and, for per-token stores, ``positions`` (int64). The
 manifest holds the row layout: one block per module, ``(k_out, k_in)`` flattened
 row-major at ``offset``. A shard exists for readers only once the manifest names it.
+
+Integrity: each shard entry records the shard file's byte size and xxh3-128 hash (``bytes``,
+``xxh3``), and the hashes of its two parts, the rows' bytes (``data``: ``[offset, length]`` in
+the file; ``xxh3_data``) and every other byte (headers, ids, scales, positions: ``xxh3_meta``),
+so that a reader can check the ids of a shard before its rows (:mod:`logix.store.integrity`).
+The state file is recorded the same way (``state_bytes``, ``state_xxh3``). Every manifest
+carries ``checksum``, the xxh3-128 hash of its own canonical JSON without that key; a
+manifest that is not valid JSON, lacks a key, has a value of the wrong type, or does not match
+its checksum is refused (:class:`~logix.errors.StoreError` naming the file).
 """
 
 from __future__ import annotations
@@ -30,12 +39,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from logix.config.choices import ChoiceEnum, StoreDtype
+from logix.core.checksum import damaged
 from logix.errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard, state and manifest checksums
 MANIFEST = "manifest.json"
+CHECKSUM = "checksum"
 
 
 class IdType(ChoiceEnum):
@@ -176,13 +188,104 @@ def owns(rank: int, name: str) -> bool:
     return re.match(pattern, name) is not None
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """xxh3-128 (hex) of a manifest's canonical JSON (sorted keys, no ``checksum``)."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    return xxhash.xxh3_128(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Replace the manifest ``path`` atomically with ``manifest`` and its checksum (returned)."""
+    manifest = {**{k: v for k, v in manifest.items() if k != CHECKSUM}, CHECKSUM: manifest_checksum(manifest)}
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+_SHARD_FILE = re.compile(r"^shard-(r\d{5}-)?\d{6}\.h5$")
+_STATE_FILE = re.compile(r"^state-(r\d{5}-)?\d{6}\.safetensors$")
+_TOP = {"format": int, "layout": list, "dim": int, "dtype": str, "per_token": bool, "shards": list,
+        CHECKSUM: str}
+_SHARD = {"file": str, "rows": int, "bytes": int, "xxh3": str, "xxh3_meta": str, "xxh3_data": str}
+
+
+def _typed(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _count(value: Any) -> bool:
+    return _typed(value, int) and value >= 0
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest (None when it is a valid, untouched one)."""
+    if not isinstance(manifest, dict):
+        return f"a manifest is a JSON object, not {type(manifest).__name__}"
+    if manifest.get("format") != FORMAT_VERSION:
+        return (f"format {manifest.get('format')!r}; this logix reads format {FORMAT_VERSION} "
+                "(stores with checksums)")
+    for key, kind in _TOP.items():
+        if key not in manifest:
+            return f"the key {key!r} is missing"
+        if not _typed(manifest[key], kind):
+            return f"{key!r} is {manifest[key]!r}, not a {kind.__name__}"
+    if manifest[CHECKSUM] != manifest_checksum(manifest):
+        return (f"its content does not match its checksum (xxh3-128 {manifest_checksum(manifest)}, "
+                f"recorded {manifest[CHECKSUM]}): it was edited or damaged")
+    if manifest["dtype"] not in [d.value for d in StoreDtype]:
+        return f"dtype {manifest['dtype']!r} is not a store dtype"
+    if manifest.get("id_type") not in (None, *[t.value for t in IdType]):
+        return f"id_type {manifest.get('id_type')!r} is not int, str or null"
+    if "next_index" in manifest and not _count(manifest["next_index"]):
+        return f"next_index is {manifest['next_index']!r}"
+    try:
+        layout = Layout.from_json(manifest["layout"])
+        shapes_ok = all(len(b.shape) == 2 and all(map(_count, b.shape)) and _count(b.offset)
+                        and isinstance(b.name, str) for b in layout.blocks)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        shapes_ok = False
+    if not shapes_ok or layout.dim != manifest["dim"]:
+        return "its layout is not a list of blocks (name, kind, shape, offset) that add up to dim"
+    for i, shard in enumerate(manifest["shards"]):
+        where = f"shard entry {i}"
+        if not isinstance(shard, dict):
+            return f"{where} is not an object"
+        for key, kind in _SHARD.items():
+            if not _typed(shard.get(key), kind) or (kind is int and shard[key] < 0):
+                return f"{where}: {key!r} is {shard.get(key)!r}, not a {'count' if kind is int else kind.__name__}"
+        if not _SHARD_FILE.match(shard["file"]):
+            return f"{where}: {shard['file']!r} is not a shard file name"
+        data = shard.get("data")
+        if data is not None and not (isinstance(data, list) and len(data) == 2 and all(map(_count, data))
+                                     and data[0] + data[1] <= shard["bytes"]):
+            return f"{where}: 'data' is {data!r}, not [offset, length] inside the file"
+    state = manifest.get("state")
+    if state is not None and not (isinstance(state, str) and _STATE_FILE.match(state)
+                                  and _count(manifest.get("state_bytes"))
+                                  and _typed(manifest.get("state_xxh3"), str)):
+        return f"state {state!r} is not a state file name with state_bytes and state_xxh3"
+    return None
+
+
 def read_rank_manifest(directory: Path, rank: int = 0) -> dict[str, Any] | None:
-    """The manifest of one writer, or None when that writer committed nothing yet."""
+    """The manifest of one writer, or None when that writer committed nothing yet.
+
+    Raises :class:`~logix.errors.StoreError` naming the file when it is not valid JSON or is
+    not a valid manifest (see :func:`manifest_problem`)."""
     path = Path(directory) / manifest_name(rank)
-    if not path.exists():
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
         return None
-    with open(path) as fh:
-        return json.load(fh)
+    except OSError as exc:
+        raise StoreError(f"Cannot read the manifest {path}: {exc}.") from exc
+    try:
+        manifest = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise damaged(path, f"not valid JSON ({exc})") from exc
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise damaged(path, problem)
+    return manifest
 
 
 def manifest_ranks(directory: Path) -> list[int]:
