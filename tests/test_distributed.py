@@ -23,6 +23,8 @@ import torch
 import logix
 from logix.analysis import compute_influence, load_checkpoint
 from logix.core.statistics import Statistics
+from logix.errors import StoreError
+from logix.store import Store
 from logix.store.format import read_rank_manifest
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -151,7 +153,11 @@ def test_duplicate_ids_across_ranks(tmp_path):
     for record in records:  # every rank raises, naming the cause and the fix
         assert "DuplicateIdError" in record["error"] and "shard_indices" in record["error"]
         assert record["skip"] is None
-    kept = logix.load_store(tmp_path / "root" / "error" / "stores" / "train")  # nothing logged is lost
+    error_store = tmp_path / "root" / "error" / "stores" / "train"
+    with pytest.raises(StoreError, match="3 ids are held by more than one row"):
+        _ = logix.load_store(error_store).ids  # a store holding duplicates is refused by readers ...
+    assert any("more than one row" in p.problem for p in logix.load_store(error_store).verify())
+    kept = Store(error_store, check_duplicates=False)  # ... and nothing logged is lost
     assert kept.n_rows == 8 + 7
     skip = logix.load_store(tmp_path / "root" / "skip" / "stores" / "train")
     assert sorted(skip.ids) == sorted(f"ex{i}" for i in range(12))

@@ -15,6 +15,8 @@ import logix.store.mapping as mapping
 from logix.analysis import Checkpoint, Preconditioner, compute_influence
 from logix.core.statistics import Statistics, eigendecompose
 from logix.store import Layout, ShardWriter, Store
+from logix.store.format import MANIFEST, read_rank_manifest, write_manifest
+from logix.store.integrity import shard_digest
 
 LAYOUT = Layout.build([("a", "linear", (2, 3)), ("b", "linear", (4, 1)), ("c", "linear", (1, 5))])
 SHARDS = (3, 300, 1, 40, 260)  # small shards are gathered, the others mapped (align_to_shards)
@@ -111,6 +113,9 @@ def test_chunked_or_compressed_shards_fall_back_to_hdf5(tmp_path):
             data = fh["rows"][()]
             del fh["rows"]
             fh.create_dataset("rows", data=data, chunks=(16, LAYOUT.dim), compression="gzip")
+    manifest = read_rank_manifest(tmp_path)  # record the new files, as their writer would have
+    manifest["shards"] = [{**e, **shard_digest(tmp_path / e["file"])} for e in manifest["shards"]]
+    write_manifest(tmp_path / MANIFEST, manifest)
     store = Store(tmp_path)
     assert [s.offset is None for s in store._sources()] == [False, True, False, True, False]
     for align in (False, True):

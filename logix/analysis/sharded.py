@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from logix.analysis.influence import (
@@ -42,6 +41,7 @@ from logix.analysis.influence import (
 )
 from logix.analysis.kernels import best_k
 from logix.config.choices import ScoreMode
+from logix.core.checksum import load_tensors, save_tensors
 from logix.core.distributed import Dist
 from logix.errors import LogixError
 from logix.store.format import fsync_dir, fsync_file, write_json_atomic
@@ -205,7 +205,7 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
     }
     done = part_file(work_dir, index)
     tmp = done.with_name(f".{done.name}.tmp")
-    save_file(tensors, str(tmp))
+    save_tensors(tmp, tensors)
     fsync_file(tmp)
     os.replace(tmp, done)  # the part is done once this name exists
     fsync_dir(work_dir)
@@ -214,7 +214,7 @@ def _score_part(cps, qids, mode, top_k, rows, index, work_dir, save_scores, dtyp
 def _merge(work_dir: Path, n_parts: int, qids: list, train_ids: list, top_k: int) -> InfluenceResult:
     tops, tops_i, bots, bots_i, selfs = [], [], [], [], []
     for i in range(n_parts):
-        part = load_file(str(part_file(work_dir, i)))
+        part = load_tensors(part_file(work_dir, i))
         tops.append(part["top_scores"])
         tops_i.append(part["top_index"])
         bots.append(part["bottom_scores"])

@@ -88,7 +88,7 @@ def check_rank_duplicates(dist: Dist, directory: Path, store: str, policy: Dupli
             return {}
         owners: dict[object, int] = {}
         drop: dict[int, set] = {}
-        st = Store(directory)
+        st = Store(directory, check_duplicates=False)
         rank_of_row = np.repeat([sh.get("rank", 0) for sh in st.manifest["shards"]], st.shard_rows)
         for key, rank in zip(st.ids, rank_of_row.tolist()):
             owner = owners.setdefault(key, rank)
@@ -100,7 +100,8 @@ def check_rank_duplicates(dist: Dist, directory: Path, store: str, policy: Dupli
             n = sum(len(v) for v in drop.values())
             raise DuplicateIdError(
                 f"{n} ids of the {store} store were logged by more than one rank (e.g. {examples}); "
-                "the rows stay committed. A DistributedSampler repeats examples to give every rank "
+                "the rows stay committed, and the store cannot be read until they are dropped (resume with "
+                "store.duplicate_ids=skip). A DistributedSampler repeats examples to give every rank "
                 "as many: split the data with logix.core.distributed.shard_indices (as extract() and the "
                 "Trainer callback do) or drop_last=True, or set store.duplicate_ids=skip to keep the "
                 "lowest rank's row."

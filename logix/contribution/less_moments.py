@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from logix.config.choices import ChoiceEnum
+from logix.core.checksum import load_tensors, save_tensors
 from logix.errors import ConfigError, StatisticsError
 
 _META_KEY = "logix_moments"
@@ -127,7 +127,7 @@ def save_moments(path: str | Path, moments: Moments) -> None:
                        for n in moments.names}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    save_tensors(tmp, tensors, metadata={_META_KEY: json.dumps(meta)})
     tmp.replace(path)
 
 
@@ -151,7 +151,7 @@ def load_moments(path: str | Path) -> Moments:
     if meta is None:
         raise StatisticsError(f"{path} is not a logix optimizer-moments file (no {_META_KEY!r} metadata).")
     meta = json.loads(meta)
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     params = meta["params"]
     return Moments(
         {n: tensors[f"{n}::exp_avg"] for n in params},

@@ -18,10 +18,11 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 QUANTIZED_DTYPES = ("int8", "int4")
 
 # How the rows of a store of each (unquantized) dtype lie in a shard file.
-DISK_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+# (float64: stores logix writes for itself, as the in-context pass's logs; not a config choice)
+DISK_DTYPES: dict[str, str] = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 # Rows as a store hands them out, as numpy arrays (bfloat16 as its bits; quantized stores
 # dequantize to float32).
-HOST_DTYPES: dict[str, type] = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16,
+HOST_DTYPES: dict[str, type] = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.int16,
                                 "int8": np.float32, "int4": np.float32}
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from logix.core.checksum import load_tensors, save_tensors
 from logix.errors import ConfigError, StatisticsError
 
 
@@ -132,12 +132,12 @@ def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> No
         if proj.p_out is not None:
             tensors[f"{name}::out"] = proj.p_out.contiguous()
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp))
+    save_tensors(tmp, tensors)
     tmp.replace(path)
 
 
 def load_projections(path: Path, names: list[str]) -> dict[str, ModuleProjection]:
-    tensors = load_file(str(path)) if path.exists() else {}
+    tensors = load_tensors(path) if path.exists() else {}
     return {
         name: ModuleProjection(tensors.get(f"{name}::in"), tensors.get(f"{name}::out"))
         for name in names

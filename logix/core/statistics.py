@@ -35,9 +35,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from logix.core.checksum import load_tensors, save_tensors
 from logix.errors import StatisticsError
 
 SEP = "::"
@@ -120,12 +120,14 @@ class Statistics:
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.flat().items()}, str(tmp))
+        save_tensors(tmp, self.flat())
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path, frozen: bool = True) -> Statistics:
-        return cls.from_flat(load_file(str(path)), frozen=frozen)
+        """Read statistics :meth:`save` wrote, verified against their checksum (a damaged or
+        edited file raises :class:`~logix.errors.StoreError` naming it)."""
+        return cls.from_flat(load_tensors(path), frozen=frozen)
 
     def __repr__(self) -> str:
         keys = sorted({k for d in self._data.values() for k in d})

@@ -43,6 +43,7 @@ import xxhash
 
 from logix.config.choices import ChoiceEnum, StoreDtype
 from logix.core.checksum import damaged
+from logix.core.dtypes import DISK_DTYPES, QUANTIZED_DTYPES
 from logix.errors import StoreError
 
 FORMAT_VERSION = 2  # 2: shard, state and manifest checksums
@@ -231,7 +232,7 @@ def manifest_problem(manifest: Any) -> str | None:
     if manifest[CHECKSUM] != manifest_checksum(manifest):
         return (f"its content does not match its checksum (xxh3-128 {manifest_checksum(manifest)}, "
                 f"recorded {manifest[CHECKSUM]}): it was edited or damaged")
-    if manifest["dtype"] not in [d.value for d in StoreDtype]:
+    if manifest["dtype"] not in [*DISK_DTYPES, *QUANTIZED_DTYPES]:
         return f"dtype {manifest['dtype']!r} is not a store dtype"
     if manifest.get("id_type") not in (None, *[t.value for t in IdType]):
         return f"id_type {manifest.get('id_type')!r} is not int, str or null"

@@ -1,7 +1,11 @@
 """Read committed rows: streaming in bounded-memory chunks, or by id.
 
 Only shards named in the manifest are visible, so a reader never sees a partial
-shard, even while a writer is still running or after a crash.
+shard, even while a writer is still running or after a crash. Every byte handed out is
+verified first (:mod:`logix.store.integrity`): on open, each shard's presence and size; before a
+shard's ids are used, the hash of its non-row bytes and its datasets' shapes; before its rows are
+first read, the hash of the rows' bytes. Ids held by more than one row are refused. A failed check
+raises :class:`~logix.errors.StoreError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,9 +19,19 @@ import numpy as np
 import torch
 
 from logix.config.choices import StoreDtype
+from logix.core.checksum import damaged
 from logix.core.dtypes import DISK_DTYPES, HOST_DTYPES, row_dtype
 from logix.errors import StoreError
 from logix.store.format import MANIFEST, IdType, Layout, from_numpy, read_manifest
+from logix.store.integrity import (
+    Problem,
+    duplicate_error,
+    duplicate_problem,
+    open_problems,
+    raise_first,
+    shard_problem,
+    store_problems,
+)
 from logix.store.mapping import (
     Piece,
     Ring,
@@ -52,8 +66,11 @@ class Store:
     out, float32 for quantized stores, whose rows are dequantized as they are read
     (:mod:`logix.store.quant`). ``nbytes()`` counts the bytes actually stored."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, check_duplicates: bool = True) -> None:
+        """``check_duplicates=False`` lists ids held by several rows instead of refusing them
+        (for the code that repairs such a store: ``store.duplicate_ids: skip``)."""
         self.directory = Path(directory)
+        self.check_duplicates = check_duplicates
         manifest = read_manifest(self.directory)
         if manifest is None:
             raise StoreError(f"No logix store at {self.directory} (no {MANIFEST}).")
@@ -62,7 +79,10 @@ class Store:
         self.dtype_name: str = manifest["dtype"]
         self.quantized = is_quantized(self.dtype_name)
         self.per_token: bool = manifest["per_token"]
-        self._shards = [(s["file"], int(s["rows"])) for s in manifest["shards"]]
+        self._entries = manifest["shards"]
+        raise_first(open_problems(self.directory, manifest))
+        self._shards = [(s["file"], int(s["rows"])) for s in self._entries]
+        self._checked: set[tuple[int, bool]] = set()
         self._ids: list[Id] | None = None
         self._positions: np.ndarray | None = None
         self._index: dict[object, int] | None = None
@@ -115,6 +135,20 @@ class Store:
             return self.n_rows * row_bytes(self.dtype_name, self.layout)
         return self.n_rows * self.dim * torch.empty(0, dtype=self.dtype).element_size()
 
+    def verify(self) -> list[Problem]:
+        """Check every byte of the store (each shard whole, the state file, duplicate ids): the
+        problems found, one per damaged file (an empty list when the store is intact)."""
+        return store_problems(self.directory)
+
+    def _check(self, s: int, rows: bool = False) -> None:
+        """Verify shard ``s``'s rows (``rows``) or its other bytes, once, before they are used."""
+        if (s, rows) in self._checked:
+            return
+        problem = shard_problem(self.directory, self._entries[s], self.manifest, rows)
+        if problem is not None:
+            raise damaged(self.directory / self._shards[s][0], problem)
+        self._checked.add((s, rows))
+
     def _convert_ids(self, raw: np.ndarray) -> list[Id]:
         texts = [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
         if self.manifest.get("id_type") == IdType.INT:
@@ -124,15 +158,25 @@ class Store:
     def _load_ids(self) -> None:
         ids: list[Id] = []
         positions = []
-        for name, _ in self._shards:
+        owners: list[str] = []
+        for s, (name, n) in enumerate(self._shards):
+            self._check(s)
             with h5py.File(self.directory / name, "r") as fh:
                 ids.extend(self._convert_ids(fh["ids"][()]))
                 if self.per_token:
                     positions.append(fh["positions"][()])
-        self._ids = ids
-        self._positions = np.concatenate(positions) if positions else (
+            owners += [name] * n
+        all_positions = np.concatenate(positions) if positions else (
             np.zeros(0, np.int64) if self.per_token else None
         )
+        keys = ids if not self.per_token else list(zip(ids, all_positions.tolist()))
+        problem = None
+        if self.check_duplicates and len(set(keys)) != len(keys):
+            problem = duplicate_problem(keys, owners)
+        if problem is not None:
+            raise duplicate_error(self.directory, problem)
+        self._ids = ids
+        self._positions = all_positions
 
     def _key(self, i: int) -> object:
         if self.per_token:
@@ -173,7 +217,8 @@ class Store:
         if self._row_sources is None:
             disk = np.dtype(DISK_DTYPES[self.dtype_name])
             sources = []
-            for name, n in self._shards:
+            for s, (name, n) in enumerate(self._shards):
+                self._check(s)
                 path = self.directory / name
                 with h5py.File(path, "r") as fh:
                     sources.append(Source(path, disk, raw_offset(fh["rows"], disk, (n, self.dim))))
@@ -194,6 +239,8 @@ class Store:
         labels = _Labels(self)
         for pieces in plan_chunks(self.shard_rows, chunk_rows, align_to_shards, start, stop):
             n = sum(hi - lo for _, lo, hi in pieces)
+            for s, _, _ in pieces:
+                self._check(s, rows=True)
             s, lo, hi = pieces[0]
             if (len(pieces) == 1 and columns is None and not self.quantized and sources[s].offset is not None
                     and can_map()):
@@ -211,6 +258,8 @@ class Store:
 
     def _fill(self, dest: np.ndarray, s: int, lo: int, hi: int, columns: list[slice] | None) -> None:
         """Copy rows ``lo:hi`` of shard ``s`` (their ``columns``) into ``dest``."""
+        self._check(s)
+        self._check(s, rows=True)
         if self.quantized:
             with h5py.File(self.directory / self._shards[s][0], "r") as fh:
                 dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], self.layout, self.dtype_name, columns,
@@ -282,6 +331,7 @@ class Store:
             here = [(j, g - bounds[s]) for j, g in enumerate(wanted) if bounds[s] <= g < bounds[s + 1]]
             if not here:
                 continue
+            self._check(s, rows=True)
             with h5py.File(self.directory / name, "r") as fh:
                 for j, local in here:
                     out[j] = self._read(fh, int(local), int(local) + 1, columns)
@@ -323,6 +373,7 @@ class _Labels:
         ids, positions = [], []
         for s, lo, hi in pieces:
             if s != self._shard:
+                store._check(s)
                 with h5py.File(store.directory / store._shards[s][0], "r") as fh:
                     self._ids = store._convert_ids(fh["ids"][()])
                     self._positions = fh["positions"][()] if store.per_token else None

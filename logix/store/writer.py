@@ -19,8 +19,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from logix.core.checksum import save_tensors
 from logix.errors import StoreError
 from logix.store.format import (
     FORMAT_VERSION,
@@ -34,8 +34,9 @@ from logix.store.format import (
     shard_name,
     state_name,
     to_numpy,
-    write_json_atomic,
+    write_manifest,
 )
+from logix.store.integrity import file_digest, shard_digest
 from logix.store.quant import is_quantized, quantize
 
 
@@ -93,8 +94,7 @@ class ShardWriter:
             "state": None,
         }
         if existing is None:
-            write_json_atomic(self._manifest_file, fresh)
-            return fresh
+            return write_manifest(self._manifest_file, fresh)
         for key in ("layout", "dtype", "per_token"):
             if existing[key] != fresh[key]:
                 raise StoreError(
@@ -193,19 +193,20 @@ class ShardWriter:
         if job.state is not None:
             saved = state_name(self.rank, index)
             tmp = self.directory / f".{saved}.tmp"
-            save_file({k: v.contiguous() for k, v in job.state.items()}, str(tmp))
+            save_tensors(tmp, job.state)
             fsync_file(tmp)
             os.replace(tmp, self.directory / saved)
         fsync_dir(self.directory)
+        entry = {"file": name, "rows": len(job.ids), **shard_digest(self.directory / name)}
         old_state = self.manifest.get("state")
         with self._lock:
             manifest = dict(self.manifest)
-            manifest["shards"] = [*self.manifest["shards"], {"file": name, "rows": len(job.ids)}]
+            manifest["shards"] = [*self.manifest["shards"], entry]
             manifest["next_index"] = index + 1
             if saved is not None:
-                manifest["state"] = saved
-            write_json_atomic(self._manifest_file, manifest)
-            self.manifest = manifest
+                digest = file_digest(self.directory / saved)
+                manifest.update(state=saved, state_bytes=digest["bytes"], state_xxh3=digest["xxh3"])
+            self.manifest = write_manifest(self._manifest_file, manifest)
         if saved is not None and old_state and old_state != saved:
             (self.directory / old_state).unlink(missing_ok=True)
 
@@ -264,9 +265,9 @@ def drop_rows(directory: Path, rank: int, ids: set, per_token: bool) -> int:
         write_shard_file(directory / name, rows, [k for k, m in zip(keys, keep) if m], positions, dtype, scales)
         fsync_dir(directory)
         shards = list(manifest["shards"])
-        shards[position] = {"file": name, "rows": int(keep.sum())}
-        manifest = {**manifest, "shards": shards, "next_index": index + 1}
-        write_json_atomic(directory / manifest_name(rank), manifest)
+        shards[position] = {"file": name, "rows": int(keep.sum()), **shard_digest(directory / name)}
+        manifest = write_manifest(directory / manifest_name(rank),
+                                  {**manifest, "shards": shards, "next_index": index + 1})
         path.unlink(missing_ok=True)
         removed += int((~keep).sum())
     return removed
