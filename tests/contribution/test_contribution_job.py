@@ -16,7 +16,7 @@ from logix.contribution import ScoreTable, load_pool, select
 from logix.errors import ConfigError
 from logix.jobs.contribution import ContributionJob
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
 
 

@@ -27,7 +27,7 @@ from logix.contribution.lm import bos_ids, encode, response_nll
 from logix.data import PromptTemplate, load_jsonl, load_tokenizer
 from logix.errors import DataError, LogixError, RunDirectoryError, StoreError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = str(ROOT / "examples" / "data" / "tokenizer.json")
 POOL = load_jsonl(ROOT / "examples" / "data" / "instructions.jsonl")
 SEP = "\n\n\n"

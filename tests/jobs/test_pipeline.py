@@ -12,7 +12,7 @@ import logix
 from logix.data import load_tokenizer
 from logix.jobs.attribution import AttributionJob
 
-DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
 def job_config(tmp_path, **model) -> dict:

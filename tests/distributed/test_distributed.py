@@ -27,8 +27,8 @@ from logix.errors import StoreError
 from logix.store import Store
 from logix.store.format import read_rank_manifest
 
-WORKER = Path(__file__).with_name("dist_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parents[1] / "dist_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 RANDOM_EKFAC = {"projection": {"type": "random", "rank_in": 3, "rank_out": 4},
                 "statistics": {"kfac": True, "ekfac": True, "raw": True}, "store": {"shard_rows": 4}}

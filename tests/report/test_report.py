@@ -25,7 +25,7 @@ from logix.cli import main as logix_main
 from logix.contribution import ScoreTable, export_selection, load_pool, select
 from logix.report import ReportError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
 ARTIFACTS = ROOT / "artifacts"
 EVIL = '<script>alert("pwned")</script> & <b>bold</b>'

@@ -22,7 +22,7 @@ from logix.store import Layout, ShardWriter, Store
 from logix.store.quant import dequantize, pack_int4, q_max, quantize, unpack_int4
 from logix.store.writer import drop_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
 # block sizes 15 (odd: int4 rows pack across block boundaries), 1, 6
 LAYOUT = Layout.build([("a", "linear", (3, 5)), ("b", "linear", (1, 1)), ("c", "conv1d", (2, 3))])

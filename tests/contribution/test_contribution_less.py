@@ -385,7 +385,7 @@ def test_less_selection_example_prefers_the_target_families(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(root / "examples" / "less_selection.py"), "--root", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, check=True, cwd=root, env=env).stdout

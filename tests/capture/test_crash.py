@@ -15,7 +15,7 @@ import torch
 
 import logix
 
-WORKER = Path(__file__).with_name("crash_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "crash_worker.py"
 N = 64
 
 

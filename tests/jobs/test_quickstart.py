@@ -12,7 +12,7 @@ import pytest
 import logix
 from logix.jobs.attribution import AttributionJob
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_configs_point_at_shipped_files():

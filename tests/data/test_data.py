@@ -24,7 +24,7 @@ from logix.data import (
 )
 from logix.errors import DataError, LogixError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
 SHIPPED = ("instructions.jsonl", "queries.jsonl", "tokenizer.json")
 FAMILIES = {"arithmetic", "reverse", "uppercase", "sort", "capitals", "antonyms"}
