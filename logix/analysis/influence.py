@@ -135,8 +135,10 @@ def compute_influence(
         for q0 in range(0, n_query, batch):
             _stream(cps, queries, q_norms, slice(q0, min(q0 + batch, n_query)), mode, rows_per_chunk, state, progress,
                     lo, hi)
-    finally:
-        state.close()
+    except BaseException:
+        state.close(commit=False)  # no partial score matrix at scores_path
+        raise
+    state.close()
     top, bottom = state.top, state.bottom
     result = InfluenceResult(
         qids, train_ids,
@@ -160,9 +162,9 @@ class _Stream:
         self.self_done = not need_self
         self.matrix = None if scores_path is None else ScoreMatrixWriter(scores_path, n_query, n_train)
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
         if self.matrix is not None:
-            self.matrix.close()
+            self.matrix.close(commit)
 
 
 def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _Stream, progress: bool,

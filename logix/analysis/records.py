@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from logix.analysis.influence import InfluenceResult
-from logix.store.format import write_json_atomic
-from logix.store.rundir import influence_file, per_module_file, sanity_file, self_influence_file
+from logix.errors import StatisticsError
+from logix.store.format import atomic_file, write_json_atomic
+from logix.store.rundir import influence_file, per_module_file, sanity_file, scores_file, self_influence_file
 
 
 def per_module_records(result) -> dict | None:
@@ -52,15 +53,29 @@ def write_outputs(directory: Path, result: InfluenceResult, train_texts: dict, q
                   sanity: dict | None) -> None:
     """``influence.jsonl`` (per query: proponents and opponents with texts), ``self_influence.csv``,
     ``sanity.json`` and, when the result has per-module scores, ``per_module.json``."""
-    with open(influence_file(directory), "w") as fh:
+    # outputs of an earlier result that this one does not replace would be read as its own
+    stale = [self_influence_file(directory) if result.self_influence is None else None,
+             sanity_file(directory) if sanity is None else None,
+             per_module_file(directory) if not result.per_module else None,
+             scores_file(directory) if result.scores_path is None else None]
+    for path in stale:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    with atomic_file(influence_file(directory)) as fh:
         for record in result.to_records():
             record["query_text"] = query_texts.get(record["query_id"])
             for key in ("proponents", "opponents"):
                 for entry in record[key]:
                     entry["text"] = train_texts.get(entry["id"])
-            fh.write(json.dumps(record) + "\n")
+            try:
+                fh.write(json.dumps(record, allow_nan=False) + "\n")
+            except ValueError:
+                raise StatisticsError(
+                    f"The scores of query {record['query_id']!r} are NaN or Inf: the curvature or the logged rows "
+                    "are not finite (run `logix verify` on the run, or raise the damping)."
+                ) from None
     if result.self_influence is not None:
-        with open(self_influence_file(directory), "w", newline="") as fh:
+        with atomic_file(self_influence_file(directory), newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["id", "self_influence"])
             for tid, value in zip(result.train_ids, result.self_influence.tolist()):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from logix.capture.engine import BatchCapture, BatchResult
+from logix.capture.finite import screen
 from logix.capture.passes import active_spec, query_spec
 from logix.capture.spec import PassName, PassSpec, Space
 from logix.capture.state import RunState
@@ -105,6 +106,7 @@ def check_mask(mask: Tensor, n_ids: int | None) -> Tensor:
 def end_batch(state: RunState, ctx: LogContext, capture: BatchCapture) -> None:
     """Add what the block captured to the run: statistics, gradient statistics, rows."""
     result = capture.finish()
+    screen(state, ctx, result)  # NaN / Inf: refused (nothing of the batch kept) or dropped
     spec = ctx.spec
     if spec.name is PassName.QUERIES:
         _record_rows(state, ctx, result)
@@ -125,6 +127,8 @@ def end_batch(state: RunState, ctx: LogContext, capture: BatchCapture) -> None:
 
 def _record_rows(state: RunState, ctx: LogContext, result: BatchResult) -> None:
     keep = ctx.keep
+    if not bool(keep.any()):  # every example was dropped (capture.nonfinite: skip)
+        return
     grads = {n: g.detach().to("cpu") for n, g in result.grads.items()}
     new_ids = [i for i, k in zip(ctx.ids, keep.tolist()) if k]
     ids = new_ids

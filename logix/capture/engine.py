@@ -95,6 +95,7 @@ class BatchCapture:
         self._weights: dict[tuple, Tensor | None] = {}
         self._counts: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (weights, count)
         self._token_shape: tuple[int, ...] | None = None
+        self._saw_batch = False  # a module received the batch of len(data_id) examples
         # projected on both sides and not per token: reduced in batches by ``finish``
         self._defer = {
             w.name: projections[w.name].p_in is not None and projections[w.name].p_out is not None
@@ -168,8 +169,11 @@ class BatchCapture:
             return  # no gradient will reach this call (no_grad, frozen branch)
         batch = output.shape[0]
         broadcast = False
+        if self.batch_size is not None and batch == self.batch_size:
+            self._saw_batch = True
         if self.batch_size is not None and batch != self.batch_size:
-            if batch != 1 or output.dim() < 2:
+            # a batch of 1 is broadcast only when shared by a real batch seen before it in this block
+            if batch != 1 or output.dim() < 2 or not self._saw_batch:
                 raise BatchError(
                     f"data_id has {self.batch_size} ids but module {w.name!r} received a batch of "
                     f"{batch}. Pass one id per example (batch-first inputs)."

@@ -23,7 +23,6 @@ them (eigenbases, PCA projections) and every rank reads it back. See docs/distri
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from logix.core.statistics import Statistics
 from logix.errors import PlanError, RunDirectoryError, WatchError
 from logix.store import Layout, Store
 from logix.store.format import read_manifest
+from logix.store.guard import Lease, acquire, check_nested_name, check_project_name, remove_owned
 from logix.store.rundir import QUERY_STORE, TRAIN_STORE, store_dir
 from logix.store.runinfo import RunInfo, normalise_ids
 from logix.store.sink import committed_ids
@@ -82,13 +82,16 @@ class Run:
         config = resolve_config(config)
         if root is not None:
             config = config.replace(root=str(root))
-        self.project = project
+        self.project = check_nested_name(project)
         run_dir = Path(config.root) / project
         dist = Dist.current(distributed)
+        self._lease: Lease | None = None
 
         def open_info() -> RunInfo:
+            self._lease = acquire(run_dir)  # one writing process per run directory
             if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
+                remove_owned(run_dir, config.root)  # only a logix run inside root
+                self._lease = acquire(run_dir)
             return RunInfo.open_or_create(run_dir, config, plan_specs(config))
 
         info = dist.on_main(open_info)  # rank 0 writes run.json; the others get a copy
@@ -328,8 +331,13 @@ def init(
 ) -> Run:
     """Create or resume the run ``<root>/<project>``; see :class:`Run`.
 
+    ``project`` is a plain name (no separator, ``..`` or absolute path); ``overwrite`` deletes only
+    a logix run directory inside ``root``. The process holds the run directory's lock while the
+    run lives: a second process that opens the same run is refused, naming this one's pid.
+
     Under an initialised ``torch.distributed`` group every rank must call it (the run is
     shared); ``distributed=False`` makes a run of this process alone."""
+    check_project_name(project)
     return Run(project, config=config, root=root, overwrite=overwrite, distributed=distributed)
 
 

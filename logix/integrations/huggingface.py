@@ -45,6 +45,7 @@ from logix.core.distributed import Dist
 from logix.integrations.loop import extract
 from logix.integrations.losses import LossFn, summed_loss
 from logix.store.format import write_json_atomic
+from logix.store.guard import check_project_name, remove_owned
 from logix.store.rundir import CHECKPOINTS_FILE, checkpoints_file
 
 log = logging.getLogger("logix")
@@ -88,14 +89,12 @@ class LogixCallback(TrainerCallback):
         self.config = resolve_config(config)
         if root is not None:
             self.config = self.config.replace(root=str(root))
-        self.project = project
+        self.project = check_project_name(project)
         self.dir = Path(self.config.root) / project
         if overwrite:
-            import shutil
-
             dist = Dist.current()
             if dist.is_main and self.dir.exists():
-                shutil.rmtree(self.dir)
+                remove_owned(self.dir, self.config.root)  # only a logix project inside root
             dist.barrier()
         self.train_dataset = train_dataset
         self.queries = queries

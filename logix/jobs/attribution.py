@@ -42,6 +42,7 @@ from logix.integrations.loop import extract
 from logix.integrations.models import build_model
 from logix.store import Store
 from logix.store.format import write_json_atomic
+from logix.store.guard import check_project_name, remove_owned
 from logix.store.rundir import (
     QUERY_STORE,
     checkpoints_file,
@@ -126,7 +127,7 @@ class AttributionJob:
             config_dir = Path(config).resolve().parent
         self.config_dir = config_dir
         self.config = absolute_paths(self.config, config_dir)
-        self.project = project
+        self.project = check_project_name(project)
         self.dir = Path(self.config.root) / project
         self.overwrite = overwrite
         self.progress = progress
@@ -141,9 +142,7 @@ class AttributionJob:
 
     def _prepare_dir_main(self) -> None:
         if self.overwrite and self.dir.exists():
-            import shutil
-
-            shutil.rmtree(self.dir)
+            remove_owned(self.dir, self.config.root)  # only a logix project inside root
         self.dir.mkdir(parents=True, exist_ok=True)
         path = job_file(self.dir)
         text = self.config.to_yaml()

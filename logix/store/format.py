@@ -30,12 +30,14 @@ its checksum is refused (:class:`~logix.errors.StoreError` naming the file).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -127,12 +129,30 @@ def from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as JSON (written under a temporary name, fsynced, renamed).
+    NaN / Inf are refused (they are not JSON): a ``ValueError`` names the file."""
+    with atomic_file(path) as fh:
+        try:
+            json.dump(data, fh, indent=1, allow_nan=False)
+        except ValueError as exc:
+            raise ValueError(f"Cannot write {path}: a value is NaN or Inf ({exc}).") from exc
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+    """Open a hidden temporary file beside ``path``; on a clean exit it is fsynced and renamed to
+    ``path``, on an error removed (``path`` keeps its earlier content, or stays absent)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, newline=newline) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -203,3 +203,25 @@ def icl_meta_file(run_dir: str | Path) -> Path:
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a logix run (its ``run.json``)."""
     return run_file(path).is_file()
+
+
+# ---- one writer per directory (logix.store.guard) ----------------------------------------------
+LOCK_FILE = "logix.lock"  # an OS lock (flock through filelock): held while a process writes
+# beside it, ``logix.lock.json``: who holds it (pid, host, since), for the refusal message
+
+
+def lock_file(directory: str | Path, suffix: str = "") -> Path:
+    """The lock of ``directory`` (``suffix``: a rank's own lock in a store folder)."""
+    return Path(directory) / f"{LOCK_FILE}{suffix}"
+
+
+def lock_owner_file(directory: str | Path, suffix: str = "") -> Path:
+    """Who holds the lock :func:`lock_file` names (pid, host, since)."""
+    return lock_file(directory, suffix).with_name(f"{LOCK_FILE}{suffix}.json")
+
+
+def is_logix_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory logix made: a run directory (``run.json``) or a project
+    directory (``job.yaml`` of ``logix run`` / ``logix contribute``, ``checkpoints.json`` of the
+    Trainer callback), the only directories ``overwrite`` may delete."""
+    return is_run_dir(path) or job_file(path).is_file() or checkpoints_file(path).is_file()

@@ -17,16 +17,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from logix.store.format import fsync_file
+
 SCORES_DATASET = "scores"
 
 
 class ScoreMatrixWriter:
-    """A score-matrix file being written: create it, :meth:`write` blocks of it, :meth:`close` it."""
+    """A score-matrix file being written: create it, :meth:`write` blocks of it, :meth:`close` it.
+
+    The file is written under a hidden temporary name and renamed to ``path`` only by
+    ``close()`` (``close(commit=False)`` discards it), so a killed scorer never leaves a partial
+    matrix at ``path``, and an earlier matrix there stays whole until the new one replaces it."""
 
     def __init__(self, path: str | Path, n_query: int, n_train: int) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = h5py.File(self.path, "w")
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._fh = h5py.File(self.tmp, "w")
         self._scores = self._fh.create_dataset(
             SCORES_DATASET, shape=(n_query, n_train), dtype=np.float32,
             chunks=(max(1, min(n_query, 64)), max(1, min(n_train, 4096))),
@@ -36,8 +43,15 @@ class ScoreMatrixWriter:
         """The scores of the queries ``queries`` against the train columns from ``start`` on."""
         self._scores[queries, start : start + scores.shape[1]] = scores.astype(np.float32)
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        if not self._fh:
+            return
         self._fh.close()
+        if commit:
+            fsync_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_virtual_score_matrix(path: str | Path, parts: Sequence[tuple[str, int, int]], n_query: int) -> None:

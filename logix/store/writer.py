@@ -36,6 +36,7 @@ from logix.store.format import (
     to_numpy,
     write_manifest,
 )
+from logix.store.guard import acquire
 from logix.store.integrity import file_digest, shard_digest
 from logix.store.quant import is_quantized, quantize
 
@@ -68,6 +69,8 @@ class ShardWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank = rank
+        # one writer per (store, rank): a second process is refused before it touches a file
+        self._lease = acquire(self.directory, f"-r{rank:05d}" if rank else "", what="store")
         self._manifest_file = self.directory / manifest_name(rank)
         self.dtype = dtype
         self.layout = layout
@@ -158,6 +161,7 @@ class ShardWriter:
         self._closed = True
         self._queue.put(None)
         self._thread.join()
+        self._lease.release()
         self._raise_if_failed()
 
     def abort(self) -> None:
@@ -166,6 +170,7 @@ class ShardWriter:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
+            self._lease.release()
 
     # ---- thread ---------------------------------------------------------------------
     def _raise_if_failed(self) -> None:

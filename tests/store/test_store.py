@@ -8,6 +8,7 @@ import torch
 import logix
 from logix.errors import StoreError
 from logix.store import Layout, ShardWriter, Store
+from logix.store.rundir import LOCK_FILE
 
 LAYOUT = Layout.build([("a", "linear", (2, 3)), ("b", "conv1d", (4, 1))])
 
@@ -89,7 +90,7 @@ def test_uncommitted_files_are_invisible_and_cleaned(tmp_path):
     assert Store(tmp_path).n_rows == 10
     writer = ShardWriter(tmp_path, LAYOUT, "float32", per_token=False)  # reopen: cleans orphans
     writer.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(LOCK_FILE)) == [
         "manifest.json", "shard-000000.h5", "shard-000001.h5", "state-000001.safetensors",
     ]
 
