@@ -4,12 +4,14 @@
     logix extract CONFIG [key.sub=value ...]    log a dataset with the model held fixed (no training)
     logix influence DIR [options]               score the queries logged in DIR against its train rows
     logix inspect DIR                           what a run, project or store directory holds
+    logix verify DIR                            check every stored byte; name each damaged file
     logix contribute CONFIG [key.sub=value ...] score instruction data, fit a selector, select a subset
     logix select --scores F --pool F --by NAME  select the top of a score table and export the subset
     logix report DIR                            a self-contained HTML report of a project or run
 
 Every command exits 0 on success, and on a user error prints one line ``logix: error: ...``
-to stderr and exits 1 (2 for a malformed command line).
+to stderr and exits 1 (2 for a malformed command line, a bad option value included;
+``logix verify`` exits 1 when it finds a damaged file).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +29,6 @@ from logix.errors import LogixError
 
 if TYPE_CHECKING:  # the library (and torch) is imported by the commands, so that --help stays fast
     from logix.config import AnalysisConfig
-    from logix.store import Store
 
 
 class Command(str, enum.Enum):
@@ -40,6 +41,7 @@ class Command(str, enum.Enum):
     SELECT = "select"
     REPORT = "report"
     INSPECT = "inspect"
+    VERIFY = "verify"
 
     @property
     def distributed(self) -> bool:
@@ -47,77 +49,54 @@ class Command(str, enum.Enum):
         return self in (Command.RUN, Command.EXTRACT, Command.INFLUENCE)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+# ---- option values: checked by argparse, so a bad one is one line and exit code 2 ---------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
-# ---- inspect -----------------------------------------------------------------------------------
-def inspect_run(run_dir: Path) -> str:
-    """A readable summary of a run directory, a job / callback project, or a single store."""
-    from logix.core.statistics import Statistics
-    from logix.store import Store
-    from logix.store.format import read_manifest
-    from logix.store.rundir import checkpoints_file, run_file, statistics_file, stores_dir
-
-    if read_manifest(run_dir) is not None:
-        return _describe_store(run_dir.name, Store(run_dir))
-    index = checkpoints_file(run_dir)
-    if index.exists():
-        return _describe_project(run_dir, json.loads(index.read_text())["checkpoints"])
-    info_path = run_file(run_dir)
-    if not info_path.exists():
-        raise LogixError(f"{run_dir} is not a logix run directory (no run.json).")
-    info = json.loads(info_path.read_text())
-    lines = [
-        f"run        {run_dir}",
-        f"passes     {info['passes']} (done: {info['done']}; finalized: {info['finalized']})",
-        f"projection {info['identity']['projection']['type']}",
-        "versions   " + ", ".join(f"{k} {v}" for k, v in info.get("environment", {}).items()
-                                   if k in ("logix", "torch", "transformers", "python")),
-    ]
-    stores = sorted(p for p in stores_dir(run_dir).glob("*") if read_manifest(p) is not None)
-    for path in stores:
-        lines += ["", _describe_store(path.name, Store(path))]
-    stats_path = statistics_file(run_dir)
-    if stats_path.exists():
-        stats = Statistics.load(stats_path)
-        keys = sorted({k.split("::")[1] for k in stats.flat()})
-        lines += ["", f"statistics {keys} for {len(stats.modules)} modules ({stats_path.name})"]
-    return "\n".join(lines)
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
-def _describe_project(project: Path, entries: list[dict]) -> str:
-    from logix.store.rundir import run_file
-
-    lines = [f"project    {project} ({len(entries)} logged checkpoint(s))"]
-    for e in entries:
-        lr = e.get("learning_rate")
-        lines.append(f"  {e['name']:<12} step {e.get('step')}, epoch {e.get('epoch')}, "
-                     f"lr {'-' if lr is None else f'{lr:.3g}'}")
-    outputs = [p.name for p in sorted(project.glob("*")) if p.suffix in (".jsonl", ".csv", ".h5", ".json")]
-    lines.append(f"outputs    {', '.join(outputs) or '-'}")
-    last = project / entries[-1]["dir"] if entries else None
-    if last is not None and run_file(last).exists():
-        lines += ["", f"last checkpoint ({entries[-1]['name']}):", inspect_run(last)]
-    return "\n".join(lines)
+def fraction(text: str) -> float:
+    value = nonnegative_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
-def _describe_store(name: str, store: Store) -> str:
-    ids = store.ids
-    head = ", ".join(map(str, ids[:3])) + (", ..." if len(ids) > 3 else "")
-    lines = [
-        f"store {name!r}: {store.n_rows} rows in {store.n_shards} shards, dtype {store.dtype_name}, "
-        f"{store.dim} values per row, {_human(store.nbytes())}" + (" (per token)" if store.per_token else ""),
-        f"  ids: {head}",
-        f"  {'module':<40}{'kind':<11}{'block':>12}",
-    ]
-    for block in store.layout.blocks:
-        lines.append(f"  {block.name:<40}{block.kind:<11}{str(block.shape):>12}")
-    return "\n".join(lines)
+class _Parser(argparse.ArgumentParser):
+    """A malformed command line is one line on stderr (``logix COMMAND: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from logix.jobs.inspect import inspect_run
+
+    print(inspect_run(args.run_dir))
+
+
+# ---- verify ------------------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    from logix.store.verify import verify_path
+
+    result = verify_path(args.run_dir)
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 # ---- run / extract -----------------------------------------------------------------------------
@@ -142,6 +121,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
     result = _job(args).run(extract_only=True)
     if Dist.current().is_main:
+        from logix.jobs.inspect import inspect_run
+
         print(inspect_run(result.dir))
 
 
@@ -271,7 +252,7 @@ class _Formatter(argparse.HelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="logix", description="logix: which training data made your "
+    parser = _Parser(prog="logix", description="logix: which training data made your "
                                      "model do what it does.", formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for command, help_text in ((Command.RUN, "fine-tune (or load) a model, log it, score influence"),
@@ -283,18 +264,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if command is Command.RUN:
-            p.add_argument("--show", type=int, default=5, help="queries printed (all are written)")
+            p.add_argument("--show", type=positive_int, default=5, help="queries printed (all are written)")
     p = sub.add_parser(Command.INFLUENCE.value, help="score logged queries against the train rows", formatter_class=_Formatter,
                        description="Score the queries logged in DIR (a run, or a job / Trainer project "
                        "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"])
-    p.add_argument("--damping", type=float)
+    p.add_argument("--damping", type=nonnegative_float,
+                   help="curvature damping (default: the job's analysis.damping, else the preconditioner's)")
     p.add_argument("--absolute-damping", action="store_true", default=None,
                    help="damping is absolute, not relative to each module's mean eigenvalue")
     p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"])
     p.add_argument("--weighting", choices=["lr", "uniform", "last"], help="how checkpoints combine")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=positive_int, help="proponents and opponents kept per query (default: the job's, 10)")
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
     p.add_argument("--per-module", action="store_true",
                    help="also write per_module.json: each module's part of the proponents' scores")
@@ -305,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path,
                    help="score in resumable parts kept here (default under torchrun: OUT/scoring); a run "
                    "interrupted mid-scoring redoes only its unfinished parts")
-    p.add_argument("--part-rows", type=int, help="train rows per part (default: about 64 parts)")
+    p.add_argument("--part-rows", type=positive_int, help="train rows per part (default: about 64 parts)")
     p.add_argument("--overwrite", action="store_true", help="discard the parts of a different scoring job in the work dir")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser(Command.CONTRIBUTE.value, help="score instruction data, fit a selector, select a subset",
@@ -324,8 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", type=Path, required=True, help="score table (.jsonl or .csv)")
     p.add_argument("--pool", type=Path, required=True, help="the records: .jsonl, .json, or a datasets file/folder")
     p.add_argument("--by", required=True, help="score column to rank by (higher is better)")
-    p.add_argument("--top-p", type=float, help="fraction of the scored examples to keep")
-    p.add_argument("--top-k", type=int, help="number of examples to keep")
+    p.add_argument("--top-p", type=fraction, help="fraction of the scored examples to keep")
+    p.add_argument("--top-k", type=positive_int, help="number of examples to keep")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--name", help="subset file name (.json: a JSON list)")  # default: SELECTED_FILE
     p.add_argument("--id-field", default="id", help="record field holding ids (content hashes when absent)")
@@ -341,12 +323,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="project or run directory (logix run / influence / contribute)")
     p.add_argument("--out", type=Path, help="HTML file to write (default: DIR/report.html)")
     p.add_argument("--title", help="page title (default: logix report - DIR's name)")
-    p.add_argument("--top-k", type=int, default=10, help="proponents per query when a bare run is scored here")
-    p.add_argument("--max-queries", type=int, default=500, help="queries shown (default: 500)")
-    p.add_argument("--max-rows", type=int, default=2000, help="selected examples listed (default: 2000)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="proponents per query when a bare run is scored here")
+    p.add_argument("--max-queries", type=positive_int, default=500, help="queries shown (default: 500)")
+    p.add_argument("--max-rows", type=positive_int, default=2000, help="selected examples listed (default: 2000)")
     p_inspect = sub.add_parser(Command.INSPECT.value, help="show what a run / project / store directory holds",
                                formatter_class=_Formatter)
     p_inspect.add_argument("run_dir", type=Path)
+    p_verify = sub.add_parser(Command.VERIFY.value, help="check every stored byte of a run / project / store",
+                              formatter_class=_Formatter, description="Check every store under DIR (manifests, "
+                              "each shard's size and checksums, dataset shapes, duplicate ids) and every statistics "
+                              "/ projection file against its checksum. Prints each damaged file by name; exits 1 "
+                              "when one is found.")
+    p_verify.add_argument("run_dir", type=Path, help="run, project or store directory")
     return parser
 
 
@@ -369,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     if command.distributed:
         init_from_launcher()
     commands = {Command.RUN: cmd_run, Command.EXTRACT: cmd_extract, Command.INFLUENCE: cmd_influence,
-                Command.INSPECT: lambda a: print(inspect_run(a.run_dir)), Command.CONTRIBUTE: cmd_contribute,
-                Command.SELECT: cmd_select, Command.REPORT: cmd_report}
+                Command.INSPECT: cmd_inspect, Command.CONTRIBUTE: cmd_contribute,
+                Command.SELECT: cmd_select, Command.REPORT: cmd_report, Command.VERIFY: cmd_verify}
     try:
-        commands[command](args)
+        status = commands[command](args)
     except (LogixError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         print(f"logix: error: {reason}", file=sys.stderr)
@@ -382,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_inspect_run_and_store(tmp_path, capsys):
 def test_inspect_bad_directory_exits_nonzero(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("logix: error:") and "not a logix run directory" in err
+    assert err.startswith("logix: error:") and "is not a logix run, project or store directory" in err
 
 
 def test_cli_docs_are_in_sync():

@@ -44,6 +44,7 @@ from logix.store import Store
 from logix.store.format import write_json_atomic
 from logix.store.guard import check_project_name, remove_owned
 from logix.store.rundir import (
+    MODEL_RUN,
     QUERY_STORE,
     checkpoints_file,
     environment_file,
@@ -187,13 +188,13 @@ class AttributionJob:
 
     def _extract(self, model, train, queries, tokenizer) -> str:
         sched = self.config.schedule
-        run = Run(f"{self.project}/model", config=self.config)
+        run = Run(f"{self.project}/{MODEL_RUN}", config=self.config)
         extract(run, model.to(_device()), train, self._collator(tokenizer), queries=queries,
                 batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
                 limit=sched.max_examples, progress=self.progress)
-        entry = {"name": "model", "step": None, "epoch": None, "learning_rate": None, "dir": "model"}
+        entry = {"name": MODEL_RUN, "step": None, "epoch": None, "learning_rate": None, "dir": MODEL_RUN}
         run.dist.on_main(lambda: write_json_atomic(checkpoints_file(self.dir), {"checkpoints": [entry]}))
-        return "model"
+        return MODEL_RUN
 
     def _fine_tune(self, model, train, queries, tokenizer) -> list[str]:
         from transformers import Trainer

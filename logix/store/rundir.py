@@ -46,6 +46,7 @@ SCORES_FILE = "scores.h5"
 SCORING_DIR = "scoring"
 REPORT_FILE = "report.html"
 TRAINER_DIR = "trainer"  # the Hugging Face Trainer's output_dir of a fine-tuning job
+MODEL_RUN = "model"  # the run directory of a job that logs its model without training (logix extract)
 # a scoring work folder (``sharded_influence``; by default a project's ``scoring/``)
 SCORING_JOB_FILE = "job.json"
 PART_FILE = "part-{index:06d}.safetensors"
@@ -166,6 +167,11 @@ def is_scoring_part(name: str) -> bool:
 
 def report_file(directory: str | Path) -> Path:
     return Path(directory) / REPORT_FILE
+
+
+def model_run_dir(project_dir: str | Path) -> Path:
+    """The run directory of ``logix extract`` (the model logged as it is) inside a project."""
+    return Path(project_dir) / MODEL_RUN
 
 
 def trainer_dir(project_dir: str | Path) -> Path:
