@@ -76,8 +76,9 @@ def plan_specs(config: Config) -> list[PassSpec]:
         specs.append(PassSpec(PassName.FISHER, Space.LOG, covariance=False, gradients=True, rows=False,
                               sample_labels=True))
     log_cov = st.kfac and not st.ekfac and not true_fisher
+    fisher_pass = true_fisher and (st.ekfac or raw)  # counts the examples and their gradient statistics
     specs.append(PassSpec(PassName.LOG, Space.LOG, covariance=log_cov, gradients=True, per_token=per_token,
-                          gradient_stats=not true_fisher))
+                          gradient_stats=not fisher_pass))
     return specs
 
 
