@@ -218,9 +218,6 @@ def cmd_contribute(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from logix.report import write_report
 
-    for flag in ("top_k", "max_queries", "max_rows"):
-        if getattr(args, flag) < 1:
-            raise LogixError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
     path = write_report(args.run_dir, args.out, title=args.title, top_k=args.top_k, max_queries=args.max_queries,
                         max_rows=args.max_rows)
     print(f"wrote {path} (open it in a browser; it needs no network)")

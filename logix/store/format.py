@@ -18,9 +18,9 @@ quantized dtypes int8 / int4 the codes, with ``scales``, see :mod:`logix.store.q
 manifest holds the row layout: one block per module, ``(k_out, k_in)`` flattened
 row-major at ``offset``. A shard exists for readers only once the manifest names it.
 
-Integrity: each shard entry records the shard file's byte size and xxh3-128 hash (``bytes``,
-``xxh3``), and the hashes of its two parts, the rows' bytes (``data``: ``[offset, length]`` in
-the file; ``xxh3_data``) and every other byte (headers, ids, scales, positions: ``xxh3_meta``),
+Integrity: each shard entry records the shard file's byte size (``bytes``) and the xxh3-128
+hashes of its two parts, the rows' bytes (``data``: ``[offset, length]`` in the file;
+``xxh3_data``) and every other byte (headers, ids, scales, positions: ``xxh3_meta``),
 so that a reader can check the ids of a shard before its rows (:mod:`logix.store.integrity`).
 The state file is recorded the same way (``state_bytes``, ``state_xxh3``). Every manifest
 carries ``checksum``, the xxh3-128 hash of its own canonical JSON without that key; a
@@ -226,7 +226,7 @@ _SHARD_FILE = re.compile(r"^shard-(r\d{5}-)?\d{6}\.h5$")
 _STATE_FILE = re.compile(r"^state-(r\d{5}-)?\d{6}\.safetensors$")
 _TOP = {"format": int, "layout": list, "dim": int, "dtype": str, "per_token": bool, "shards": list,
         CHECKSUM: str}
-_SHARD = {"file": str, "rows": int, "bytes": int, "xxh3": str, "xxh3_meta": str, "xxh3_data": str}
+_SHARD = {"file": str, "rows": int, "bytes": int, "xxh3_meta": str, "xxh3_data": str}
 
 
 def _typed(value: Any, kind: type) -> bool:

@@ -1,9 +1,9 @@
 """Integrity of every stored byte: the checksums the writer records and the checks that use them.
 
-At commit the writer records, in the manifest entry of each shard, the file's size and three
-xxh3-128 hashes (:func:`shard_digest`): of the whole file, of its rows' bytes (the contiguous
-``rows`` dataset, ``data: [offset, length]``) and of every other byte (HDF5 headers, ids,
-scales, positions). A :class:`~logix.store.reader.Store` checks, before it hands out anything
+At commit the writer records, in the manifest entry of each shard, the file's size and two
+xxh3-128 hashes (:func:`shard_digest`) that together cover every byte of the file: of its rows'
+bytes (the contiguous ``rows`` dataset, ``data: [offset, length]``) and of every other byte
+(HDF5 headers, ids, scales, positions). A :class:`~logix.store.reader.Store` checks, before it hands out anything
 of a shard, the size and the hash of the part it reads: the non-row bytes before the shard's
 ids, scales or positions (:func:`meta_problem`), the rows' bytes before its rows
 (:func:`data_problem`), so loading the ids of a large store costs a pass over its ids only and
@@ -35,7 +35,7 @@ from logix.errors import StoreError
 from logix.store.format import manifest_ranks, read_manifest, read_rank_manifest
 from logix.store.quant import code_width, is_quantized
 
-HASHES = ("xxh3", "xxh3_meta", "xxh3_data")
+HASHES = ("xxh3_meta", "xxh3_data")  # a shard's two parts: every byte but the rows, the rows
 
 
 class Problem(NamedTuple):
@@ -139,7 +139,7 @@ def data_problem(path: Path, entry: dict[str, Any]) -> str | None:
 
 
 def file_problem(path: Path, entry: dict[str, Any]) -> str | None:
-    """Size and every hash of a shard (the whole file and both parts)."""
+    """Size and both hashes of a shard (every byte of the file)."""
     return _hash_problem(path, entry, HASHES)
 
 
