@@ -51,7 +51,7 @@ from logix.core.statistics import Statistics
 from logix.errors import PlanError, RunDirectoryError, WatchError
 from logix.store import Layout, Store
 from logix.store.format import read_manifest
-from logix.store.guard import Lease, acquire, check_nested_name, check_project_name, remove_owned
+from logix.store.guard import Lease, check_nested_name, check_project_name, open_directory
 from logix.store.rundir import QUERY_STORE, TRAIN_STORE, store_dir
 from logix.store.runinfo import RunInfo, normalise_ids
 from logix.store.sink import committed_ids
@@ -88,10 +88,8 @@ class Run:
         self._lease: Lease | None = None
 
         def open_info() -> RunInfo:
-            self._lease = acquire(run_dir)  # one writing process per run directory
-            if overwrite and run_dir.exists():
-                remove_owned(run_dir, config.root)  # only a logix run inside root
-                self._lease = acquire(run_dir)
+            # one writing process per run directory; overwrite deletes only a logix run inside root
+            self._lease = open_directory(run_dir, config.root, overwrite)
             return RunInfo.open_or_create(run_dir, config, plan_specs(config))
 
         info = dist.on_main(open_info)  # rank 0 writes run.json; the others get a copy

@@ -45,7 +45,7 @@ from logix.core.distributed import Dist
 from logix.integrations.loop import extract
 from logix.integrations.losses import LossFn, summed_loss
 from logix.store.format import write_json_atomic
-from logix.store.guard import check_project_name, remove_owned
+from logix.store.guard import check_project_name, open_directory
 from logix.store.rundir import CHECKPOINTS_FILE, checkpoints_file
 
 log = logging.getLogger("logix")
@@ -91,10 +91,11 @@ class LogixCallback(TrainerCallback):
             self.config = self.config.replace(root=str(root))
         self.project = check_project_name(project)
         self.dir = Path(self.config.root) / project
+        dist = Dist.current()
+        # one writer per project; overwrite deletes only a logix project inside root
+        self._lease = open_directory(self.dir, self.config.root, overwrite, "project directory") \
+            if dist.is_main else None
         if overwrite:
-            dist = Dist.current()
-            if dist.is_main and self.dir.exists():
-                remove_owned(self.dir, self.config.root)  # only a logix project inside root
             dist.barrier()
         self.train_dataset = train_dataset
         self.queries = queries

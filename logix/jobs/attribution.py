@@ -42,7 +42,7 @@ from logix.integrations.loop import extract
 from logix.integrations.models import build_model
 from logix.store import Store
 from logix.store.format import write_json_atomic
-from logix.store.guard import check_project_name, remove_owned
+from logix.store.guard import check_project_name, open_directory
 from logix.store.rundir import (
     MODEL_RUN,
     QUERY_STORE,
@@ -142,9 +142,8 @@ class AttributionJob:
         Dist.current().on_main(self._prepare_dir_main)  # under torchrun: rank 0 writes, all wait
 
     def _prepare_dir_main(self) -> None:
-        if self.overwrite and self.dir.exists():
-            remove_owned(self.dir, self.config.root)  # only a logix project inside root
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # one job per project at a time; --overwrite deletes only a logix project inside root
+        self._lease = open_directory(self.dir, self.config.root, self.overwrite, what="project directory")
         path = job_file(self.dir)
         text = self.config.to_yaml()
         if path.exists() and path.read_text() != text:

@@ -56,9 +56,9 @@ def check_nested_name(name: str) -> str:
     return name
 
 
-def remove_owned(path: str | Path, root: str | Path) -> None:
-    """Delete ``path`` when it is a logix directory strictly inside ``root`` (an empty directory
-    is removed too); refuse anything else, deleting nothing."""
+def check_removable(path: str | Path, root: str | Path) -> None:
+    """Raise :class:`~logix.errors.RunDirectoryError` unless ``path`` is absent, empty, or a
+    logix directory strictly inside ``root`` (it changes nothing)."""
     path, root = Path(path), Path(root)
     if not path.exists() and not path.is_symlink():
         return
@@ -68,15 +68,33 @@ def remove_owned(path: str | Path, root: str | Path) -> None:
             f"Refusing to delete {path}: it is not a directory inside root {root} (overwrite only removes "
             "logix runs inside root)."
         )
-    if real.is_dir() and all(p.name.startswith(LOCK_FILE) for p in real.iterdir()):
-        shutil.rmtree(real)  # empty, or only the lock of a run that never started
-        return
-    if not real.is_dir() or not is_logix_dir(real):
+    if not real.is_dir() or (any(real.iterdir()) and not is_logix_dir(real)):
         raise RunDirectoryError(
-            f"Refusing to delete {path}: it holds no logix run (no run.json, job.yaml or checkpoints.json), "
-            "so overwrite will not remove it. Choose another project name, or delete it yourself."
+            f"Refusing to delete {path}: it holds no logix run (no run.json, job.yaml, checkpoints.json or "
+            "logix.lock), so overwrite will not remove it. Choose another project name, or delete it yourself."
         )
-    shutil.rmtree(real)
+
+
+def remove_owned(path: str | Path, root: str | Path) -> None:
+    """Delete ``path`` when it is empty or a logix directory strictly inside ``root``; refuse
+    anything else, deleting nothing (:func:`check_removable`)."""
+    check_removable(path, root)
+    if Path(path).exists():
+        shutil.rmtree(Path(path).resolve())
+
+
+def open_directory(directory: str | Path, root: str | Path, overwrite: bool = False,
+                   what: str = "run directory") -> Lease:
+    """Take the writer's lock of ``directory`` (:func:`acquire`); with ``overwrite``, delete the
+    directory first when it is logix's own (:func:`remove_owned`) and lock it anew. Whether it is
+    logix's own is decided before the lock file can appear in it, and a refusal changes nothing."""
+    if overwrite:
+        check_removable(directory, root)
+    lease = acquire(directory, what=what)  # refused while another process writes it
+    if overwrite and any(not p.name.startswith(LOCK_FILE) for p in Path(directory).iterdir()):
+        shutil.rmtree(Path(directory).resolve())
+        lease = acquire(directory, what=what)
+    return lease
 
 
 class Lease:

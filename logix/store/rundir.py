@@ -227,7 +227,9 @@ def lock_owner_file(directory: str | Path, suffix: str = "") -> Path:
 
 
 def is_logix_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory logix made: a run directory (``run.json``) or a project
+    """Whether ``path`` is a directory logix made: a run directory (``run.json``), a project
     directory (``job.yaml`` of ``logix run`` / ``logix contribute``, ``checkpoints.json`` of the
-    Trainer callback), the only directories ``overwrite`` may delete."""
-    return is_run_dir(path) or job_file(path).is_file() or checkpoints_file(path).is_file()
+    Trainer callback), or one whose writer's lock logix created (a run interrupted before it wrote
+    any of those): the only directories ``overwrite`` may delete."""
+    return (is_run_dir(path) or job_file(path).is_file() or checkpoints_file(path).is_file()
+            or lock_file(path).is_file())

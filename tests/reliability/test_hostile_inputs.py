@@ -57,7 +57,9 @@ def test_overwrite_removes_only_a_logix_directory(tmp_path):
     (foreign / "thesis.tex").write_text("years of work")
     with pytest.raises(RunDirectoryError, match="holds no logix run"):
         logix.init("mine", root=root, overwrite=True)
-    assert (foreign / "thesis.tex").read_text() == "years of work"
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]  # untouched: not even a lock file added
+    with pytest.raises(RunDirectoryError, match="holds no logix run"):
+        logix.init("mine", root=root, overwrite=True)  # and so refused again
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "run.json").write_text("{}")  # looks like a run, but lies outside root
