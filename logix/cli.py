@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -351,23 +352,32 @@ def main(argv: list[str] | None = None) -> int:
     from logix.core.distributed import init_from_launcher, initialized
 
     command = Command(args.command)
-    if command.distributed:
-        init_from_launcher()
+    launched = command.distributed and not initialized() and init_from_launcher()  # a torchrun worker
     commands = {Command.RUN: cmd_run, Command.EXTRACT: cmd_extract, Command.INFLUENCE: cmd_influence,
                 Command.INSPECT: cmd_inspect, Command.CONTRIBUTE: cmd_contribute,
                 Command.SELECT: cmd_select, Command.REPORT: cmd_report, Command.VERIFY: cmd_verify}
+    status = 0
     try:
-        status = commands[command](args)
+        status = commands[command](args) or 0
     except (LogixError, OSError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         print(f"logix: error: {reason}", file=sys.stderr)
-        return 1
+        status = 1
     finally:
         if initialized():
             import torch.distributed
 
             torch.distributed.destroy_process_group()
-    return status or 0
+    if launched:
+        # A launcher's worker leaves now: its outputs are written (fsynced, renamed) and its process
+        # group destroyed, but the interpreter's exit can abort in torch's C++ teardown on a loaded
+        # machine ("terminate called without an active exception", exit -6, also before logix
+        # changed anything here), which the launcher reports as a failed job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
