@@ -157,6 +157,15 @@ class PreconditionerType(ChoiceEnum):
     RAW_JOINT = "raw-joint"  # covariance of the whole logged row
 
 
+class IndexKind(ChoiceEnum):
+    """The faiss index behind approximate top-k (``logix index --kind``)."""
+
+    FLAT = "flat"  # exact inner products over float32 vectors (4 B per value)
+    IVFFLAT = "ivfflat"  # inverted lists of float32 vectors: scans nprobe of nlist lists
+    IVFPQ = "ivfpq"  # inverted lists of product-quantized codes (m bytes per row at 8 bits)
+    HNSW = "hnsw"  # a graph over float32 vectors
+
+
 class ScoreMode(ChoiceEnum):
     """How an influence score is normalised."""
 

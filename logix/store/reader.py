@@ -1,12 +1,10 @@
 """Read committed rows: streaming in bounded-memory chunks, or by id.
 
-Only shards named in the manifest are visible, so a reader never sees a partial
-shard, even while a writer is still running or after a crash. Every byte handed out is
-verified first (:mod:`logix.store.integrity`): on open, each shard's presence and size; before a
-shard's ids are used, the hash of its non-row bytes and its datasets' shapes; before its rows are
-first read, the hash of the rows' bytes. Ids held by more than one row are refused. A failed check
-raises :class:`~logix.errors.StoreError` naming the file.
-"""
+Only shards named in the manifest are visible, so a reader never sees a partial shard, even while
+a writer runs or after a crash. Every byte handed out is verified first (:mod:`logix.store.integrity`):
+on open each shard's size; before a shard's ids are used, the hash of its non-row bytes and its
+shapes; before its rows are first read, the hash of the rows. Ids held by several rows are refused.
+A failed check raises :class:`~logix.errors.StoreError` naming the file."""
 
 from __future__ import annotations
 
@@ -67,8 +65,7 @@ class Store:
     (:mod:`logix.store.quant`). ``nbytes()`` counts the bytes actually stored."""
 
     def __init__(self, directory: str | Path, check_duplicates: bool = True) -> None:
-        """``check_duplicates=False`` lists ids held by several rows instead of refusing them
-        (for the code that repairs such a store: ``store.duplicate_ids: skip``)."""
+        """``check_duplicates=False``: list ids held by several rows (to repair such a store)."""
         self.directory = Path(directory)
         self.check_duplicates = check_duplicates
         manifest = read_manifest(self.directory)
@@ -136,8 +133,7 @@ class Store:
         return self.n_rows * self.dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def verify(self) -> list[Problem]:
-        """Check every byte of the store (each shard whole, the state file, duplicate ids): the
-        problems found, one per damaged file (an empty list when the store is intact)."""
+        """Every byte of the store checked (shards, state file, duplicate ids): one problem per damaged file."""
         return store_problems(self.directory)
 
     def _check(self, s: int, rows: bool = False) -> None:
@@ -285,19 +281,14 @@ class Store:
         the store size; ``prefetch > 0`` reads ahead in a background thread.
         ``modules`` restricts the columns to those modules' blocks (in that order).
 
-        By default every chunk but the last has exactly ``chunk_rows`` rows, spanning shards,
-        so that two stores with the same number of rows chunk identically. With
-        ``align_to_shards=True`` a shard of at least ``min(256, chunk_rows // 2)`` rows is
-        never mixed with another: it comes as one or more equal chunks of at most
-        ``chunk_rows`` rows that, for all modules, are zero-copy views of the shard file
-        (copy-on-write memory maps); smaller shards are gathered as usual. A chunk that lies
-        in one shard is such a view in either mode, unless 128 maps are already alive (each
-        holds a file descriptor), as when a consumer keeps many chunks: then it is a copy.
-
-        Rows that are not views are read into a few reused buffers. A buffer is reused only
-        once nothing references the rows handed out from it (any tensor sharing their
-        memory keeps them), so keeping chunks, or views of them, is always safe: it only
-        costs fresh buffers. Writing into a chunk's rows never changes the store.
+        By default every chunk but the last has exactly ``chunk_rows`` rows, spanning shards
+        (two stores of as many rows chunk identically). With ``align_to_shards=True`` a shard of
+        at least ``min(256, chunk_rows // 2)`` rows is never mixed with another: its chunks are
+        zero-copy, copy-on-write memory maps of the shard file (for all modules); a chunk inside
+        one shard is such a view in either mode unless 128 maps are alive (then it is a copy).
+        Other rows are read into a few buffers, each reused only once nothing references the rows
+        handed out from it, so keeping chunks is always safe. Writing into a chunk's rows never
+        changes the store.
         """
         if chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}.")
@@ -319,6 +310,24 @@ class Store:
             if n:
                 self._fill(out[at : at + n], s, 0, n, columns)
             at += n
+        return _to_torch(out, self.dtype_name)
+
+    def take(self, index: np.ndarray) -> torch.Tensor:
+        """Rows at the global positions ``index`` (any order, repeats allowed), verified as always."""
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(index), self.dim), HOST_DTYPES[self.dtype_name])
+        starts = np.cumsum([0, *self.shard_rows])
+        shard = np.searchsorted(starts, index, side="right") - 1
+        for s in np.unique(shard).tolist():
+            pick, n = np.nonzero(shard == s)[0], self._shards[s][1]
+            source = None if self.quantized else self._sources()[s]
+            if source is not None and source.offset is not None and can_map():
+                self._check(s, rows=True)
+                whole = mapped(source, 0, n, self.dim, False).view(out.dtype)
+            else:
+                whole = np.empty((n, self.dim), out.dtype)
+                self._fill(whole, s, 0, n, None)
+            out[pick] = whole[index[pick] - starts[s]]
         return _to_torch(out, self.dtype_name)
 
     def get(self, ids: Sequence[object], modules: Sequence[str] | None = None) -> torch.Tensor:

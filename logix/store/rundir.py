@@ -9,6 +9,7 @@ A *run directory* (``logix.init``; one per logged checkpoint)::
     statistics/<pass>.safetensors   full | kfac | fisher | log                 (statistics_file)
     stores/<name>/           HDF5 shards + manifest: train, queries, ...       (store_dir)
     optimizer.safetensors    Adam moments of a LESS checkpoint                 (MOMENTS_FILE)
+    index/                   logix index: index.faiss, index.json, norms       (index_dir)
 
 A *project directory* (``logix run`` / the Trainer callback) holds ``job.yaml``,
 ``environment.json``, ``checkpoints.json`` (one entry per logged run directory) and the results:
@@ -29,6 +30,10 @@ PROJECTION_FILE = "projection.safetensors"
 STATISTICS_DIR = "statistics"
 STORES_DIR = "stores"
 MOMENTS_FILE = "optimizer.safetensors"
+INDEX_DIR = "index"  # logix index: the faiss index of the train rows (index.faiss, index.json, norms)
+INDEX_FILE = "index.faiss"
+INDEX_META_FILE = "index.json"
+INDEX_NORMS_FILE = "norms.safetensors"
 TRAIN_STORE = "train"
 QUERY_STORE = "queries"
 ADAM_STORE = "train_adam"  # LESS: Adam-preconditioned train rows (paper variant)
@@ -105,6 +110,24 @@ def store_dir(run_dir: str | Path, name: str = TRAIN_STORE) -> Path:
 
 def moments_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / MOMENTS_FILE
+
+
+def index_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / INDEX_DIR
+
+
+def index_file(run_dir: str | Path) -> Path:
+    return index_dir(run_dir) / INDEX_FILE
+
+
+def index_meta_file(run_dir: str | Path) -> Path:
+    """What the index was built from and for (kind, mode, preconditioner, the store's checksum)."""
+    return index_dir(run_dir) / INDEX_META_FILE
+
+
+def index_norms_file(run_dir: str | Path) -> Path:
+    """The train rows' H-norms a cosine / relative index divides by (exact re-ranking)."""
+    return index_dir(run_dir) / INDEX_NORMS_FILE
 
 
 def job_file(project_dir: str | Path) -> Path:

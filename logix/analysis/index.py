@@ -1,0 +1,333 @@
+"""Approximate top-k over a run's train rows: a faiss index whose inner products are the scores.
+
+The index holds one vector per train row and the query is transformed so that their inner
+product is the influence score of the chosen mode (``H^-1`` the preconditioner):
+
+=========  ==============================  ==========================================
+mode       indexed vector of a row ``g``    query vector of a logged query ``q``
+=========  ==============================  ==========================================
+dot        ``g``                           ``H^-1 q``
+unit       ``g / |g|``                     ``H^-1 (q / |q|)``
+relative   ``g / ||g||_H``                 ``H^-1 q``
+cosine     ``g / ||g||_H``                 ``H^-1 q / ||q||_H``
+=========  ==============================  ==========================================
+
+so a ``dot`` or ``unit`` index serves every preconditioner and damping (they only change the
+query), while a ``relative`` / ``cosine`` index is built for one (its rows' ``H``-norms). The
+index proposes ``rerank x k`` candidates per query; they are scored exactly against the
+store's rows and the best ``k`` returned, so **every returned score is exact** and only which
+rows are returned is approximate (measured as recall against the exact scan in
+``benchmarks/bench_index.py``). ``flat`` is the exact scan itself.
+
+Built in one streaming pass over the store (plus a sampled training set for ``ivf*`` kinds),
+saved in ``<run>/index/`` under temporary names and renamed, with the index file's xxh3-128
+hash and a fingerprint of the store it indexes in ``index.json``: loading refuses a damaged
+file and an index of a store that changed since (rebuild with ``logix index``). The index is
+read memory-mapped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from torch import Tensor
+from tqdm import tqdm
+
+from logix.analysis.kernels import self_influence_rows
+from logix.analysis.precondition import Preconditioner
+from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
+from logix.config.damping import Damping, default_damping
+from logix.core.checksum import load_tensors, save_tensors
+from logix.core.statistics import Statistics
+from logix.errors import LogixError, StoreError
+from logix.store.format import fsync_file, write_json_atomic
+from logix.store.integrity import file_digest, size_problem
+from logix.store.reader import Store
+from logix.store.rundir import (
+    TRAIN_STORE,
+    index_dir,
+    index_file,
+    index_meta_file,
+    index_norms_file,
+    statistics_file,
+    store_dir,
+)
+
+NORMED = (ScoreMode.RELATIVE, ScoreMode.COSINE)
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise LogixError("The index needs faiss: pip install faiss-cpu (or faiss-gpu where CUDA is).") from exc
+    return faiss
+
+
+def store_fingerprint(store: Store) -> str:
+    """xxh3-128 of the store's committed shards (names, rows, checksums): changes with any commit."""
+    entries = [[s["file"], s["rows"], s.get("xxh3_meta"), s.get("xxh3_data")] for s in store.manifest["shards"]]
+    return xxhash.xxh3_128(json.dumps(entries).encode()).hexdigest()
+
+
+def preconditioner_of(run_dir: Path, store: Store, kind: PreconditionerType, damping: Damping | None):
+    stats_path = statistics_file(run_dir)
+    stats = Statistics.load(stats_path) if stats_path.exists() else None
+    if stats is None and kind is not PreconditionerType.IDENTITY:
+        raise StoreError(f"{run_dir} has no finalized statistics ({stats_path}) for the {kind.value} preconditioner.")
+    return Preconditioner(kind, stats, store.layout, damping)
+
+
+def default_params(kind: IndexKind, n: int, dim: int) -> dict[str, int]:
+    """nlist about 4 sqrt(n) (a power of two, 16 to 65,536); PQ with the largest divisor of dim up to
+    dim/4 parts of ``nbits`` = 8 bits (fewer for stores under 256 rows)."""
+    nlist = int(min(65536, max(16, 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1))))))
+    nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
+    m = max(d for d in range(1, max(dim // 4, 1) + 1) if dim % d == 0)
+    nbits = max(1, min(8, int(math.log2(max(n, 2)))))  # 2**nbits centroids per part need as many rows
+    return {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": 32}
+
+
+@dataclass
+class IndexHits:
+    """The best ``k`` train rows per query: global row ``index``, exact ``scores``, and ``ids``."""
+
+    index: Tensor  # (n_query, k) int64; -1 where fewer than k rows were found
+    scores: Tensor  # (n_query, k) float64, exact scores of those rows
+    ids: list[list]
+
+
+class Index:
+    """A built (or loaded) index over the train rows of one run directory; see the module docstring."""
+
+    def __init__(self, run_dir: Path, index: Any, meta: dict[str, Any], norms: Tensor | None) -> None:
+        self.run_dir = Path(run_dir)
+        self.faiss_index = index
+        self.meta = meta
+        self.norms = norms
+        self.mode = ScoreMode.parse(meta["mode"], "mode")
+        self.kind = IndexKind.parse(meta["kind"], "kind")
+        self.store = Store(store_dir(run_dir, TRAIN_STORE))
+        self._pre: dict[tuple, Preconditioner] = {}
+
+    # ---- build ----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFPQ, mode: ScoreMode | str = ScoreMode.DOT,
+              preconditioner: PreconditionerType | str = PreconditionerType.KFAC, damping: Damping | None = None,
+              nlist: int | None = None, m: int | None = None, nbits: int | None = None, hnsw_m: int | None = None,
+              train_rows: int | None = None, chunk_rows: int = 8192, seed: int = 0, progress: bool = True) -> Index:
+        """Index the train rows of ``run_dir`` in a streaming pass and save it in ``<run>/index/``.
+
+        ``preconditioner`` / ``damping`` matter for ``relative`` / ``cosine`` only (the rows'
+        norms); ``nlist`` / ``m`` / ``nbits`` (``ivf*``) and ``hnsw_m`` default to
+        :func:`default_params`; ``train_rows`` (``ivf*``): the sampled training set, default
+        ``max(40 nlist, 10,000 if PQ)`` rows. Memory: the training sample, one chunk, the index."""
+        faiss = _faiss()
+        run_dir = Path(run_dir)
+        kind, mode = IndexKind.parse(kind, "kind"), ScoreMode.parse(mode, "mode")
+        pre_kind = PreconditionerType.parse(preconditioner, "preconditioner")
+        damping = damping if damping is not None else default_damping(pre_kind)
+        store = Store(store_dir(run_dir, TRAIN_STORE))
+        n, dim = store.n_rows, store.dim
+        if n == 0:
+            raise StoreError(f"{run_dir} has no train rows to index.")
+        params = {**default_params(kind, n, dim), **{k: v for k, v in
+                  {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": hnsw_m}.items() if v is not None}}
+        for key, value in params.items():
+            if not isinstance(value, int) or value < 1:
+                raise LogixError(f"Index parameter {key} must be a positive integer, got {value!r}.")
+        if kind is IndexKind.IVFPQ and dim % params["m"]:
+            raise LogixError(f"m={params['m']} must divide the row dimension {dim} (PQ splits rows in m parts).")
+        if kind is IndexKind.IVFPQ and n < 2 ** params["nbits"]:
+            raise LogixError(f"nbits={params['nbits']} needs at least {2 ** params['nbits']} rows to train on; "
+                             f"the store has {n}: lower nbits or use kind flat.")
+        pre = preconditioner_of(run_dir, store, pre_kind, damping) if mode in NORMED else None
+        started = time.perf_counter()
+        index = _empty_index(faiss, kind, dim, params)
+        if not index.is_trained:
+            wanted = train_rows or max(40 * params["nlist"], 10_000 if kind is IndexKind.IVFPQ else 0)
+            pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, wanted), replace=False))
+            sample = _vectors(store.take(pick), mode, pre)
+            index.train(np.ascontiguousarray(sample.numpy(), dtype=np.float32))
+            del sample
+        norms = []
+        bar = tqdm(total=n, desc=f"logix index ({kind.value})", unit="rows", disable=not progress, leave=False)
+        for chunk in store.iter_chunks(chunk_rows):
+            vectors = _vectors(chunk.rows, mode, pre, norms)
+            index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+            bar.update(chunk.rows.shape[0])
+        bar.close()
+        meta = {"kind": kind.value, "mode": mode.value, "params": params, "rows": n, "dim": dim,
+                "preconditioner": pre_kind.value if mode in NORMED else None,
+                "damping": {"value": damping.value, "relative": damping.relative} if mode in NORMED else None,
+                "store": store_fingerprint(store), "build_s": round(time.perf_counter() - started, 3)}
+        norm_tensor = torch.cat(norms) if norms else None
+        _save(run_dir, faiss, index, meta, norm_tensor)
+        return cls.load(run_dir)
+
+    # ---- load -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Index:
+        """Read ``<run>/index/`` memory-mapped, after checking the file against its hash and the
+        store against the fingerprint taken at build (a :class:`StoreError` otherwise)."""
+        faiss = _faiss()
+        run_dir = Path(run_dir)
+        meta_path = index_meta_file(run_dir)
+        if not meta_path.exists():
+            raise StoreError(f"{run_dir} has no index ({meta_path}): build one with `logix index {run_dir}`.")
+        try:
+            meta = json.loads(meta_path.read_text())
+            recorded = meta["file"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"Damaged file {meta_path}: not an index description ({exc}). Rebuild the index.") from exc
+        path = index_file(run_dir)
+        problem = size_problem(path, recorded["bytes"])
+        if problem is None and file_digest(path)["xxh3"] != recorded["xxh3"]:
+            problem = "its bytes do not match the checksum index.json records"
+        if problem is not None:
+            raise StoreError(f"Damaged file {path}: {problem}. Rebuild the index with `logix index {run_dir}`.")
+        store = Store(store_dir(run_dir, TRAIN_STORE))
+        if store_fingerprint(store) != meta["store"]:
+            raise StoreError(f"The index of {run_dir} is stale: the train store changed after it was built. "
+                             f"Rebuild it with `logix index {run_dir}`.")
+        norms = load_tensors(index_norms_file(run_dir))["norms"] if meta["mode"] in [m.value for m in NORMED] else None
+        return cls(run_dir, faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), meta, norms)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the index file (the memory it needs once mapped)."""
+        return index_file(self.run_dir).stat().st_size
+
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    # ---- search ---------------------------------------------------------------------------------
+    def preconditioner(self, kind: PreconditionerType | str | None = None, damping: Damping | None = None):
+        """The preconditioner queries are transformed with (the index's own for relative / cosine)."""
+        if self.mode in NORMED:
+            asked = None if kind is None else PreconditionerType.parse(kind, "preconditioner").value
+            if asked not in (None, self.meta["preconditioner"]) or (
+                    damping is not None and (damping.value, damping.relative) != tuple(self.meta["damping"].values())):
+                raise LogixError(f"This {self.mode.value} index was built for the {self.meta['preconditioner']} "
+                                 f"preconditioner with damping {self.meta['damping']}: rebuild it for other settings.")
+            kind, damping = self.meta["preconditioner"], Damping(**self.meta["damping"])
+        kind = PreconditionerType.parse(kind or PreconditionerType.KFAC, "preconditioner")
+        damping = damping if damping is not None else default_damping(kind)
+        key = (kind, damping)
+        if key not in self._pre:
+            self._pre[key] = preconditioner_of(self.run_dir, self.store, kind, damping)
+        return self._pre[key]
+
+    def search(self, queries: Tensor, k: int = 10, preconditioner: PreconditionerType | str | None = None,
+               damping: Damping | None = None, largest: bool = True, nprobe: int | None = None,
+               rerank: int = 10, batch: int = 256) -> IndexHits:
+        """The ``k`` train rows with the largest (``largest=False``: most negative) scores for each
+        logged query row (``queries``: ``(n_query, dim)`` as a queries store holds them).
+
+        ``nprobe`` (``ivf*``; default ``max(1, nlist // 64)``) and ``rerank`` (candidates per result,
+        scored exactly) trade speed for recall."""
+        if k < 1 or rerank < 1:
+            raise LogixError(f"k and rerank must be positive integers, got k={k}, rerank={rerank}.")
+        if queries.dim() != 2 or queries.shape[1] != self.meta["dim"]:
+            raise LogixError(f"Query rows of shape {tuple(queries.shape)} do not match the index's "
+                             f"{self.meta['dim']} columns.")
+        pq = self._queries(queries, self.preconditioner(preconditioner, damping))
+        if not largest:
+            pq = -pq
+        self._set_search_params(nprobe, k * rerank)
+        candidates = min(len(self), k * rerank)
+        _, found = self.faiss_index.search(np.ascontiguousarray(pq.numpy(), dtype=np.float32), candidates)
+        found = torch.from_numpy(found)
+        scores, index = [], []
+        for lo in range(0, pq.shape[0], batch):
+            s, i = self._rerank(pq[lo : lo + batch], found[lo : lo + batch], min(k, candidates))
+            scores.append(s if largest else -s)
+            index.append(i)
+        scores, index = torch.cat(scores), torch.cat(index)
+        ids = self.store.ids
+        return IndexHits(index, scores, [[ids[j] if j >= 0 else None for j in row] for row in index.tolist()])
+
+    def _queries(self, queries: Tensor, pre: Preconditioner) -> Tensor:
+        q = queries.to(torch.float64)
+        if self.mode is ScoreMode.UNIT:
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        pq = pre(q)
+        if self.mode is ScoreMode.COSINE:
+            pq = pq / (pq * q).sum(1, keepdim=True).clamp_min(1e-300).sqrt()
+        return pq
+
+    def _set_search_params(self, nprobe: int | None, wanted: int) -> None:
+        faiss = _faiss()
+        if self.kind in (IndexKind.IVFFLAT, IndexKind.IVFPQ):
+            ivf = faiss.extract_index_ivf(self.faiss_index)
+            ivf.nprobe = min(ivf.nlist, nprobe or max(1, ivf.nlist // 64))
+        elif self.kind is IndexKind.HNSW:
+            self.faiss_index.hnsw.efSearch = max(wanted, 64)
+
+    def _rerank(self, pq: Tensor, found: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact scores of each query's candidates (from the store's rows) and the best ``k``."""
+        valid = found >= 0
+        unique, where = torch.unique(found.clamp_min(0), return_inverse=True)
+        rows = self.store.take(unique.numpy()).to(torch.float64)
+        if self.mode is ScoreMode.UNIT:
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        elif self.mode in NORMED:
+            rows = rows / self.norms[unique].clamp_min(1e-300)[:, None]
+        exact = torch.bmm(rows[where], pq.unsqueeze(2)).squeeze(2)  # (b, candidates)
+        exact = exact.masked_fill(~valid, -math.inf)
+        top, pos = exact.topk(k, dim=1)
+        index = found.gather(1, pos).masked_fill(torch.isinf(top), -1)
+        return top.masked_fill(torch.isinf(top), math.nan), index
+
+
+def _empty_index(faiss, kind: IndexKind, dim: int, params: dict[str, int]):
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind is IndexKind.FLAT:
+        return faiss.IndexFlatIP(dim)
+    if kind is IndexKind.HNSW:
+        return faiss.IndexHNSWFlat(dim, params["hnsw_m"], ip)
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind is IndexKind.IVFFLAT:
+        index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], ip)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], ip)
+    return index  # faiss's Python wrapper keeps the coarse quantizer alive with the index
+
+
+def _vectors(rows: Tensor, mode: ScoreMode, pre: Preconditioner | None, norms: list | None = None) -> Tensor:
+    """The indexed vectors of train ``rows`` (float32), collecting their H-norms in ``norms``."""
+    rows = rows.to(torch.float32)
+    if mode is ScoreMode.UNIT:
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    if mode in NORMED:
+        norm = self_influence_rows(pre, rows).clamp_min(0).sqrt()
+        if norms is not None:
+            norms.append(norm)
+        return (rows.to(torch.float64) / norm.clamp_min(1e-300)[:, None]).to(torch.float32)
+    return rows
+
+
+def _save(run_dir: Path, faiss, index, meta: dict[str, Any], norms: Tensor | None) -> None:
+    folder = index_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = index_file(run_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    if norms is not None:
+        norms_tmp = index_norms_file(run_dir).with_name(f".{index_norms_file(run_dir).name}.tmp")
+        save_tensors(norms_tmp, {"norms": norms.to(torch.float64)})
+        fsync_file(norms_tmp)
+        os.replace(norms_tmp, index_norms_file(run_dir))
+    meta = {**meta, "file": {k: v for k, v in file_digest(path).items()}}
+    write_json_atomic(index_meta_file(run_dir), meta)  # last: the index exists once this names it
