@@ -16,6 +16,7 @@ from logix.analysis.evaluate import (
     subset_masks,
     topk_removal_test,
 )
+from logix.analysis.index import Index, IndexHits, index_influence
 from logix.analysis.influence import Checkpoint, InfluenceResult, compute_influence
 from logix.analysis.precondition import (
     AsymmetricPreconditioner,
@@ -33,6 +34,8 @@ __all__ = [
     "AsymmetricPreconditioner",
     "Checkpoint",
     "Damping",
+    "Index",
+    "IndexHits",
     "InfluenceResult",
     "LDSResult",
     "Preconditioner",
@@ -41,6 +44,7 @@ __all__ = [
     "compute_influence",
     "checkpoint_weights",
     "default_damping",
+    "index_influence",
     "influence",
     "load_checkpoints",
     "lds",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from logix.analysis.checkpoints import load_asymmetric_checkpoint, load_checkpoints
+from logix.analysis.index import index_influence
 from logix.analysis.influence import InfluenceResult, compute_influence
 from logix.analysis.sharded import sharded_influence
 from logix.config.choices import CheckpointWeighting, PreconditionerType, ScoreMode
@@ -54,8 +55,20 @@ def influence(
     under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and the
     ranks share the parts. The full score matrix is then written with ``save_scores=True`` (or
     any ``scores_path``) to ``work_dir/scores.h5``, a virtual dataset over the parts.
+    ``use_index=True`` (with ``top_k``, optionally ``nprobe`` / ``rerank``): the top-k through the run's
+    faiss index (``logix index``; :mod:`logix.analysis.index`): exact scores of approximately
+    selected rows, no self-influence; the exact scan stays the default.
     ``kwargs`` go to :func:`compute_influence`.
     """
+    if kwargs.pop("use_index", False):  # the run's faiss index (logix index): approximate top-k, exact scores
+        if full_space_run is not None or work_dir is not None or Dist.current().active:
+            raise LogixError("use_index=True scores through one run's index in one process: no full_space_run, "
+                             "work_dir or torchrun.")
+        if kwargs.get("scores_path") or kwargs.get("save_scores") or kwargs.get("per_module"):
+            raise LogixError("use_index=True finds the top-k only: no score matrix (save_scores) or per-module "
+                             "breakdown; score without the index for those.")
+        return index_influence(run_dir, preconditioner, damping, mode, top_k=kwargs.pop("top_k", 10),
+                               nprobe=kwargs.pop("nprobe", None), rerank=kwargs.pop("rerank", 10))
     if work_dir is not None or Dist.current().active:
         return _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_space_run,
                                 Path(work_dir or scoring_dir(run_dir)), part_rows, overwrite_parts, kwargs)

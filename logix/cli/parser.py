@@ -1,35 +1,12 @@
-"""The ``logix`` command line.
-
-    logix run CONFIG [key.sub=value ...]        fine-tune (or load) a model, log, score influence
-    logix extract CONFIG [key.sub=value ...]    log a dataset with the model held fixed (no training)
-    logix influence DIR [options]               score the queries logged in DIR against its train rows
-    logix inspect DIR                           what a run, project or store directory holds
-    logix verify DIR                            check every stored byte; name each damaged file
-    logix contribute CONFIG [key.sub=value ...] score instruction data, fit a selector, select a subset
-    logix select --scores F --pool F --by NAME  select the top of a score table and export the subset
-    logix report DIR                            a self-contained HTML report of a project or run
-
-Every command exits 0 on success, and on a user error prints one line ``logix: error: ...``
-to stderr and exits 1 (2 for a malformed command line, a bad option value included;
-``logix verify`` exits 1 when it finds a damaged file).
-"""
+"""The ``logix`` argument parser: commands, option types (a bad value is one line, exit code 2),
+and the markdown reference of every command's ``--help`` (docs/cli.md)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import enum
-import logging
 import math
-import os
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from logix.errors import LogixError
-
-if TYPE_CHECKING:  # the library (and torch) is imported by the commands, so that --help stays fast
-    from logix.config import AnalysisConfig
 
 
 class Command(str, enum.Enum):
@@ -43,6 +20,8 @@ class Command(str, enum.Enum):
     REPORT = "report"
     INSPECT = "inspect"
     VERIFY = "verify"
+    INDEX = "index"
+    QUERY = "query"
 
     @property
     def distributed(self) -> bool:
@@ -85,163 +64,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from logix.jobs.inspect import inspect_run
-
-    print(inspect_run(args.run_dir))
-
-
-# ---- verify ------------------------------------------------------------------------------------
-def cmd_verify(args: argparse.Namespace) -> int:
-    from logix.store.verify import verify_path
-
-    result = verify_path(args.run_dir)
-    print(result.summary())
-    return 0 if result.ok else 1
-
-
-# ---- run / extract -----------------------------------------------------------------------------
-def _job(args: argparse.Namespace):
-    from logix.jobs.attribution import AttributionJob
-
-    return AttributionJob.from_yaml(args.config, args.overrides, project=args.project, overwrite=args.overwrite,
-                                    progress=not args.quiet)
-
-
-def cmd_run(args: argparse.Namespace) -> None:
-    from logix.core.distributed import Dist
-
-    result = _job(args).run()
-    if Dist.current().is_main:
-        print(result.summary(max_queries=args.show))
-        print(f"\noutputs in {result.dir}")
-
-
-def cmd_extract(args: argparse.Namespace) -> None:
-    from logix.core.distributed import Dist
-
-    result = _job(args).run(extract_only=True)
-    if Dist.current().is_main:
-        from logix.jobs.inspect import inspect_run
-
-        print(inspect_run(result.dir))
-
-
-# ---- influence ---------------------------------------------------------------------------------
-def _analysis_defaults(directory: Path) -> AnalysisConfig:
-    from logix.config import AnalysisConfig, Config
-    from logix.store.rundir import job_file
-
-    job = job_file(directory)
-    return Config.from_yaml(job).analysis if job.exists() else AnalysisConfig()
-
-
-def cmd_influence(args: argparse.Namespace) -> None:
-    from logix.analysis import Damping, influence
-    from logix.analysis.records import category_agreement, write_outputs
-    from logix.core.distributed import Dist
-    from logix.store.rundir import influence_file, scores_file, scoring_dir
-
-    directory = args.run_dir
-    if not directory.is_dir():
-        raise LogixError(f"{directory} is not a directory.")
-    ac = _analysis_defaults(directory)
-    pre = args.preconditioner or ac.preconditioner
-    if args.preconditioner and args.preconditioner != ac.preconditioner and ac.damping is None:
-        ac = dataclasses.replace(ac, preconditioner=args.preconditioner)  # its own default damping
-    damping = ac.resolved_damping()
-    if args.damping is not None or args.absolute_damping is not None:
-        damping = Damping(damping.value if args.damping is None else args.damping,
-                          damping.relative if args.absolute_damping is None else not args.absolute_damping)
-    out = args.out or directory
-    dist = Dist.current()
-    dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
-    parts = args.work_dir is not None or dist.active
-    result = influence(
-        directory, preconditioner=pre, damping=damping, mode=args.mode or ac.mode,
-        weighting=args.weighting or ac.checkpoints.value, top_k=args.top_k or ac.top_k,
-        memory_budget_mb=ac.memory_budget_mb, scores_path=scores_file(out) if args.save_scores else None,
-        per_module=args.per_module, progress=not args.quiet,
-        full_space_run=args.full_space_run or ac.full_space_run,
-        work_dir=(args.work_dir or scoring_dir(out)) if parts else None, part_rows=args.part_rows,
-        overwrite_parts=args.overwrite,
-    )
-    if not dist.is_main:
-        return
-    texts = _job_texts(directory)
-    sanity = category_agreement(result, *texts[2:]) if texts else None
-    write_outputs(out, result, texts[0] if texts else {}, texts[1] if texts else {}, sanity)
-    print(f"scored {len(result.query_ids)} queries x {len(result.train_ids)} train rows "
-          f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}"
-          f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {influence_file(out)}")
-    if parts and result.scores_path is not None:
-        print(f"score matrix: {result.scores_path} (a virtual dataset over the parts beside it)")
-    if sanity:
-        print(f"sanity: {sanity['same_category']:.1%} of top-{int(sanity['k'])} proponents share the "
-              f"query's category (random: {sanity['random']:.1%})")
-
-
-def _job_texts(directory: Path):
-    """(train texts, query texts, train categories, query categories) from the job's data, if any."""
-    from logix.store.rundir import job_file
-
-    job = job_file(directory)
-    if not job.exists():
-        return None
-    from logix.config import Config
-    from logix.data import build_datasets, build_tokenizer, dataset_categories, dataset_texts
-
-    config = Config.from_yaml(job)
-    try:
-        tokenizer = build_tokenizer(config, Path.cwd())
-        train, queries = build_datasets(config, tokenizer, Path.cwd())
-    except (LogixError, OSError) as exc:
-        logging.getLogger("logix").warning("logix: texts unavailable (%s)", exc)
-        return None
-    if queries is None:
-        return None
-    return (dataset_texts(train), dataset_texts(queries), dataset_categories(train, config),
-            dataset_categories(queries, config))
-
-
-# ---- contribution ------------------------------------------------------------------------------
-def cmd_contribute(args: argparse.Namespace) -> None:
-    from logix.config import Config
-    from logix.jobs.contribution import ContributionJob
-
-    config = Config.from_yaml(args.config, args.overrides)
-    job = ContributionJob(config, project=args.project, config_dir=args.config.resolve().parent,
-                          overwrite=args.overwrite, progress=not args.quiet)
-    print(job.run().summary())
-
-
-# ---- report ------------------------------------------------------------------------------------
-def cmd_report(args: argparse.Namespace) -> None:
-    from logix.report import write_report
-
-    path = write_report(args.run_dir, args.out, title=args.title, top_k=args.top_k, max_queries=args.max_queries,
-                        max_rows=args.max_rows)
-    print(f"wrote {path} (open it in a browser; it needs no network)")
-
-
-def cmd_select(args: argparse.Namespace) -> None:
-    from logix.contribution import ScoreTable, export_selection, format_summary, load_pool, select
-    from logix.data import PromptTemplate
-    from logix.store.rundir import SELECTED_FILE
-
-    if (args.top_p is None) == (args.top_k is None):
-        raise LogixError("give exactly one of --top-p or --top-k")
-    table = ScoreTable.load(args.scores)
-    pool = load_pool(args.pool, id_field=args.id_field)
-    template = PromptTemplate(output_field=args.output_field)
-    selection = select(table, args.by, top_p=args.top_p, top_k=args.top_k, pool=pool, template=template,
-                       category_key=args.category_field, seed=args.seed)
-    paths = export_selection(selection, pool, args.out, name=args.name or SELECTED_FILE)
-    print(format_summary(selection.summary))
-    print(f"wrote {paths['subset']} and {paths['summary']}")
-
-
-# ---- entry point -------------------------------------------------------------------------------
 class _Formatter(argparse.HelpFormatter):
     """Fixed width, so that ``--help`` (and docs/cli.md) reads the same on every terminal."""
 
@@ -249,7 +71,7 @@ class _Formatter(argparse.HelpFormatter):
         super().__init__(prog, width=100, max_help_position=32)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="logix", description="logix: which training data made your "
                                      "model do what it does.", formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", choices=["lr", "uniform", "last"], help="how checkpoints combine")
     p.add_argument("--top-k", type=positive_int, help="proponents and opponents kept per query (default: the job's, 10)")
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
+    p.add_argument("--use-index", action="store_true",
+                   help="find the top-k through DIR's index (logix index) instead of scanning every row")
     p.add_argument("--per-module", action="store_true",
                    help="also write per_module.json: each module's part of the proponents' scores")
     p.add_argument("--full-space-run", type=Path,
@@ -333,52 +157,48 @@ def _parser() -> argparse.ArgumentParser:
                               "/ projection file against its checksum. Prints each damaged file by name; exits 1 "
                               "when one is found.")
     p_verify.add_argument("run_dir", type=Path, help="run, project or store directory")
+    p = sub.add_parser(Command.INDEX.value, help="build an approximate top-k index of a run's train rows",
+                       formatter_class=_Formatter, description="Index the train rows of DIR (a run, or a project "
+                       "with one logged checkpoint) with faiss in one streaming pass, so that `logix query` and "
+                       "`logix influence --use-index` find each query's top proponents without scanning every row "
+                       "(candidates are re-scored exactly from the store). Saved in DIR's run/index/.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--kind", choices=["flat", "ivfflat", "ivfpq", "hnsw"], default="ivfpq",
+                   help="flat: exact; ivfflat / ivfpq: inverted lists of rows / of PQ codes; hnsw: a graph")
+    p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot",
+                   help="the scores whose top-k the index serves (dot and unit serve every preconditioner)")
+    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"], default="kfac",
+                   help="for cosine / relative: the preconditioner whose norms the rows are divided by")
+    p.add_argument("--damping", type=nonnegative_float, help="for cosine / relative (default: the preconditioner's)")
+    p.add_argument("--nlist", type=positive_int, help="inverted lists (default: about 4 sqrt(rows))")
+    p.add_argument("--m", type=positive_int, help="ivfpq: parts per row, one code each (default: dim / 4)")
+    p.add_argument("--nbits", type=positive_int, help="ivfpq: bits per code (default: 8)")
+    p.add_argument("--hnsw-m", type=positive_int, help="hnsw: links per node (default: 32)")
+    p.add_argument("--train-rows", type=positive_int, help="ivf*: rows sampled to train on (default: 40 nlist)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser(Command.QUERY.value, help="top-k train rows of logged queries, by the index (JSON lines)",
+                       formatter_class=_Formatter, description="For each query row logged in QUERIES (a run "
+                       "directory's queries store; default: DIR's own), print one JSON line: the query id and its "
+                       "top-k proponents (and opponents) with exact scores, found through DIR's index.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--queries", type=Path, help="run directory (or store folder) holding the query rows")
+    p.add_argument("--top-k", type=positive_int, default=10, help="rows per query (default: 10)")
+    p.add_argument("--opponents", action="store_true", help="also the k most negative scores")
+    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"],
+                   help="dot / unit indexes: the query's preconditioner (default: kfac)")
+    p.add_argument("--damping", type=nonnegative_float, help="dot / unit indexes: damping (default: the preconditioner's)")
+    p.add_argument("--nprobe", type=positive_int, help="ivf*: lists searched per query (default: nlist / 64)")
+    p.add_argument("--rerank", type=positive_int, default=10,
+                   help="candidates per result re-scored exactly (default: 10; more: higher recall)")
+    p.add_argument("--texts", action="store_true", help="add the examples' texts (from the project's job data)")
     return parser
 
 
 def cli_reference() -> str:
     """Markdown of every command's ``--help`` (docs/cli.md; a test keeps it in sync)."""
-    parser = _parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     parts = ["```text", parser.format_help().strip(), "```", ""]
     for name, command in sub.choices.items():
         parts += [f"### `logix {name}`", "", "```text", command.format_help().strip(), "```", ""]
     return "\n".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from logix.core.distributed import init_from_launcher, initialized
-
-    command = Command(args.command)
-    launched = command.distributed and not initialized() and init_from_launcher()  # a torchrun worker
-    commands = {Command.RUN: cmd_run, Command.EXTRACT: cmd_extract, Command.INFLUENCE: cmd_influence,
-                Command.INSPECT: cmd_inspect, Command.CONTRIBUTE: cmd_contribute,
-                Command.SELECT: cmd_select, Command.REPORT: cmd_report, Command.VERIFY: cmd_verify}
-    status = 0
-    try:
-        status = commands[command](args) or 0
-    except (LogixError, OSError, KeyError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
-        print(f"logix: error: {reason}", file=sys.stderr)
-        status = 1
-    finally:
-        if initialized():
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
-    if launched:
-        # A launcher's worker leaves now: its outputs are written (fsynced, renamed) and its process
-        # group destroyed, but the interpreter's exit can abort in torch's C++ teardown on a loaded
-        # machine ("terminate called without an active exception", exit -6, also before logix
-        # changed anything here), which the launcher reports as a failed job.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(status)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
