@@ -14,6 +14,11 @@ cosine     ``g / ||g||_H``                 ``H^-1 q / ||q||_H``
 
 so a ``dot`` or ``unit`` index serves every preconditioner and damping (they only change the
 query), while a ``relative`` / ``cosine`` index is built for one (its rows' ``H``-norms). The
+approximate kinds search by Euclidean distance after the usual reduction of maximum inner
+product to nearest neighbours: each vector ``x`` gains a coordinate ``sqrt(M^2 - |x|^2)`` (``M``
+the largest norm, from a first pass) and each query a 0, so that the nearest vectors are those
+of largest inner product (an IVF quantizer on raw inner products misses large-norm rows: recall
+0.39 against 0.98 on the clustered store of the tests). The
 index proposes ``rerank x k`` candidates per query; they are scored exactly against the
 store's rows and the best ``k`` returned, so **every returned score is exact** and only which
 rows are returned is approximate (measured as recall against the exact scan in
@@ -90,6 +95,11 @@ def preconditioner_of(run_dir: Path, store: Store, kind: PreconditionerType, dam
     return Preconditioner(kind, stats, store.layout, damping)
 
 
+def augmented_dim(kind: IndexKind, dim: int) -> int:
+    """The indexed width: ``dim`` (flat), else ``dim + 1`` (the norm coordinate) rounded up to 8."""
+    return dim if kind is IndexKind.FLAT else -(-(dim + 1) // 8) * 8
+
+
 def default_params(kind: IndexKind, n: int, dim: int) -> dict[str, int]:
     """nlist about 4 sqrt(n) (a power of two, 16 to 65,536); PQ with the largest divisor of dim up to
     dim/4 parts of ``nbits`` = 8 bits (fewer for stores under 256 rows)."""
@@ -143,33 +153,39 @@ class Index:
         n, dim = store.n_rows, store.dim
         if n == 0:
             raise StoreError(f"{run_dir} has no train rows to index.")
-        params = {**default_params(kind, n, dim), **{k: v for k, v in
+        width = augmented_dim(kind, dim)
+        params = {**default_params(kind, n, width), **{k: v for k, v in
                   {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": hnsw_m}.items() if v is not None}}
         for key, value in params.items():
             if not isinstance(value, int) or value < 1:
                 raise LogixError(f"Index parameter {key} must be a positive integer, got {value!r}.")
-        if kind is IndexKind.IVFPQ and dim % params["m"]:
-            raise LogixError(f"m={params['m']} must divide the row dimension {dim} (PQ splits rows in m parts).")
+        if kind is IndexKind.IVFPQ and width % params["m"]:
+            raise LogixError(f"m={params['m']} must divide the indexed width {width} (the {dim} values of a row, "
+                             "its norm coordinate and zero padding to a multiple of 8; PQ splits it in m parts).")
         if kind is IndexKind.IVFPQ and n < 2 ** params["nbits"]:
             raise LogixError(f"nbits={params['nbits']} needs at least {2 ** params['nbits']} rows to train on; "
                              f"the store has {n}: lower nbits or use kind flat.")
         pre = preconditioner_of(run_dir, store, pre_kind, damping) if mode in NORMED else None
         started = time.perf_counter()
-        index = _empty_index(faiss, kind, dim, params)
+        index = _empty_index(faiss, kind, width, params)
+        norms: list[Tensor] = []
+        passes = 1 if kind is IndexKind.FLAT else 2
+        bar = tqdm(total=passes * n, desc=f"logix index ({kind.value})", unit="rows", disable=not progress, leave=False)
+        top = 0.0
+        if kind is not IndexKind.FLAT:  # pass 1: the largest vector norm (and the rows' H-norms)
+            for chunk in store.iter_chunks(chunk_rows):
+                top = max(top, float(_vectors(chunk.rows, mode, pre, norms).norm(dim=1).max()))
+                bar.update(chunk.rows.shape[0])
         if not index.is_trained:
             wanted = train_rows or max(40 * params["nlist"], 10_000 if kind is IndexKind.IVFPQ else 0)
             pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, wanted), replace=False))
-            sample = _vectors(store.take(pick), mode, pre)
-            index.train(np.ascontiguousarray(sample.numpy(), dtype=np.float32))
-            del sample
-        norms = []
-        bar = tqdm(total=n, desc=f"logix index ({kind.value})", unit="rows", disable=not progress, leave=False)
+            index.train(_augment(_vectors(store.take(pick), mode, pre), width, top))
         for chunk in store.iter_chunks(chunk_rows):
-            vectors = _vectors(chunk.rows, mode, pre, norms)
-            index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+            index.add(_augment(_vectors(chunk.rows, mode, pre, norms if passes == 1 else None), width, top))
             bar.update(chunk.rows.shape[0])
         bar.close()
-        meta = {"kind": kind.value, "mode": mode.value, "params": params, "rows": n, "dim": dim,
+        meta = {"kind": kind.value, "mode": mode.value, "params": params, "rows": n, "dim": dim, "width": width,
+                "max_norm": top,
                 "preconditioner": pre_kind.value if mode in NORMED else None,
                 "damping": {"value": damping.value, "relative": damping.relative} if mode in NORMED else None,
                 "store": store_fingerprint(store), "build_s": round(time.perf_counter() - started, 3)}
@@ -248,7 +264,9 @@ class Index:
             pq = -pq
         self._set_search_params(nprobe, k * rerank)
         candidates = min(len(self), k * rerank)
-        _, found = self.faiss_index.search(np.ascontiguousarray(pq.numpy(), dtype=np.float32), candidates)
+        query = np.zeros((pq.shape[0], self.meta["width"]), np.float32)  # the norm coordinate and padding: 0
+        query[:, : pq.shape[1]] = pq.numpy()
+        _, found = self.faiss_index.search(query, candidates)
         found = torch.from_numpy(found)
         scores, index = [], []
         for lo in range(0, pq.shape[0], batch):
@@ -292,18 +310,27 @@ class Index:
         return top.masked_fill(torch.isinf(top), math.nan), index
 
 
-def _empty_index(faiss, kind: IndexKind, dim: int, params: dict[str, int]):
-    ip = faiss.METRIC_INNER_PRODUCT
+def _empty_index(faiss, kind: IndexKind, width: int, params: dict[str, int]):
+    """Flat: exact inner products; the others: Euclidean distance over augmented vectors."""
     if kind is IndexKind.FLAT:
-        return faiss.IndexFlatIP(dim)
+        return faiss.IndexFlatIP(width)
     if kind is IndexKind.HNSW:
-        return faiss.IndexHNSWFlat(dim, params["hnsw_m"], ip)
-    quantizer = faiss.IndexFlatIP(dim)
+        return faiss.IndexHNSWFlat(width, params["hnsw_m"])
+    quantizer = faiss.IndexFlatL2(width)  # faiss's Python wrapper keeps it alive with the index
     if kind is IndexKind.IVFFLAT:
-        index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], ip)
-    else:
-        index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], ip)
-    return index  # faiss's Python wrapper keeps the coarse quantizer alive with the index
+        return faiss.IndexIVFFlat(quantizer, width, params["nlist"])
+    return faiss.IndexIVFPQ(quantizer, width, params["nlist"], params["m"], params["nbits"])
+
+
+def _augment(vectors: Tensor, width: int, top: float) -> np.ndarray:
+    """``[x, sqrt(top^2 - |x|^2), 0...]`` (``width`` columns; ``x`` itself when width is its own)."""
+    x = vectors.numpy().astype(np.float32, copy=False)
+    if width == x.shape[1]:
+        return np.ascontiguousarray(x)
+    out = np.zeros((x.shape[0], width), np.float32)
+    out[:, : x.shape[1]] = x
+    out[:, x.shape[1]] = np.sqrt(np.maximum(np.float64(top) ** 2 - (x.astype(np.float64) ** 2).sum(1), 0.0))
+    return out
 
 
 def _vectors(rows: Tensor, mode: ScoreMode, pre: Preconditioner | None, norms: list | None = None) -> Tensor:

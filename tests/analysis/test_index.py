@@ -1,0 +1,125 @@
+"""The index: exact scores, the exact scan's top-k where the index sees every candidate, high
+recall on a clustered store where it does not, and refusal of damaged or stale indexes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+from logix.analysis import Index, compute_influence, influence  # noqa: E402
+from logix.analysis.influence import Checkpoint  # noqa: E402
+from logix.analysis.precondition import Preconditioner  # noqa: E402
+from logix.cli import main  # noqa: E402
+from logix.errors import LogixError, StoreError  # noqa: E402
+from logix.store import Layout, ShardWriter, Store  # noqa: E402
+from logix.store.rundir import index_file, store_dir  # noqa: E402
+from tests.reliability.conftest import log_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return log_run(tmp_path_factory.mktemp("index"))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfflat", "ivfpq", "hnsw"])
+@pytest.mark.parametrize("mode", ["dot", "relative", "cosine", "unit"])
+def test_top_k_equals_the_exact_scan(run_dir, kind, mode):
+    """With candidates covering the store, every kind returns the exact scan's top-k and scores."""
+    Index.build(run_dir, kind=kind, mode=mode, preconditioner="kfac", progress=False)
+    exact = influence(run_dir, preconditioner="kfac", mode=mode, top_k=5, progress=False)
+    got = influence(run_dir, preconditioner="kfac", mode=mode, top_k=5, use_index=True, rerank=10, nprobe=64)
+    assert got.top_ids == exact.top_ids and got.bottom_ids == exact.bottom_ids
+    torch.testing.assert_close(got.top_scores, exact.top_scores, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.bottom_scores, exact.bottom_scores, rtol=1e-5, atol=1e-7)
+
+
+def test_a_dot_index_serves_every_preconditioner(run_dir):
+    Index.build(run_dir, kind="flat", mode="dot", progress=False)
+    for pre in ("identity", "kfac"):
+        exact = influence(run_dir, preconditioner=pre, top_k=4, progress=False, damping=0.3)
+        got = influence(run_dir, preconditioner=pre, top_k=4, use_index=True, damping=0.3)
+        assert got.top_ids == exact.top_ids
+
+
+def test_a_relative_index_refuses_other_settings_and_modes(run_dir):
+    Index.build(run_dir, kind="flat", mode="relative", preconditioner="kfac", progress=False)
+    with pytest.raises(LogixError, match="built for the kfac preconditioner"):
+        influence(run_dir, preconditioner="identity", mode="relative", top_k=3, use_index=True)
+    with pytest.raises(LogixError, match="serves mode 'relative', not 'dot'"):
+        influence(run_dir, top_k=3, use_index=True)
+
+
+def test_a_damaged_or_stale_index_is_refused(tmp_path):
+    run_dir = log_run(tmp_path / "root")
+    Index.build(run_dir, kind="flat", progress=False)
+    path = index_file(run_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="index.faiss: its bytes do not match"):
+        Index.load(run_dir)
+    Index.build(run_dir, kind="flat", progress=False)
+    store = store_dir(run_dir)
+    manifest = json.loads((store / "manifest.json").read_text())
+    writer = ShardWriter(store, Layout.from_json(manifest["layout"]), manifest["dtype"], False)
+    writer.submit(torch.zeros(2, manifest["dim"]), ["new0", "new1"])  # the store grows after indexing
+    writer.close()
+    with pytest.raises(StoreError, match="stale"):
+        Index.load(run_dir)
+
+
+def _clustered_store(directory: Path, n: int, dim: int, seed: int = 0) -> Store:
+    """Rows around 64 random directions of very different norms: gradient-like, not isotropic."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(64, dim, generator=gen) * torch.logspace(0, 1, 64)[:, None]
+    layout = Layout.build([(f"m{i}", "linear", (4, dim // 16)) for i in range(4)])
+    writer = ShardWriter(directory, layout, "float32", False)
+    writer.set_id_type("int")
+    for lo in range(0, n, 2048):
+        m = min(2048, n - lo)
+        pick = torch.randint(0, 64, (m,), generator=gen)
+        writer.submit(centers[pick] + 0.5 * torch.randn(m, dim, generator=gen), list(range(lo, lo + m)))
+    writer.close()
+    return Store(directory)
+
+
+def test_ivfpq_recall_on_a_store_it_cannot_scan(tmp_path):
+    """20,000 rows, 6 % of the lists probed, PQ codes at 1/16 of the rows' bytes: recall@10 >= 0.9."""
+    run_dir = tmp_path / "run"
+    store = _clustered_store(store_dir(run_dir), 20_000, 128)
+    index = Index.build(run_dir, kind="ivfpq", mode="dot", preconditioner="identity", progress=False)
+    assert index.nbytes < store.nbytes() / 8
+    queries = torch.randn(50, 128, generator=torch.Generator().manual_seed(1)) * 3
+    hits = index.search(queries, 10, preconditioner="identity", nprobe=8, rerank=10)
+    cp = Checkpoint(store, queries, Preconditioner("identity", None, store.layout))
+    exact = compute_influence(cp, top_k=10, self_influence=False, progress=False)
+    recall = np.mean([len(set(h) & set(e)) / 10 for h, e in zip(hits.index.tolist(), exact.top_index.tolist())])
+    assert recall >= 0.9, recall
+    rows = store.read_all().to(torch.float64)
+    want = (queries.to(torch.float64) @ rows.T).gather(1, hits.index)  # the scores are exact
+    torch.testing.assert_close(hits.scores, want)
+
+
+def test_cli_index_query_and_influence_use_index(run_dir, capsys):
+    assert main(["index", str(run_dir), "--kind", "hnsw", "--quiet"]) == 0
+    assert "indexed 32 rows" in capsys.readouterr().out
+    assert main(["query", str(run_dir), "--top-k", "3", "--opponents"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    exact = influence(run_dir, top_k=3, progress=False)
+    assert [r["query_id"] for r in lines] == exact.query_ids
+    assert [[p["id"] for p in r["proponents"]] for r in lines] == exact.top_ids
+    assert [[p["id"] for p in r["opponents"]] for r in lines] == exact.bottom_ids
+    assert main(["influence", str(run_dir), "--use-index", "--top-k", "3", "--quiet"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "logix.cli", "query", str(run_dir), "--top-k", "0"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
