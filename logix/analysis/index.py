@@ -134,7 +134,7 @@ class Index:
 
     # ---- build ----------------------------------------------------------------------------------
     @classmethod
-    def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFPQ, mode: ScoreMode | str = ScoreMode.DOT,
+    def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFSQ8, mode: ScoreMode | str = ScoreMode.DOT,
               preconditioner: PreconditionerType | str = PreconditionerType.KFAC, damping: Damping | None = None,
               nlist: int | None = None, m: int | None = None, nbits: int | None = None, hnsw_m: int | None = None,
               train_rows: int | None = None, chunk_rows: int = 8192, seed: int = 0, progress: bool = True) -> Index:
@@ -288,7 +288,7 @@ class Index:
 
     def _set_search_params(self, nprobe: int | None, wanted: int) -> None:
         faiss = _faiss()
-        if self.kind in (IndexKind.IVFFLAT, IndexKind.IVFPQ):
+        if self.kind in (IndexKind.IVFFLAT, IndexKind.IVFSQ8, IndexKind.IVFPQ):
             ivf = faiss.extract_index_ivf(self.faiss_index)
             ivf.nprobe = min(ivf.nlist, nprobe or max(1, ivf.nlist // 64))
         elif self.kind is IndexKind.HNSW:
@@ -319,6 +319,8 @@ def _empty_index(faiss, kind: IndexKind, width: int, params: dict[str, int]):
     quantizer = faiss.IndexFlatL2(width)  # faiss's Python wrapper keeps it alive with the index
     if kind is IndexKind.IVFFLAT:
         return faiss.IndexIVFFlat(quantizer, width, params["nlist"])
+    if kind is IndexKind.IVFSQ8:
+        return faiss.IndexIVFScalarQuantizer(quantizer, width, params["nlist"], faiss.ScalarQuantizer.QT_8bit)
     return faiss.IndexIVFPQ(quantizer, width, params["nlist"], params["m"], params["nbits"])
 
 

@@ -162,6 +162,7 @@ class IndexKind(ChoiceEnum):
 
     FLAT = "flat"  # exact inner products over float32 vectors (4 B per value)
     IVFFLAT = "ivfflat"  # inverted lists of float32 vectors: scans nprobe of nlist lists
+    IVFSQ8 = "ivfsq8"  # inverted lists of 8-bit scalar-quantized vectors (1 B per value)
     IVFPQ = "ivfpq"  # inverted lists of product-quantized codes (m bytes per row at 8 bits)
     HNSW = "hnsw"  # a graph over float32 vectors
 

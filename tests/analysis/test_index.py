@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory) -> Path:
     return log_run(tmp_path_factory.mktemp("index"))
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivfflat", "ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivfflat", "ivfsq8", "ivfpq", "hnsw"])
 @pytest.mark.parametrize("mode", ["dot", "relative", "cosine", "unit"])
 def test_top_k_equals_the_exact_scan(run_dir, kind, mode):
     """With candidates covering the store, every kind returns the exact scan's top-k and scores."""
@@ -93,12 +93,13 @@ def _clustered_store(directory: Path, n: int, dim: int, seed: int = 0) -> Store:
     return Store(directory)
 
 
-def test_ivfpq_recall_on_a_store_it_cannot_scan(tmp_path):
-    """20,000 rows, 6 % of the lists probed, PQ codes at 1/16 of the rows' bytes: recall@10 >= 0.9."""
+@pytest.mark.parametrize("kind, share", [("ivfpq", 1 / 8), ("ivfsq8", 0.35)])
+def test_recall_on_a_store_the_index_does_not_scan(tmp_path, kind, share):
+    """20,000 rows, 1/64 of the lists probed, codes at 1/8 (PQ) or 1/4 (SQ8) of the rows' bytes."""
     run_dir = tmp_path / "run"
     store = _clustered_store(store_dir(run_dir), 20_000, 128)
-    index = Index.build(run_dir, kind="ivfpq", mode="dot", preconditioner="identity", progress=False)
-    assert index.nbytes < store.nbytes() / 8
+    index = Index.build(run_dir, kind=kind, mode="dot", preconditioner="identity", progress=False)
+    assert index.nbytes < store.nbytes() * share
     queries = torch.randn(50, 128, generator=torch.Generator().manual_seed(1)) * 3
     hits = index.search(queries, 10, preconditioner="identity", nprobe=8, rerank=10)
     cp = Checkpoint(store, queries, Preconditioner("identity", None, store.layout))
