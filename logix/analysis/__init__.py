@@ -1,6 +1,6 @@
 """Analysis of logged runs: preconditioners, streaming influence scores, evaluation."""
 
-from logix.analysis.api import influence
+from logix.analysis.api import index_influence, index_run_dir, influence
 from logix.analysis.checkpoints import (
     checkpoint_weights,
     load_asymmetric_checkpoint,
@@ -16,7 +16,7 @@ from logix.analysis.evaluate import (
     subset_masks,
     topk_removal_test,
 )
-from logix.analysis.index import Index, IndexHits, index_influence
+from logix.analysis.index import Index, IndexHits
 from logix.analysis.influence import Checkpoint, InfluenceResult, compute_influence
 from logix.analysis.precondition import (
     AsymmetricPreconditioner,
@@ -45,6 +45,7 @@ __all__ = [
     "checkpoint_weights",
     "default_damping",
     "index_influence",
+    "index_run_dir",
     "influence",
     "load_checkpoints",
     "lds",

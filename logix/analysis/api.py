@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from torch import Tensor
+
 from logix.analysis.checkpoints import load_asymmetric_checkpoint, load_checkpoints
-from logix.analysis.index import index_influence
+from logix.analysis.index import Index
 from logix.analysis.influence import InfluenceResult, compute_influence
 from logix.analysis.sharded import sharded_influence
 from logix.config.choices import CheckpointWeighting, PreconditionerType, ScoreMode
@@ -83,3 +86,39 @@ def influence(
     cps, entries = load_checkpoints(run_dir, preconditioner, damping, weighting)
     query_ids = Store(store_dir(Path(run_dir) / entries[-1]["dir"], QUERY_STORE)).ids
     return compute_influence(cps, query_ids=query_ids, mode=mode, **kwargs)
+
+
+def index_run_dir(path: str | Path) -> Path:
+    """The run directory an index serves: ``path`` itself, or a project's only logged checkpoint."""
+    path = Path(path)
+    index_json = checkpoints_file(path)
+    if not index_json.exists():
+        return path
+    entries = json.loads(index_json.read_text())["checkpoints"]
+    if len(entries) != 1:
+        raise LogixError(f"{path} logged {len(entries)} checkpoints; an index serves one run: give one "
+                         f"checkpoint's run directory ({', '.join(str(path / e['dir']) for e in entries)}).")
+    return path / entries[0]["dir"]
+
+
+def index_influence(run_dir: str | Path, preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+                    damping: Damping | None = None, mode: ScoreMode | str = ScoreMode.DOT, top_k: int = 10,
+                    nprobe: int | None = None, rerank: int = 10, queries: Tensor | None = None,
+                    query_ids: list | None = None) -> InfluenceResult:
+    """``influence(..., use_index=True)``: the top-k proponents and opponents of each logged query
+    through ``run_dir``'s index (exact scores, approximate selection; no self-influence)."""
+    run_dir = index_run_dir(run_dir)
+    index = Index.load(run_dir)
+    mode = ScoreMode.parse(mode, "mode")
+    if mode is not index.mode:
+        raise LogixError(f"The index of {run_dir} serves mode {index.mode.value!r}, not {mode.value!r}: rebuild it "
+                         f"with `logix index {run_dir} --mode {mode.value}`.")
+    if queries is None:
+        store = Store(store_dir(run_dir, QUERY_STORE))
+        queries, query_ids = store.read_all(), store.ids
+    kind = PreconditionerType.parse(preconditioner, "preconditioner")
+    damping = damping if damping is None or isinstance(damping, Damping) else Damping(float(damping))
+    top = index.search(queries, top_k, kind, damping, nprobe=nprobe, rerank=rerank)
+    bottom = index.search(queries, top_k, kind, damping, largest=False, nprobe=nprobe, rerank=rerank)
+    return InfluenceResult(list(query_ids), index.store.ids, top.ids, top.scores, bottom.ids, bottom.scores,
+                           top_index=top.index, bottom_index=bottom.index)

@@ -47,7 +47,6 @@ import xxhash
 from torch import Tensor
 from tqdm import tqdm
 
-from logix.analysis.influence import InfluenceResult
 from logix.analysis.kernels import self_influence_rows
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
@@ -59,9 +58,7 @@ from logix.store.format import fsync_file, write_json_atomic
 from logix.store.integrity import file_digest, size_problem
 from logix.store.reader import Store
 from logix.store.rundir import (
-    QUERY_STORE,
     TRAIN_STORE,
-    checkpoints_file,
     index_dir,
     index_file,
     index_meta_file,
@@ -364,38 +361,3 @@ def _save(run_dir: Path, faiss, index, meta: dict[str, Any], norms: Tensor | Non
     meta = {**meta, "file": {k: v for k, v in file_digest(path).items()}}
     write_json_atomic(index_meta_file(run_dir), meta)  # last: the index exists once this names it
 
-
-def index_run_dir(path: str | Path) -> Path:
-    """The run directory an index serves: ``path`` itself, or a project's only logged checkpoint."""
-    path = Path(path)
-    index_json = checkpoints_file(path)
-    if not index_json.exists():
-        return path
-    entries = json.loads(index_json.read_text())["checkpoints"]
-    if len(entries) != 1:
-        raise LogixError(f"{path} logged {len(entries)} checkpoints; an index serves one run: give one "
-                         f"checkpoint's run directory ({', '.join(str(path / e['dir']) for e in entries)}).")
-    return path / entries[0]["dir"]
-
-
-def index_influence(run_dir: str | Path, preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
-                    damping: Damping | None = None, mode: ScoreMode | str = ScoreMode.DOT, top_k: int = 10,
-                    nprobe: int | None = None, rerank: int = 10, queries: Tensor | None = None,
-                    query_ids: list | None = None) -> InfluenceResult:
-    """``influence(..., use_index=True)``: the top-k proponents and opponents of each logged query
-    through ``run_dir``'s index (exact scores, approximate selection; no self-influence)."""
-    run_dir = index_run_dir(run_dir)
-    index = Index.load(run_dir)
-    mode = ScoreMode.parse(mode, "mode")
-    if mode is not index.mode:
-        raise LogixError(f"The index of {run_dir} serves mode {index.mode.value!r}, not {mode.value!r}: rebuild it "
-                         f"with `logix index {run_dir} --mode {mode.value}`.")
-    if queries is None:
-        store = Store(store_dir(run_dir, QUERY_STORE))
-        queries, query_ids = store.read_all(), store.ids
-    kind = PreconditionerType.parse(preconditioner, "preconditioner")
-    damping = damping if damping is None or isinstance(damping, Damping) else Damping(float(damping))
-    top = index.search(queries, top_k, kind, damping, nprobe=nprobe, rerank=rerank)
-    bottom = index.search(queries, top_k, kind, damping, largest=False, nprobe=nprobe, rerank=rerank)
-    return InfluenceResult(list(query_ids), index.store.ids, top.ids, top.scores, bottom.ids, bottom.scores,
-                           top_index=top.index, bottom_index=bottom.index)

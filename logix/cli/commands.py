@@ -174,7 +174,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 # ---- index / query -----------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> None:
-    from logix.analysis.index import Index, index_run_dir
+    from logix.analysis import Index, index_run_dir
     from logix.config import Damping
 
     run_dir = index_run_dir(args.run_dir)
@@ -188,7 +188,7 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> None:
-    from logix.analysis.index import Index, index_run_dir
+    from logix.analysis import Index, index_run_dir
     from logix.config import Damping
     from logix.store import Store
     from logix.store.format import read_manifest

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from logix.cli import commands as cmd
+import logix.cli.commands as cmd
 from logix.cli.parser import Command, build_parser
 from logix.errors import LogixError
 
