@@ -20,10 +20,14 @@ rounding loses least (see docs/influence.md, "Quantized storage").
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import h5py
 import numpy as np
 import torch
 
 from logix.store.format import Layout
+from logix.store.mapping import Source, can_map, mapped, raw_offset
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 
@@ -88,7 +92,13 @@ def unpack_int4(packed: np.ndarray, dim: int) -> np.ndarray:
 def dequantize(codes: np.ndarray, scales: np.ndarray, layout: Layout, dtype: str,
                columns: list[slice] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Float32 rows from ``codes`` and ``scales`` (all columns, or the ``columns`` slices in
-    order), written into ``out`` when given."""
+    order), written into ``out`` when given.
+
+    All columns of int4 rows are decoded straight into ``out`` (each nibble's ``code - 8`` converted
+    to float32 in one pass per half, then each block scaled in place), a few hundred rows at a time,
+    so no full-size integer temporary is made; other requests decode the wanted columns."""
+    if columns is None and QUANT_BITS[dtype] == 4:
+        return _dequantize_int4(codes, scales, layout, out)
     if QUANT_BITS[dtype] == 4:
         codes = unpack_int4(codes, layout.dim)
     spans = [(b, blk.columns) for b, blk in enumerate(layout.blocks)]
@@ -106,3 +116,42 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, layout: Layout, dtype: str
             np.multiply(codes[:, lo:hi], scales[:, b : b + 1], out=dest, dtype=np.float32)
         at += c.stop - c.start
     return out
+
+
+def _dequantize_int4(packed: np.ndarray, scales: np.ndarray, layout: Layout, out: np.ndarray | None) -> np.ndarray:
+    n, dim = packed.shape[0], layout.dim
+    if out is None:
+        out = np.empty((n, dim), np.float32)
+    step = max(1, (1 << 20) // max(packed.shape[1], 1))  # ~1 MB of codes per block of rows
+    even, odd = (dim + 1) // 2, dim // 2
+    codes, rows_all = torch.from_numpy(np.asarray(packed)), torch.from_numpy(out)  # torch: the ops use every core
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        part, rows = codes[lo:hi], rows_all[lo:hi]
+        rows[:, 0::2].copy_(torch.bitwise_and(part[:, :even], 0x0F)).sub_(8)
+        rows[:, 1::2].copy_(torch.bitwise_right_shift(part[:, :odd], 4)).sub_(8)
+        block_scales = torch.from_numpy(np.asarray(scales[lo:hi]))
+        for b, block in enumerate(layout.blocks):
+            rows[:, block.columns].mul_(block_scales[:, b : b + 1])
+    return out
+
+def quantized_sources(path: Path) -> tuple[Source, Source]:
+    """Where a quantized shard's codes and scales lie in its file (for :func:`read_quantized`)."""
+    with h5py.File(path, "r") as fh:
+        codes, scales = fh["rows"], fh["scales"]
+        return (Source(path, codes.dtype, raw_offset(codes, codes.dtype, codes.shape)),
+                Source(path, scales.dtype, raw_offset(scales, scales.dtype, scales.shape)))
+
+
+def read_quantized(sources: tuple[Source, Source], lo: int, hi: int, layout: Layout, dtype: str,
+                   columns: list[slice] | None, out: np.ndarray) -> np.ndarray:
+    """Rows ``lo:hi`` of a quantized shard, dequantized into ``out``: its codes and scales read
+    through memory maps of the file (no HDF5 call, no copy), or through HDF5 when they are not
+    plain arrays in it."""
+    codes_src, scales_src = sources
+    if codes_src.offset is not None and scales_src.offset is not None and can_map():
+        codes = mapped(codes_src, lo, hi, code_width(dtype, layout.dim), False)
+        scales = mapped(scales_src, lo, hi, len(layout.blocks), False)
+        return dequantize(codes, scales, layout, dtype, columns, out)
+    with h5py.File(codes_src.path, "r") as fh:
+        return dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], layout, dtype, columns, out)

@@ -41,7 +41,7 @@ from logix.store.mapping import (
     prefetched,
     raw_offset,
 )
-from logix.store.quant import dequantize, is_quantized, row_bytes
+from logix.store.quant import dequantize, is_quantized, quantized_sources, read_quantized, row_bytes
 
 Id = int | str
 
@@ -84,6 +84,7 @@ class Store:
         self._positions: np.ndarray | None = None
         self._index: dict[object, int] | None = None
         self._row_sources: list[Source] | None = None
+        self._quant_sources: dict[int, tuple[Source, Source]] = {}
 
     # ---- metadata ---------------------------------------------------------------------
     @property
@@ -256,10 +257,10 @@ class Store:
         """Copy rows ``lo:hi`` of shard ``s`` (their ``columns``) into ``dest``."""
         self._check(s)
         self._check(s, rows=True)
-        if self.quantized:
-            with h5py.File(self.directory / self._shards[s][0], "r") as fh:
-                dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], self.layout, self.dtype_name, columns,
-                                 out=dest)
+        if self.quantized:  # codes and scales memory-mapped (see quant.read_quantized)
+            if s not in self._quant_sources:
+                self._quant_sources[s] = quantized_sources(self.directory / self._shards[s][0])
+            read_quantized(self._quant_sources[s], lo, hi, self.layout, self.dtype_name, columns, dest)
             return
         fill_rows(dest, self._sources()[s], lo, hi, self.dim, columns)
 
@@ -354,7 +355,6 @@ class Store:
 
     def __len__(self) -> int:
         return self.n_rows
-
     def __repr__(self) -> str:
         return (
             f"Store({str(self.directory)!r}, rows={self.n_rows}, dim={self.dim}, "
