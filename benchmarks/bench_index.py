@@ -183,7 +183,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     settings = [
         {"label": "ivfsq8 nprobe16 rr10", "kind": "ivfsq8", "search": {"nprobe": 16, "rerank": 10}},
-        {"label": "ivfpq nprobe32 rr20", "kind": "ivfpq", "search": {"nprobe": 32, "rerank": 20}},
+        {"label": "ivfpq nprobe16 rr50", "kind": "ivfpq", "search": {"nprobe": 16, "rerank": 50}},
+        {"label": "ivfpq nprobe16 rr100", "kind": "ivfpq", "search": {"nprobe": 16, "rerank": 100}},
     ]
     if args.hnsw:
         settings.append({"label": "hnsw rr10", "kind": "hnsw", "search": {"rerank": 10}})

@@ -245,7 +245,7 @@ class Index:
 
     def search(self, queries: Tensor, k: int = 10, preconditioner: PreconditionerType | str | None = None,
                damping: Damping | None = None, largest: bool = True, nprobe: int | None = None,
-               rerank: int = 10, batch: int = 256) -> IndexHits:
+               rerank: int = 10, batch: int = 64) -> IndexHits:
         """The ``k`` train rows with the largest (``largest=False``: most negative) scores for each
         logged query row (``queries``: ``(n_query, dim)`` as a queries store holds them).
 
@@ -292,20 +292,20 @@ class Index:
             self.faiss_index.hnsw.efSearch = max(wanted, 64)
 
     def _rerank(self, pq: Tensor, found: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Exact scores of each query's candidates (from the store's rows) and the best ``k``."""
+        """Exact scores of each query's candidates (from the store's rows) and the best ``k``: one
+        float32 dot product per candidate (as the scan's GEMM), kept in float64."""
         valid = found >= 0
         unique, where = torch.unique(found.clamp_min(0), return_inverse=True)
-        rows = self.store.take(unique.numpy()).to(torch.float64)
+        rows = self.store.take(unique.numpy()).to(torch.float32)
+        exact = torch.bmm(rows[where], pq.to(torch.float32).unsqueeze(2)).squeeze(2).to(torch.float64)
         if self.mode is ScoreMode.UNIT:
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            exact /= rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)[where]
         elif self.mode in NORMED:
-            rows = rows / self.norms[unique].clamp_min(1e-300)[:, None]
-        exact = torch.bmm(rows[where], pq.unsqueeze(2)).squeeze(2)  # (b, candidates)
+            exact /= self.norms[unique].clamp_min(1e-300)[where]
         exact = exact.masked_fill(~valid, -math.inf)
         top, pos = exact.topk(k, dim=1)
         index = found.gather(1, pos).masked_fill(torch.isinf(top), -1)
         return top.masked_fill(torch.isinf(top), math.nan), index
-
 
 def _empty_index(faiss, kind: IndexKind, width: int, params: dict[str, int]):
     """Flat: exact inner products; the others: Euclidean distance over augmented vectors."""
