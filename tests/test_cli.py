@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +127,18 @@ def test_cli_docs_are_in_sync():
 
     text = (ROOT / "docs" / "cli.md").read_text()
     assert cli_reference().strip() in text, "regenerate docs/cli.md (see its Reference section)"
+
+
+def test_version_help_without_torch_and_malformed_yaml_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, cwd=ROOT)
+    version = run([sys.executable, "-m", "logix.cli", "--version"])
+    assert version.returncode == 0 and version.stdout.startswith("logix ")
+    probe = run([sys.executable, "-c", "import sys, logix.cli; logix.cli.parser.build_parser().format_help(); "
+                 "print('torch' in sys.modules)"])
+    assert probe.stdout.strip() == "False", probe.stderr  # --help imports no torch (lazy library imports)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("statistics:\n  kfac: [true\n")
+    proc = run([sys.executable, "-m", "logix.cli", "run", str(bad)])
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "is not valid YAML (line 3, column 1)" in proc.stderr and "Traceback" not in proc.stderr

@@ -178,5 +178,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             elif not isinstance(child, dict):
                 raise ConfigError(f"Override {item!r}: {key!r} is not a section.")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Override {item!r}: its value is not valid YAML ({getattr(exc, 'problem', exc)}).") from None
     return data

@@ -70,7 +70,12 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file not found: {path}.")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:  # one line naming the file and the place, not a traceback
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}.") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}.")
         try:
