@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from logix.analysis.checkpoints import load_asymmetric_checkpoint, load_checkpoints
+from logix.analysis.checkpoints import load_asymmetric_checkpoint, load_checkpoints, logged_queries
 from logix.analysis.index import Index
 from logix.analysis.influence import InfluenceResult, compute_influence
 from logix.analysis.sharded import sharded_influence
@@ -114,7 +114,7 @@ def index_influence(run_dir: str | Path, preconditioner: PreconditionerType | st
         raise LogixError(f"The index of {run_dir} serves mode {index.mode.value!r}, not {mode.value!r}: rebuild it "
                          f"with `logix index {run_dir} --mode {mode.value}`.")
     if queries is None:
-        store = Store(store_dir(run_dir, QUERY_STORE))
+        store = logged_queries(run_dir)
         queries, query_ids = store.read_all(), store.ids
     kind = PreconditionerType.parse(preconditioner, "preconditioner")
     damping = damping if damping is None or isinstance(damping, Damping) else Damping(float(damping))

@@ -17,6 +17,7 @@ from logix.config.damping import Damping
 from logix.core.projection import ModuleProjection, load_projections, random_projection
 from logix.core.statistics import Statistics
 from logix.errors import StatisticsError
+from logix.store.format import read_manifest
 from logix.store.reader import Store
 from logix.store.rundir import (
     CONFIG_FILE,
@@ -43,13 +44,26 @@ def load_checkpoint(
     ``damping=None`` uses the preconditioner's default (``precondition.default_damping``)."""
     run_dir = Path(run_dir)
     train = Store(store_dir(run_dir, TRAIN_STORE))
-    query_rows = Store(store_dir(run_dir, queries)).read_all()
+    query_rows = logged_queries(run_dir, queries).read_all()
     stats_path = statistics_file(run_dir)
     stats = Statistics.load(stats_path) if stats_path.exists() else None
     if stats is None and PreconditionerType.parse(preconditioner) is not PreconditionerType.IDENTITY:
         raise StatisticsError(f"{run_dir} has no finalized statistics ({stats_path}).")
     pre = Preconditioner(preconditioner, stats, train.layout, damping)
     return Checkpoint(train, query_rows, pre, weight)
+
+
+def logged_queries(run_dir: str | Path, name: str = QUERY_STORE) -> Store:
+    """The committed query rows of a run, or an error that says how to commit them."""
+    path = store_dir(run_dir, name)
+    hint = ("call run.finalize() after the `with run.log_queries(...)` blocks: it commits the query rows "
+            "(a first finalize() ends the training rows, a second one the queries)")
+    if read_manifest(path) is None:
+        raise StatisticsError(f"{run_dir} has no logged queries ({path}): {hint}.")
+    store = Store(path)
+    if store.n_rows == 0:
+        raise StatisticsError(f"{run_dir} has no committed query rows: {hint}.")
+    return store
 
 
 def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
@@ -97,7 +111,7 @@ def load_asymmetric_checkpoint(
     """
     run_dir, full_run_dir = Path(run_dir), Path(full_run_dir)
     train = Store(store_dir(run_dir, TRAIN_STORE))
-    full_queries = Store(store_dir(full_run_dir, queries))
+    full_queries = logged_queries(full_run_dir, queries)
     full_layout = full_queries.layout
     stats_path = statistics_file(full_run_dir)
     if not stats_path.exists():

@@ -19,7 +19,7 @@ from torch import nn
 import logix
 from logix.analysis import influence
 from logix.cli import main
-from logix.errors import BatchError, ConfigError, RunDirectoryError
+from logix.errors import BatchError, ConfigError, RunDirectoryError, StatisticsError
 from logix.jobs.attribution import AttributionJob
 from logix.store.rundir import influence_file, run_file, scores_file, store_dir
 from tests.reliability.conftest import CONFIG, data, log_run, model
@@ -203,3 +203,23 @@ def test_nan_scores_never_reach_influence_jsonl(run_dir, tmp_path):
     with pytest.raises(StatisticsError, match="NaN or Inf"):
         write_outputs(tmp_path, bad, {}, {}, None)
     assert not influence_file(tmp_path).exists()
+
+
+def test_scoring_before_the_queries_are_committed_says_to_finalize(tmp_path):
+    net = model()
+    x, y = data(8, 1)
+    run = logix.init("nf", config=CONFIG, root=tmp_path)
+    run.watch(net)
+    for _ in run.plan():
+        for lo in range(0, 8, 4):
+            with run(data_id=list(range(lo, lo + 4))):
+                nn.functional.cross_entropy(net(x[lo : lo + 4]), y[lo : lo + 4], reduction="sum").backward()
+    run.finalize()
+    with pytest.raises(StatisticsError, match="no logged queries"):
+        influence(run.dir, progress=False)
+    with run.log_queries(data_id=["q0", "q1"]):
+        nn.functional.cross_entropy(net(x[:2]), y[:2], reduction="sum").backward()
+    with pytest.raises(StatisticsError, match=r"no committed query rows: call run.finalize\(\) after"):
+        influence(run.dir, progress=False)  # the second finalize() was forgotten
+    run.finalize()
+    assert len(influence(run.dir, progress=False, top_k=3).query_ids) == 2
