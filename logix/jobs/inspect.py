@@ -5,17 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from logix.contribution.scores import ScoreTable
+from logix.contribution.selection import format_summary
 from logix.core.statistics import Statistics
 from logix.errors import LogixError
 from logix.store import Store
 from logix.store.format import read_manifest
 from logix.store.rundir import (
     checkpoints_file,
+    contribution_scores_file,
     job_file,
     model_run_dir,
     run_file,
+    selection_dir,
     statistics_file,
     stores_dir,
+    summary_file,
 )
 
 
@@ -34,6 +41,8 @@ def inspect_run(run_dir: Path) -> str:
     index = checkpoints_file(run_dir)
     if index.exists():
         return _describe_project(run_dir, json.loads(index.read_text())["checkpoints"])
+    if contribution_scores_file(run_dir).exists():  # a `logix contribute` project
+        return _describe_contribution(run_dir)
     if not run_file(run_dir).exists() and job_file(run_dir).exists():  # a job interrupted before its index
         model = model_run_dir(run_dir)
         if not run_file(model).exists():
@@ -88,4 +97,19 @@ def _describe_store(name: str, store: Store) -> str:
     ]
     for block in store.layout.blocks:
         lines.append(f"  {block.name:<40}{block.kind:<11}{str(block.shape):>12}")
+    return "\n".join(lines)
+
+
+def _describe_contribution(project: Path) -> str:
+    """Scores per method of a contribution project, and its selection when one was exported."""
+    table = ScoreTable.load(contribution_scores_file(project))
+    lines = [f"contribution project {project}: {len(table)} examples scored"]
+    for name, values in table.columns.items():
+        scored = int((~np.isnan(values)).sum())
+        lines.append(f"  {name:<22} {scored:>7} scored" + (
+            f", mean {np.nanmean(values):+.4g}, range [{np.nanmin(values):+.4g}, {np.nanmax(values):+.4g}]"
+            if scored else ""))
+    summary = summary_file(selection_dir(project))
+    if summary.exists():
+        lines += ["", format_summary(json.loads(summary.read_text()))]
     return "\n".join(lines)

@@ -62,6 +62,12 @@ def test_contribute_job_scores_selects_and_resumes(tmp_path):
     # re-running resumes from the logs and reproduces the scores
     again = ContributionJob(Config.from_dict(cfg), progress=False).run()
     np.testing.assert_array_equal(again.table.column("icl"), table.column("icl"))
+    # `logix inspect` describes a contribution project: scores per method and the selection
+    from logix.jobs.inspect import inspect_run
+
+    text = inspect_run(result.dir)
+    assert f"{len(table)} examples scored" in text and "selected 5 of" in text
+    assert all(name in text for name in ("icl", "ifd", "selector", "length"))
 
 
 def test_contribute_config_errors(tmp_path):
