@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from logix.capture.run import Run
-from logix.config import Config, resolve_config
+from logix.config import Config, IdPolicy, resolve_config
 from logix.core.distributed import Dist
 from logix.integrations.loop import extract
 from logix.integrations.losses import LossFn, summed_loss
@@ -98,6 +98,7 @@ class LogixCallback(TrainerCallback):
         if overwrite:
             dist.barrier()
         self.train_dataset = train_dataset
+        self._warned_ids = False
         self.queries = queries
         self.data_collator = data_collator
         self.loss_fn = loss_fn
@@ -182,7 +183,24 @@ class LogixCallback(TrainerCallback):
             return self.train_dataset
         if self._dataloader is None:
             raise RuntimeError("LogixCallback has no training data: pass train_dataset=... .")
-        return self._dataloader.dataset
+        dataset = self._dataloader.dataset
+        self._warn_if_ids_were_dropped(dataset)
+        return dataset
+
+    def _warn_if_ids_were_dropped(self, dataset) -> None:
+        """The Trainer hands a datasets.Dataset out without the columns its model does not take
+        (``remove_unused_columns``): an id column is gone, and ids would silently become hashes."""
+        field = self.config.data.id_field
+        columns = getattr(dataset, "column_names", None)
+        if self._warned_ids or columns is None or field in columns or self.config.data.ids is not IdPolicy.AUTO:
+            return
+        self._warned_ids = True
+        log.warning(
+            "logix: the Trainer's training dataset has no %r column (TrainingArguments.remove_unused_columns "
+            "drops the columns the model's forward does not take), so train ids are hashes of the tokens. To "
+            "keep your dataset's ids, pass it to the callback too: LogixCallback(..., train_dataset=train_ds).",
+            field,
+        )
 
     def _collator(self) -> Callable:
         if self.data_collator is not None:

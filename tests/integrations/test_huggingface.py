@@ -273,3 +273,25 @@ def test_checkpoints_of_an_earlier_training_run_are_dropped_from_the_index(tmp_p
     train(tmp_path, steps=2, callback=second)
     index = json.loads((tmp_path / "cb" / "checkpoints.json").read_text())["checkpoints"]
     assert [c["name"] for c in index] == ["step-2"]
+
+
+def test_ids_the_trainer_drops_are_named_and_kept_through_train_dataset(tmp_path, caplog):
+    """With a datasets.Dataset the Trainer removes the id column (remove_unused_columns): the callback
+    says so and how to keep the ids; given train_dataset= it logs them."""
+    from datasets import Dataset
+
+    items = Dataset.from_list(dataset())
+    cfg = {**CONFIG, "schedule": {"at_end": True}}
+    for name, extra in (("dropped", {}), ("kept", {"train_dataset": items})):
+        cb = LogixCallback(cfg, project=name, root=tmp_path, progress=False, **extra)
+        trainer = Trainer(model=tiny_gpt2(), args=args(tmp_path / name, 2), train_dataset=items,
+                          data_collator=collate, callbacks=[cb])
+        with caplog.at_level("WARNING", logger="logix"):
+            trainer.train()
+        train_ids = set(logix.load_store(tmp_path / name / "final" / "stores" / "train").ids)
+        warned = "train ids are hashes of the tokens" in caplog.text
+        if name == "dropped":
+            assert warned and "train_dataset=train_ds" in caplog.text and not train_ids & set(items["id"])
+        else:
+            assert train_ids == set(items["id"]) and not warned
+        caplog.clear()
