@@ -117,7 +117,7 @@ class Lease:
 
 
 _HELD: dict[Path, list] = {}  # lock path -> [FileLock, number of leases, inode of the locked file]
-_GUARD = threading.Lock()
+_GUARD = threading.RLock()  # re-entrant: a Lease collected by the GC inside acquire() releases safely
 
 
 def _owner(path: Path) -> str:
