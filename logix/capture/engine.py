@@ -46,6 +46,15 @@ class Watched:
     shape: LayerShape
 
 
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread.
+
+    A watched module's forward that runs then is activation checkpointing recomputing it.
+    """
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 # Stacked (g P_out, a P_in) of the modules reduced together in ``finish`` stay below this.
 _GROUP_BYTES = 256 * 2**20
 
@@ -56,6 +65,7 @@ class _ModuleState:
     deferred: list[tuple[Tensor, Tensor, Tensor | None]] = field(default_factory=list)  # (gp, ap, w)
     calls: int = 0
     grads_seen: int = 0
+    no_grad_calls: int = 0  # forwards without gradient: reentrant checkpointing recomputes them
     grad: Tensor | None = None  # (B, k_out, k_in)
     token_grad: Tensor | None = None  # (B, T, k_out, k_in)
     stats: dict[str, Tensor] = field(default_factory=dict)
@@ -165,8 +175,15 @@ class BatchCapture:
 
     # ---- hooks ------------------------------------------------------------------------
     def _forward_hook(self, w: Watched, module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
+        st = self.state[w.name]
         if not isinstance(output, Tensor) or not output.requires_grad:
+            if not torch.is_grad_enabled():
+                st.no_grad_calls += 1  # maybe the first forward of a reentrant checkpoint
             return  # no gradient will reach this call (no_grad, frozen branch)
+        if _in_backward():  # activation checkpointing recomputes the forward during backward
+            if st.no_grad_calls == 0:
+                return  # non-reentrant: this call was captured when it first ran
+            st.no_grad_calls -= 1  # reentrant: the gradient flows through this recomputation
         batch = output.shape[0]
         broadcast = False
         if self.batch_size is not None and batch == self.batch_size:
@@ -182,7 +199,8 @@ class BatchCapture:
             # (1, T)): hand the model an expanded view so the output gradient stays per example.
             broadcast, batch = True, self.batch_size
         proj = self.projections[w.name]
-        ap = w.adapter.project_activations(module, inputs, proj, self.dtype)
+        with torch.no_grad():  # no graph (and nothing saved for a checkpoint) for the capture's own work
+            ap = w.adapter.project_activations(module, inputs, proj, self.dtype)
         if broadcast:
             ap = ap.expand(batch, *ap.shape[1:])
             output = output.expand(batch, *output.shape[1:])
@@ -192,7 +210,6 @@ class BatchCapture:
         weights = self._token_weights(w.name, tok, ap.device)
         if weights is not None and not self._defer[w.name]:
             ap = ap * weights.unsqueeze(-1)
-        st = self.state[w.name]
         call = st.calls
         st.calls += 1
         st.pending[call] = (ap, weights)
