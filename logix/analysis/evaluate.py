@@ -22,24 +22,29 @@ TrainFn = Callable[[np.ndarray], np.ndarray]  # bool mask over train examples ->
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), along the first axis."""
-    order = np.argsort(x, axis=0, kind="mergesort")
-    ranks = np.empty_like(order, dtype=np.float64)
-    n = x.shape[0]
-    for col in range(x.shape[1]):
-        ranks[order[:, col], col] = np.arange(n, dtype=np.float64)
-        values = x[order[:, col], col]
-        start = 0
-        for end in range(1, n + 1):
-            if end == n or values[end] != values[start]:
-                ranks[order[start:end, col], col] = (start + end - 1) / 2.0
-                start = end
-    return ranks
+    """Average ranks, 0-based (ties share their mean rank), along the first axis.
+
+    ``scipy.stats.rankdata(x, axis=0) - 1``; a column holding NaN is all NaN.
+    """
+    from scipy.stats import rankdata as scipy_rankdata  # scipy loads on first use
+
+    return scipy_rankdata(np.asarray(x, np.float64), axis=0) - 1.0
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of the columns of ``a`` and ``b`` (shape (n, m) -> (m,))."""
-    ra, rb = rankdata(np.asarray(a, np.float64)), rankdata(np.asarray(b, np.float64))
+    """Spearman correlation of the columns of ``a`` and ``b`` (shape (n, m) -> (m,)).
+
+    Column ``j`` is ``scipy.stats.spearmanr(a[:, j], b[:, j]).statistic`` (ties share their mean
+    rank), computed for every column at once: average ranks along the first axis, then a
+    vectorised Pearson correlation (``spearmanr`` on two matrices would correlate every column
+    with every other). NaN where a column is constant or holds NaN.
+    """
+    from scipy.stats import rankdata as scipy_rankdata
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs two arrays of one shape, got {a.shape} and {b.shape}")
+    ra, rb = scipy_rankdata(a, axis=0), scipy_rankdata(b, axis=0)
     ra -= ra.mean(0)
     rb -= rb.mean(0)
     denom = np.sqrt((ra**2).sum(0) * (rb**2).sum(0))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from logix.analysis.evaluate import rankdata, spearman
+from logix.analysis.evaluate import spearman
 from logix.errors import DataError
 
 
@@ -26,13 +26,16 @@ def top_labels(y: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (ties count one half); NaN if one class."""
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (ties count one half); NaN if one class.
+
+    ``sklearn.metrics.roc_auc_score``, which raises where one class is missing.
+    """
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads on first use
+
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    if labels.all() or not labels.any():
         return math.nan
-    ranks = rankdata(np.asarray(scores, np.float64)[:, None])[:, 0] + 1.0
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, np.asarray(scores, np.float64).reshape(-1)))
 
 
 @dataclass
