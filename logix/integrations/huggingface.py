@@ -29,15 +29,16 @@ main process alone writes ``checkpoints.json``. See docs/distributed.md.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from torch.utils.data import Dataset, IterableDataset
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from logix.capture.run import Run
 from logix.config import Config, IdPolicy, resolve_config
@@ -59,8 +60,8 @@ class LogixCallback(TrainerCallback):
         config: a :class:`logix.Config`, a mapping or a YAML path.
         project: directory of the checkpoints' runs under ``config.root``.
         root: overrides ``config.root``.
-        train_dataset: examples to log (default: the Trainer's training dataset, as its
-            dataloader holds it). Pass it when the Trainer removed the id column.
+        train_dataset: examples to log (default: the Trainer's own ``train_dataset``, with the
+            columns its ``remove_unused_columns`` strips from the dataloader, such as ``id``).
         queries: examples whose influence will be explained, logged at every checkpoint.
         data_collator: collates logged examples (default: the Trainer's).
         loss_fn: per-example summed loss (default :func:`logix.integrations.summed_loss`).
@@ -106,6 +107,7 @@ class LogixCallback(TrainerCallback):
         self.extractor = extractor
         self.checkpoints: list[dict[str, Any]] = self._read_checkpoints()
         self._dataloader = None
+        self._trainer_dataset = None
         self._step_lr: dict[int, float] = {}  # optimizer step (1-based) -> its learning rate
         self._logged_steps: set[int] = set()  # model states logged during this training run
 
@@ -113,6 +115,7 @@ class LogixCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._dataloader = kwargs.get("train_dataloader")
+        self._trainer_dataset = _calling_trainer_dataset()
         self._logged_steps = set()
         self._fresh = state.global_step == 0  # a new training run, not a resumed one
         if self.config.schedule.at_start:
@@ -181,6 +184,8 @@ class LogixCallback(TrainerCallback):
     def _dataset(self) -> Dataset | Sequence:
         if self.train_dataset is not None:
             return self.train_dataset
+        if self._trainer_dataset is not None:  # the ids the dataloader's copy may have lost
+            return self._trainer_dataset
         if self._dataloader is None:
             raise RuntimeError("LogixCallback has no training data: pass train_dataset=... .")
         dataset = self._dataloader.dataset
@@ -233,6 +238,30 @@ class LogixCallback(TrainerCallback):
     def runs(self) -> list[Run]:
         """The logged checkpoints' runs, in logging order."""
         return [Run(f"{self.project}/{c['dir']}", config=self.config) for c in self.checkpoints]
+
+
+def _calling_trainer_dataset() -> Dataset | None:
+    """The ``train_dataset`` of the Trainer whose event is being handled, as the user gave it.
+
+    The dataloader the Trainer hands its callbacks holds a copy of a ``datasets.Dataset`` without
+    the columns the model's forward does not take (``remove_unused_columns``), the id column among
+    them; the Trainer keeps the original. Callbacks are not given the Trainer, so it is found on
+    the call stack (the Trainer method that fired the event). None when there is none, or when its
+    dataset is not a map-style dataset of a known length (then the dataloader's is used).
+    """
+    frame = inspect.currentframe()
+    try:
+        for _ in range(16):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                data = owner.train_dataset
+                return data if isinstance(data, Sized) and not isinstance(data, IterableDataset) else None
+        return None
+    finally:
+        del frame
 
 
 def _learning_rate(kwargs: dict[str, Any], state: TrainerState) -> float | None:

@@ -275,22 +275,30 @@ def test_checkpoints_of_an_earlier_training_run_are_dropped_from_the_index(tmp_p
     assert [c["name"] for c in index] == ["step-2"]
 
 
-def test_ids_the_trainer_drops_are_named_and_kept_through_train_dataset(tmp_path, caplog):
-    """With a datasets.Dataset the Trainer removes the id column (remove_unused_columns): the callback
-    says so and how to keep the ids; given train_dataset= it logs them."""
+@pytest.mark.parametrize("found", [True, False])
+def test_ids_the_trainer_drops_are_kept(tmp_path, caplog, monkeypatch, found):
+    """With a datasets.Dataset the Trainer removes the id column from its dataloader's copy
+    (remove_unused_columns): the callback logs the Trainer's own dataset, so the ids are the
+    dataset's, with no setting. If the Trainer cannot be found (``found=False``), the callback
+    says that ids are token hashes and how to keep them, and train_dataset= keeps them."""
     from datasets import Dataset
 
+    import logix.integrations.huggingface as hf
+
+    if not found:
+        monkeypatch.setattr(hf, "_calling_trainer_dataset", lambda: None)
     items = Dataset.from_list(dataset())
     cfg = {**CONFIG, "schedule": {"at_end": True}}
-    for name, extra in (("dropped", {}), ("kept", {"train_dataset": items})):
+    for name, extra in (("plain", {}), ("given", {"train_dataset": items})):
         cb = LogixCallback(cfg, project=name, root=tmp_path, progress=False, **extra)
         trainer = Trainer(model=tiny_gpt2(), args=args(tmp_path / name, 2), train_dataset=items,
                           data_collator=collate, callbacks=[cb])
+        assert "id" not in trainer.get_train_dataloader().dataset.column_names  # what callbacks are handed
         with caplog.at_level("WARNING", logger="logix"):
             trainer.train()
         train_ids = set(logix.load_store(tmp_path / name / "final" / "stores" / "train").ids)
         warned = "train ids are hashes of the tokens" in caplog.text
-        if name == "dropped":
+        if name == "plain" and not found:
             assert warned and "train_dataset=train_ds" in caplog.text and not train_ids & set(items["id"])
         else:
             assert train_ids == set(items["id"]) and not warned
