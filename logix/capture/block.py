@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from logix.capture.finite import screen
 from logix.capture.passes import active_spec, query_spec
 from logix.capture.spec import PassName, PassSpec, Space
 from logix.capture.state import RunState
+from logix.config import LossReduction
 from logix.core.dtypes import row_dtype
 from logix.core.projection import ModuleProjection
 from logix.core.statistics import JOINT
@@ -24,11 +26,14 @@ from logix.store.runinfo import normalise_ids
 class LogContext:
     """``with run(data_id=..., mask=...):`` — captures one batch; hooks removed on exit."""
 
-    def __init__(self, state: RunState, data_id: Any, mask: Tensor | None, store: str = TRAIN_STORE) -> None:
+    def __init__(self, state: RunState, data_id: Any, mask: Tensor | None, store: str = TRAIN_STORE,
+                 loss_reduction: LossReduction | str = LossReduction.SUM, loss_scale: float = 1.0) -> None:
         self.state = state
         self.data_id = data_id
         self.mask = mask
         self.store = store
+        self.reduction = LossReduction.parse(loss_reduction, "loss_reduction")
+        self.loss_scale = _check_scale(loss_scale)
         self.spec: PassSpec | None = None
         self.ids: list | None = None
         self.keep: Tensor | None = None
@@ -62,8 +67,17 @@ def _query_spec(state: RunState) -> PassSpec:
     return query_spec(state.config)
 
 
+def _check_scale(scale: Any) -> float:
+    if isinstance(scale, Tensor):
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise BatchError(f"loss_scale must be a positive finite number (what the loss was divided by), got {scale!r}.")
+    return float(scale)
+
+
 def begin_batch(state: RunState, ctx: LogContext) -> BatchCapture | None:
     """The (not yet attached) capture of the block ``ctx``; None when every id is stored already."""
+    state.guard.check()  # before this session's first block: the model the directory's rows describe
     spec = _query_spec(state) if ctx.store == QUERY_STORE else active_spec(state)
     ctx.spec = spec
     ids, keep = None, None
@@ -87,9 +101,14 @@ def begin_batch(state: RunState, ctx: LogContext) -> BatchCapture | None:
     projections = state.projections
     if spec.space is Space.FULL:
         projections = {n: ModuleProjection(None, None) for n in state.names()}
+    scale = ctx.loss_scale
+    if ctx.reduction is LossReduction.MEAN:
+        if ids is None and ctx.mask is None:
+            raise BatchError("loss_reduction='mean' needs the batch size: pass data_id (or mask).")
+        scale *= len(ids) if ids is not None else ctx.mask.shape[0]
     return BatchCapture(
         state.watched, projections, spec, None if ids is None else len(ids), mask,
-        None if keep is None or bool(keep.all()) else keep, state.compute_dtype,
+        None if keep is None or bool(keep.all()) else keep, state.compute_dtype, scale,
     )
 
 

@@ -92,8 +92,10 @@ class BatchCapture:
         mask: Tensor | None,
         keep: Tensor | None,
         compute_dtype: torch.dtype,
+        grad_scale: float = 1.0,
     ) -> None:
         self.watched = watched
+        self.grad_scale = grad_scale  # undoes the loss's reduction (a mean over N: N)
         self.projections = projections
         self.spec = spec
         self.batch_size = batch_size
@@ -225,6 +227,8 @@ class BatchCapture:
         st.grads_seen += 1
         g = w.adapter.output_grad(w.module, grad)
         g = g.reshape(ap.shape[0], -1, g.shape[-1]).to(self.dtype)
+        if self.grad_scale != 1.0:
+            g = g * self.grad_scale
         proj = self.projections[w.name]
         gp = g if proj.p_out is None else F.linear(g, proj.prepared(g.device, self.dtype, w.shape.bias).out_weight)
         if self._defer[w.name]:

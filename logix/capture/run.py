@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from logix.capture.block import LogContext
 from logix.capture.engine import Watched
+from logix.capture.fingerprint import ModelGuard
 from logix.capture.passes import (
     Pass,
     finish_pass,
@@ -44,7 +45,7 @@ from logix.capture.ranks import projection_digest
 from logix.capture.spec import PassName
 from logix.capture.state import RunState
 from logix.capture.watch import select_modules
-from logix.config import Config, ProjectionType, resolve_config
+from logix.config import Config, LossReduction, ProjectionType, resolve_config
 from logix.core.distributed import Dist, check_wrapping, unwrap_model
 from logix.core.projection import ModuleProjection, random_projection
 from logix.core.statistics import Statistics
@@ -69,6 +70,11 @@ class Run:
         overwrite: delete an existing run directory instead of resuming it.
         distributed: log as one rank of the initialised ``torch.distributed`` process group
             (default: whenever one is initialised); False logs as a single process.
+        resume: add to an existing run directory whatever state of the model its rows were
+            logged with (e.g. logging while training, restarted from a checkpoint). By default a
+            directory is resumed only with the model state it was logged with: another state is
+            an error at the first block, query or ``plan()`` (see :mod:`logix.capture.fingerprint`).
+        model: watch it now (``run.watch(model)`` with the config's module filters).
     """
 
     def __init__(
@@ -78,6 +84,8 @@ class Run:
         root: str | Path | None = None,
         overwrite: bool = False,
         distributed: bool | None = None,
+        resume: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
         config = resolve_config(config)
         if root is not None:
@@ -94,7 +102,9 @@ class Run:
 
         info = dist.on_main(open_info)  # rank 0 writes run.json; the others get a copy
         info.writer = dist.is_main
-        self._state = RunState(config, run_dir, dist, info)
+        self._state = RunState(config, run_dir, dist, info, guard=ModelGuard(run_dir, dist, resume))
+        if model is not None:
+            self.watch(model)
 
     # ---- what the run is ------------------------------------------------------------------
     @property
@@ -157,6 +167,7 @@ class Run:
         model = unwrap_model(model)
         cap = self.config.capture
         state = self._state
+        state.guard.watch(model)
         state.watched = select_modules(
             model,
             modules=cap.modules if modules is None else tuple(modules),
@@ -226,18 +237,33 @@ class Run:
         """Yield each pass the configuration still needs; loop over your data in each.
 
         Passes already completed (by this process or, on resume, an earlier one) are
-        skipped. Leaving the loop early leaves the current pass unfinished.
+        skipped. Leaving the loop early leaves the current pass unfinished. A configuration of
+        one pass (``run.passes == ["log"]``, e.g. the default) may log without it.
+
+        Raises:
+            RunDirectoryError: the directory was logged with another state of the model.
         """
+        self._state.require_watch()
+        self._state.guard.check()  # also when every pass is done: the run's rows must be this model's
         return run_plan(self._state)
 
-    def __call__(self, data_id: Sequence | Tensor | None = None, mask: Tensor | None = None) -> LogContext:
+    def __call__(self, data_id: Sequence | Tensor | None = None, mask: Tensor | None = None, *,
+                 loss_reduction: LossReduction | str = LossReduction.SUM, loss_scale: float = 1.0) -> LogContext:
         """A block that captures one batch: run forward and ``loss.backward()`` inside it.
+
+        Per-example gradients are those of each example's *summed* loss. A loss that is a mean
+        works too when the block is told what it was divided by, so that the training loop's own
+        loss can be kept: ``loss_reduction="mean"`` (a mean over the batch's examples, e.g.
+        ``F.cross_entropy`` of a classifier) or ``loss_scale=N`` (e.g. a HF causal LM's ``.loss``,
+        a mean over its ``N`` label tokens: ``N = (labels[:, 1:] != -100).sum()``).
 
         Args:
             data_id: one id (int or str) per example; required in the pass that stores rows.
             mask: ``(batch, seq_len)`` 0/1 tensor; padding tokens (0) contribute nothing.
+            loss_reduction: ``sum`` (default) or ``mean`` over the batch's examples.
+            loss_scale: what else the loss was divided by; captured gradients are multiplied by it.
         """
-        return LogContext(self._state, data_id, mask)
+        return LogContext(self._state, data_id, mask, loss_reduction=loss_reduction, loss_scale=loss_scale)
 
     def pending(self, data_id: Sequence | Tensor) -> list:
         """The ids of ``data_id`` that this run has not stored yet (to skip done batches)."""
@@ -249,14 +275,21 @@ class Run:
             return []
         return [i for i in ids if i not in self._state.committed]
 
-    def log_queries(self, data_id: Sequence | Tensor, mask: Tensor | None = None) -> LogContext:
-        """Like ``run(...)``, but rows go to the ``queries`` store with the same projection.
+    def log_queries(self, data_id: Sequence | Tensor, mask: Tensor | None = None, *,
+                    loss_reduction: LossReduction | str = LossReduction.SUM, loss_scale: float = 1.0) -> LogContext:
+        """Like ``run(...)`` (same arguments), but rows go to the ``queries`` store, same projection.
 
         Use it after the training rows are logged (the run is finalized, in this process or
         an earlier one); statistics are not updated. Call ``run.finalize()`` (again) when
         done to commit the query rows.
         """
-        return LogContext(self._state, data_id, mask, store=QUERY_STORE)
+        return LogContext(self._state, data_id, mask, QUERY_STORE, loss_reduction, loss_scale)
+
+    def check_model(self, model: nn.Module | None = None) -> None:
+        """Refuse a model (default: the watched one) whose state differs from the one this
+        directory's rows were logged with; recorded when there is none. Runs on its own before
+        this session's first block or ``plan()``; raises :class:`RunDirectoryError`."""
+        self._state.guard.check(model)
 
     # ---- ending -----------------------------------------------------------------------
     def finalize(self) -> Store:
@@ -275,6 +308,7 @@ class Run:
         if not self.info.finalized:
             self.dist.on_main(self.info.mark_finalized)
             self.info.finalized = True
+        state.guard.record()
         if any(self.dist.all_gather_object(QUERY_STORE in state.sinks)):  # some rank logged queries
             state.close_sink(QUERY_STORE)
         self.dist.barrier()
@@ -286,6 +320,7 @@ class Run:
         try:
             for sink in sinks.values():
                 sink.close()
+            self._state.guard.record()
         finally:
             sinks.clear()
             self._state.current = None
@@ -326,8 +361,16 @@ def init(
     root: str | Path | None = None,
     overwrite: bool = False,
     distributed: bool | None = None,
+    resume: bool = False,
+    model: nn.Module | None = None,
 ) -> Run:
     """Create or resume the run ``<root>/<project>``; see :class:`Run`.
+
+    ``model=`` watches the model at once: ``run = logix.init("proj", model=model)`` then
+    ``with run(data_id=ids):`` around the forward / backward is the whole integration for a
+    one-pass configuration (the default); ``run.finalize()`` after the loop commits it.
+    A directory logged before is resumed only with the same model state (``resume=True``:
+    whatever the state; ``overwrite=True``: start afresh).
 
     ``project`` is a plain name (no separator, ``..`` or absolute path); ``overwrite`` deletes only
     a logix run directory inside ``root``. The process holds the run directory's lock while the
@@ -336,7 +379,8 @@ def init(
     Under an initialised ``torch.distributed`` group every rank must call it (the run is
     shared); ``distributed=False`` makes a run of this process alone."""
     check_project_name(project)
-    return Run(project, config=config, root=root, overwrite=overwrite, distributed=distributed)
+    return Run(project, config=config, root=root, overwrite=overwrite, distributed=distributed,
+               resume=resume, model=model)
 
 
 def load_run_store(run_dir: str | Path, name: str = TRAIN_STORE) -> Store:

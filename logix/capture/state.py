@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from logix.capture.engine import Watched
+from logix.capture.fingerprint import ModelGuard
 from logix.capture.ranks import check_rank_duplicates
 from logix.capture.spec import PassSpec
 from logix.config import Config, StoreDtype
@@ -46,6 +47,7 @@ class RunState:
     base: dict[str, Tensor] | None = None  # stats carried into the pass (not reduced again)
     sinks: dict[str, StoreSink] = field(default_factory=dict)  # stores being written: train, queries
     committed: set = field(default_factory=set)  # train ids an interrupted session committed (resume)
+    guard: ModelGuard | None = None  # the model state the directory's rows describe
 
     @property
     def compute_dtype(self) -> torch.dtype:

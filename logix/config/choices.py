@@ -93,6 +93,14 @@ class FisherType(ChoiceEnum):
 
 # fisher: expected runs one backward pass per class and example; above this it is refused.
 MAX_EXPECTED_CLASSES = 256
+"""The most classes ``statistics.fisher: expected`` accepts (its passes run once per class)."""
+
+
+class LossReduction(ChoiceEnum):
+    """How the loss differentiated inside ``with run(...)`` reduces over the batch's examples."""
+
+    SUM = "sum"  # a sum over examples: each example's gradient as it is (no rescaling)
+    MEAN = "mean"  # a mean over the batch's examples: captured gradients are multiplied by the batch size
 
 
 class DuplicatePolicy(ChoiceEnum):

@@ -19,8 +19,6 @@ Trainer callback and ``logix extract`` use it:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,17 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from logix.capture.run import Pass, Run
 from logix.config import IdPolicy
 from logix.core.distributed import Dist, unwrap_model
-from logix.errors import BatchError, ConfigError, RunDirectoryError
+from logix.core.progress import progress_bar
+from logix.errors import BatchError, ConfigError
 from logix.integrations.batches import loader_with_ids
 from logix.integrations.losses import LossFn, summed_loss
 from logix.store import Store
-from logix.store.format import write_json_atomic
-from logix.store.rundir import model_file
 
 
 @contextlib.contextmanager
@@ -91,45 +87,6 @@ def watched_weights_trainable(run: Run) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-def model_fingerprint(model: nn.Module, sample: int = 4096) -> str:
-    """A hash of the model's parameters (names, shapes and a strided sample of each one's values).
-
-    Training moves (nearly) every weight, so two states of a model differ in their fingerprint;
-    the sample keeps the cost negligible for large models.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for name, param in model.named_parameters():
-        values = param.detach().flatten()
-        values = values[:: max(1, values.numel() // sample)][:sample]
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(values.to("cpu", torch.float32).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_model_state(run: Run, model: nn.Module) -> None:
-    """Record the model's fingerprint in the run directory, or check it against the recorded one.
-
-    Raises:
-        RunDirectoryError: the directory was logged with another model state, so resuming it
-            would mix (or silently reuse) rows of two models.
-    """
-    path = model_file(run.dir)
-    fingerprint = model_fingerprint(model)
-    run.dist.on_main(lambda: _check_fingerprint(run, path, fingerprint))
-
-
-def _check_fingerprint(run: Run, path, fingerprint: str) -> None:
-    if not path.exists():
-        write_json_atomic(path, {"fingerprint": fingerprint})
-        return
-    if json.loads(path.read_text())["fingerprint"] != fingerprint:
-        raise RunDirectoryError(
-            f"{run.dir} was logged with another state of the model (its weights differ), so its rows "
-            "do not describe this model. Use another project name, or overwrite=True (--overwrite) "
-            "to delete the old logs."
-        )
-
-
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -162,8 +119,8 @@ def log_loader(ctx_factory: Callable, model: nn.Module, loader: DataLoader, loss
         extra = max(dist.all_gather_object(len(loader))) - len(loader)
     disable = not progress or (dist is not None and not dist.is_main)
     batches = ((r, b) for r in range(repeats) for b in loader)
-    for repeat, (ids, batch) in tqdm(batches, total=repeats * len(loader), desc=desc, disable=disable,
-                                     leave=False):
+    for repeat, (ids, batch) in progress_bar(batches, total=repeats * len(loader), desc=desc, enabled=not disable,
+                                             unit="batch"):
         kwargs = pass_.loss_kwargs(repeat, generator) if pass_ is not None else {}
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with ctx_factory(data_id=ids, mask=batch.get("attention_mask")):
@@ -253,7 +210,7 @@ def extract(
     model = unwrap_model(model)  # DDP: log through the inner model (no gradient all-reduce)
     if not run.watched:
         run.watch(model)
-    check_model_state(run, model)
+    run.check_model(model)
     dist = run.dist
     train = loader_with_ids(dataset, collator, model, batch_size, ids, id_field, limit, dist)
     with held_fixed(outer), watched_weights_trainable(run):
