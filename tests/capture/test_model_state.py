@@ -155,3 +155,23 @@ def test_loop_without_plan_for_one_pass_configs_only(tmp_path, config, passes):
     else:
         with pytest.raises(PlanError, match=r"needs the passes \['kfac', 'log'\].*run.plan\(\)"):
             log_train(run, model)
+
+
+def test_docs_table_of_passes_matches_every_shipped_config():
+    """docs/quickstart.md says which shipped configs need run.plan(); it must stay true."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    table = (root / "docs" / "quickstart.md").read_text().split("**Which configurations need")[1].split("\n\n")[1]
+    documented = {}
+    for line in table.splitlines()[2:]:
+        names, passes = line.split("|")[1:3]
+        for name in re.findall(r"`([\w.]+\.yaml)`", names):
+            documented[name] = re.findall(r"`(\w+)`", passes)
+    from logix.capture.passes import plan_specs
+
+    for path in sorted((root / "configs").glob("*.yaml")):
+        passes = [spec.name.value for spec in plan_specs(logix.Config.from_yaml(path))]
+        assert documented.get(path.name) == passes, f"docs/quickstart.md lists {path.name} wrongly (passes: {passes})"
+    assert [s.name.value for s in plan_specs(logix.Config())] == ["log"]
