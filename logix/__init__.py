@@ -13,7 +13,10 @@ Public API::
 
 from typing import TYPE_CHECKING
 
+from logix.core.install import warn_on_conflicts
 from logix.errors import LogixError
+
+warn_on_conflicts()  # another distribution (logix-ai, logix) also installs a top-level `logix`
 
 if TYPE_CHECKING:  # the names below load their modules (and torch) on first use: `logix --help` stays fast
     from logix.capture.block import LogContext

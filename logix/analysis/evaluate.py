@@ -54,6 +54,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LDSResult:
+    """The linear datamodeling score (LDS) of a score matrix, as :func:`lds` returns it.
+
+    Attributes:
+        per_query: ``(n_query,)`` Spearman correlation, per query, of the predicted outputs of the
+            subsets with the measured ones (NaN where either is constant).
+        mean: The mean of ``per_query`` over the queries, NaN ignored: the LDS.
+        predicted: ``(n_subsets, n_query)`` predicted outputs, each subset's summed scores.
+    """
+
     per_query: np.ndarray  # (n_query,) Spearman correlations
     mean: float
     predicted: np.ndarray  # (n_subsets, n_query)

@@ -145,6 +145,22 @@ _REGISTRY: dict[PreconditionerType, Callable[..., ModulePreconditioner]] = {}
 
 
 def register_preconditioner(kind: PreconditionerType, builder: Callable[..., ModulePreconditioner]) -> None:
+    """Register how the per-module preconditioner of ``kind`` is built.
+
+    ``identity``, ``raw``, ``kfac`` and ``ekfac`` are registered when the module loads;
+    ``raw-joint`` (one matrix for the whole row) is built apart, not through this registry.
+
+    Args:
+        kind: The preconditioner type the builder implements.
+        builder: Called as ``builder(statistics, module, shape, damping)`` with the run's
+            :class:`~logix.core.statistics.Statistics`, a module name, its block shape
+            ``(k_out, k_in)`` and its :class:`~logix.config.Damping`; returns a
+            ``ModulePreconditioner``, which maps blocks ``(n, k_out, k_in)`` to
+            ``(H_m + d)^-1`` applied to each.
+
+    Raises:
+        ValueError: A builder is registered for ``kind`` already.
+    """
     if kind in _REGISTRY:
         raise ValueError(f"A preconditioner {kind.value!r} is already registered.")
     _REGISTRY[kind] = builder
@@ -306,7 +322,7 @@ class AsymmetricPreconditioner:
     ``P_out^T (H^-1 G_q) P_in``). Train rows are used as logged (projected, not preconditioned).
 
     Args:
-        kind: the full-space preconditioner (``ekfac`` by default; any per-module kind whose
+        kind (PreconditionerType | str): the full-space preconditioner (``ekfac`` by default; any per-module kind whose
             statistics the full-space run has).
         full_statistics: statistics of a ``projection: none`` run of the same model.
         full_layout: that run's row layout.

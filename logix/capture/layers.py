@@ -235,10 +235,22 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
 
 
 def supported_kinds() -> list[str]:
+    """The kinds of layer logix can capture (``capture.types`` takes these names).
+
+    Returns:
+        The sorted ``kind`` of every registered adapter: ``conv1d``, ``conv2d``, ``embedding``,
+        ``linear`` and the kinds of adapters added with :func:`register_layer`.
+    """
     return sorted({a.kind for a in _REGISTRY.values()})
 
 
 def supported_type_names() -> list[str]:
+    """The class names of the module types logix can capture (for messages and docs).
+
+    Returns:
+        The sorted names of the registered module types (``Conv1D``, ``Conv2d``, ``Embedding``,
+        ``Linear``, and those added with :func:`register_layer`).
+    """
     return sorted(t.__name__ for t in _REGISTRY)
 
 

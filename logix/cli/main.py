@@ -8,6 +8,7 @@ import sys
 
 import logix.cli.commands as cmd
 from logix.cli.parser import Command, build_parser
+from logix.core.install import overwritten_message
 from logix.errors import LogixError
 
 HANDLERS = {Command.RUN: cmd.cmd_run, Command.EXTRACT: cmd.cmd_extract, Command.INFLUENCE: cmd.cmd_influence,
@@ -17,6 +18,25 @@ HANDLERS = {Command.RUN: cmd.cmd_run, Command.EXTRACT: cmd.cmd_extract, Command.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``logix`` command (the console script and ``python -m logix.cli`` call this).
+
+    A user error (any :class:`~logix.errors.LogixError`, a missing file, a bad value) is printed
+    as one line, ``logix: error: ...``, instead of a traceback. Under ``torchrun`` the commands that
+    join a process group (``run``, ``extract``, ``influence``) start it from the launcher's
+    environment, and the worker exits as soon as the command is done.
+
+    Args:
+        argv: The command line without the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0 on success, 1 on a user error (or when another distribution has
+        overwritten files of this project). A malformed command line, ``--help`` and ``--version``
+        raise ``SystemExit`` from the parser instead (status 2, 0, 0).
+    """
+    overwritten = overwritten_message()  # another distribution (logix-ai) replaced files of this project
+    if overwritten:
+        print(f"logix: error: {overwritten}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from logix.core.distributed import init_from_launcher, initialized

@@ -8,6 +8,8 @@ import enum
 import math
 from pathlib import Path
 
+from logix.core.install import DISTRIBUTION, installed_version
+
 
 class Command(str, enum.Enum):
     """The subcommands of ``logix``."""
@@ -57,16 +59,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def _version() -> str:
-    """The installed version (read from the package metadata: no import of the library)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("logix")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
 class _Parser(argparse.ArgumentParser):
     """A malformed command line is one line on stderr (``logix COMMAND: error: ...``), exit code 2."""
 
@@ -84,7 +76,7 @@ class _Formatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="logix", description="logix: which training data made your "
                                      "model do what it does.", formatter_class=_Formatter)
-    parser.add_argument("--version", action="version", version=f"logix {_version()}")
+    parser.add_argument("--version", action="version", version=f"logix {installed_version()} ({DISTRIBUTION})")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, help_text in ((Command.RUN, "fine-tune (or load) a model, log it, score influence"),
                                (Command.EXTRACT, "log a dataset with the model held fixed (no training)")):

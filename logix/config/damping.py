@@ -42,6 +42,7 @@ class Damping:
 
 
 DEFAULT_DAMPING = Damping()
+"""The damping used when none is given: 0.1 times the mean curvature eigenvalue (relative)."""
 # Per-preconditioner defaults where they differ from DEFAULT_DAMPING (chosen on both LDS tasks
 # of benchmarks/bench_lds.py; docs/benchmarks.md has the numbers).
 PRECONDITIONER_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType.RAW_JOINT: Damping(3.0)}

@@ -119,6 +119,8 @@ class Config:
 
 
 IDENTITY_SECTIONS = ("projection", "capture", "statistics", "store")
+"""The config sections that fix what a stored row means (:meth:`Config.identity`): a run resumes
+in a directory only when they agree with the config it was started with."""
 
 
 def resolve_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:

@@ -32,9 +32,20 @@ class LoraSelector:
         model: A transformers causal LM, or a name for ``AutoModelForSequenceClassification.from_pretrained``.
         tokenizer: Its tokenizer (needs a pad token).
         template: Prompt format (Alpaca by default).
-        r, alpha, dropout: LoRA rank, scale and dropout.
+        label_top_p: Share of the scored sample labelled 1 (the top by score), in (0, 1).
+        r: LoRA rank.
+        alpha: LoRA scale.
+        dropout: LoRA dropout.
         target_modules: Module names LoRA adapts (peft's defaults for the architecture when None).
-        epochs, lr, batch_size, max_length: Training of the adapter and the classification head.
+        epochs: Training epochs of the adapter and the classification head.
+        lr: Their learning rate.
+        batch_size: Their batch size.
+        max_length: Tokens of each record's text kept.
+        seed: Seed of the initialisation and of the batch order.
+        progress: Show a progress bar over the epochs.
+
+    Raises:
+        DataError: ``label_top_p`` is outside (0, 1), or the tokenizer has no pad token.
     """
 
     head = "lora"

@@ -150,7 +150,7 @@ def _read_dataset(path: Path, builder: str | None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"{path}: reading it needs the `datasets` package: pip install 'logix[datasets]'") from e
+        raise DataError(f"{path}: reading it needs the `datasets` package: pip install 'logix-attribution[datasets]'") from e
     try:
         if builder is None:
             data = datasets.load_from_disk(str(path))

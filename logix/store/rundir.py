@@ -43,6 +43,7 @@ ADAM_CODE_STORE = "train_adam_code"  # ... of the code variant
 JOB_FILE = "job.yaml"
 ENVIRONMENT_FILE = "environment.json"
 CHECKPOINTS_FILE = "checkpoints.json"
+"""The file of a project directory that lists its checkpoint runs (with their learning rates)."""
 INFLUENCE_FILE = "influence.jsonl"
 SELF_INFLUENCE_FILE = "self_influence.csv"
 SANITY_FILE = "sanity.json"

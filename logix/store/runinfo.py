@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from logix.config import Config
+from logix.core.install import DISTRIBUTION
 from logix.errors import BatchError, RunDirectoryError, WatchError
 from logix.store.format import IdType, write_json_atomic
 from logix.store.rundir import config_file, run_file, stores_dir
@@ -31,7 +32,7 @@ def _versions_cached() -> dict[str, str]:  # package metadata lookups cost ~10 m
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in ("logix", "torch", "transformers", "peft", "accelerate", "h5py", "numpy"):
         try:
-            out[pkg] = md.version(pkg)
+            out[pkg] = md.version(DISTRIBUTION if pkg == "logix" else pkg)
         except md.PackageNotFoundError:
             pass
     return out
