@@ -74,6 +74,31 @@ class InfluenceResult:
             })
         return out
 
+    def to_pandas(self, train_texts=None, query_texts=None):
+        """The top-k lists as a tidy pandas DataFrame, one row per (query, kind, rank).
+
+        Columns ``query_index``, ``query_id``, ``kind`` (``proponent`` / ``opponent``), ``rank``
+        (1 = strongest of its kind), ``train_id``, ``train_index``, ``score``; ``train_texts`` /
+        ``query_texts`` (a mapping id -> text, or a sequence aligned with the ids) add
+        ``train_text`` / ``query_text``. The dense matrix: :meth:`scores_frame`; self-influence:
+        :meth:`self_influence_series`. Needs pandas (``pip install 'logix-attribution[pandas]'``).
+        """
+        from logix.analysis.frames import influence_frame
+
+        return influence_frame(self, train_texts, query_texts)
+
+    def scores_frame(self):
+        """The full score matrix (kept with ``scores_path=``) as a DataFrame: query ids x train ids."""
+        from logix.analysis.frames import score_matrix_frame
+
+        return score_matrix_frame(self)
+
+    def self_influence_series(self):
+        """Self-influence as a pandas Series indexed by train id."""
+        from logix.analysis.frames import self_influence_series
+
+        return self_influence_series(self)
+
 
 def compute_influence(
     checkpoints: Checkpoint | Sequence[Checkpoint],
