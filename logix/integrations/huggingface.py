@@ -32,6 +32,7 @@ import functools
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from logix.config import Config, IdPolicy, resolve_config
 from logix.core.distributed import Dist
 from logix.integrations.loop import extract
 from logix.integrations.losses import LossFn, summed_loss
+from logix.integrations.trackers import TrackerWriter, capture_summary
 from logix.store.format import write_json_atomic
 from logix.store.guard import check_project_name, open_directory
 from logix.store.rundir import CHECKPOINTS_FILE, checkpoints_file
@@ -72,6 +74,9 @@ class LogixCallback(TrainerCallback):
             (the default): called as ``extract`` is, plus ``optimizer=`` (the Trainer's
             optimizer), e.g. LESS's extractor, which also saves the optimizer's Adam moments
             and Adam-preconditioned rows (``logix.contribution.less_warmup.less_callback``).
+        report_to: trackers that get a summary of each logged checkpoint (rows, seconds, bytes,
+            modules, non-finite skips): default the Trainer's ``TrainingArguments.report_to``
+            (TensorBoard and W&B are served); ``"none"`` for none. See docs/integrations.md.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class LogixCallback(TrainerCallback):
         overwrite: bool = False,
         progress: bool = True,
         extractor: Callable | None = None,
+        report_to: str | Sequence[str] | None = None,
     ) -> None:
         self.config = resolve_config(config)
         if root is not None:
@@ -105,6 +111,8 @@ class LogixCallback(TrainerCallback):
         self.loss_fn = loss_fn
         self.progress = progress
         self.extractor = extractor
+        self.report_to = report_to
+        self._trackers: TrackerWriter | None = None
         self.checkpoints: list[dict[str, Any]] = self._read_checkpoints()
         self._dataloader = None
         self._trainer_dataset = None
@@ -118,6 +126,8 @@ class LogixCallback(TrainerCallback):
         self._trainer_dataset = _calling_trainer_dataset()
         self._logged_steps = set()
         self._fresh = state.global_step == 0  # a new training run, not a resumed one
+        if state.is_world_process_zero:
+            self._trackers = TrackerWriter.for_trainer(args, self.report_to)
         if self.config.schedule.at_start:
             self._log(state, kwargs, "start")
 
@@ -145,6 +155,8 @@ class LogixCallback(TrainerCallback):
             self._log(state, kwargs, "final")
         if getattr(self, "_fresh", False) and state.is_world_process_zero:
             self._drop_stale()
+        if self._trackers is not None:
+            self._trackers.close()
         Dist.current().barrier()  # every process leaves training once the index is written
 
     def _drop_stale(self) -> None:
@@ -169,11 +181,14 @@ class LogixCallback(TrainerCallback):
         log_fn: Callable = extract
         if self.extractor is not None:
             log_fn = functools.partial(self.extractor, optimizer=kwargs.get("optimizer"))
+        started = time.perf_counter()
         log_fn(
             run, model, self._dataset(), self._collator(), queries=self.queries,
             batch_size=sched.batch_size, ids=self.config.data.ids, id_field=self.config.data.id_field,
             limit=sched.max_examples, loss_fn=self.loss_fn, progress=self.progress,
         )
+        if self._trackers is not None and self._trackers.trackers:
+            self._trackers.log(capture_summary(run, time.perf_counter() - started), state.global_step)
         self._logged_steps.add(state.global_step)
         if state.is_world_process_zero:
             self._record(name, state, self._interval_lr(state.global_step), _learning_rate(kwargs, state))
