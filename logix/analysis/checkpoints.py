@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from logix.analysis.influence import Checkpoint
 from logix.analysis.precondition import AsymmetricPreconditioner, Preconditioner
 from logix.config import ProjectionType, resolve_config
@@ -16,7 +19,7 @@ from logix.config.choices import CheckpointWeighting, PreconditionerType
 from logix.config.damping import Damping
 from logix.core.projection import ModuleProjection, load_projections, random_projection
 from logix.core.statistics import Statistics
-from logix.errors import StatisticsError
+from logix.errors import LogixError, StatisticsError
 from logix.store.format import read_manifest
 from logix.store.reader import Store
 from logix.store.rundir import (
@@ -37,14 +40,22 @@ def load_checkpoint(
     preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
     damping: Damping | float | dict | None = None,
     weight: float = 1.0,
-    queries: str = QUERY_STORE,
+    queries: str | Tensor = QUERY_STORE,
 ) -> Checkpoint:
     """The train store, query rows and preconditioner of a finished run directory.
 
+    ``queries``: the name of the run's store of logged query rows, or the rows themselves
+    (``(n, dim)``, projected like the train rows, e.g. ``run.capture``'s).
     ``damping=None`` uses the preconditioner's default (``precondition.default_damping``)."""
     run_dir = Path(run_dir)
     train = Store(store_dir(run_dir, TRAIN_STORE))
-    query_rows = logged_queries(run_dir, queries).read_all()
+    if isinstance(queries, Tensor):
+        if queries.dim() != 2 or queries.shape[1] != train.dim:
+            raise LogixError(f"Query rows of shape {tuple(queries.shape)} for {run_dir}, whose rows have "
+                             f"{train.dim} entries: capture them with this run's projection.")
+        query_rows = queries.to(torch.float32)
+    else:
+        query_rows = logged_queries(run_dir, queries).read_all()
     stats_path = statistics_file(run_dir)
     stats = Statistics.load(stats_path) if stats_path.exists() else None
     if stats is None and PreconditionerType.parse(preconditioner) is not PreconditionerType.IDENTITY:

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 import xxhash
 from torch import Tensor
-from tqdm import tqdm
 
 from logix.analysis.kernels import self_influence_rows
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
 from logix.config.damping import Damping, default_damping
 from logix.core.checksum import load_tensors, save_tensors
+from logix.core.progress import progress_bar
 from logix.core.statistics import Statistics
 from logix.errors import LogixError, StoreError
 from logix.store.format import fsync_file, write_json_atomic
@@ -105,6 +105,17 @@ def default_params(kind: IndexKind, n: int, dim: int) -> dict[str, int]:
     m = max(d for d in range(1, max(dim // 4, 1) + 1) if dim % d == 0)
     nbits = max(1, min(8, int(math.log2(max(n, 2)))))  # 2**nbits centroids per part need as many rows
     return {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": 32}
+
+
+def index_status(run_dir: str | Path) -> tuple[ScoreMode, bool] | None:
+    """``(mode, fresh)`` of ``run_dir``'s index without loading it (None: no readable index);
+    ``fresh``: built from the train store as it is now."""
+    try:
+        meta = json.loads(index_meta_file(run_dir).read_text())
+        mode = ScoreMode.parse(meta["mode"], "mode")
+    except (OSError, ValueError, KeyError, TypeError, LogixError):
+        return None
+    return mode, store_fingerprint(Store(store_dir(run_dir, TRAIN_STORE))) == meta.get("store")
 
 
 @dataclass
@@ -167,7 +178,7 @@ class Index:
         index = _empty_index(faiss, kind, width, params)
         norms: list[Tensor] = []
         passes = 1 if kind is IndexKind.FLAT else 2
-        bar = tqdm(total=passes * n, desc=f"logix index ({kind.value})", unit="rows", disable=not progress, leave=False)
+        bar = progress_bar(total=passes * n, desc=f"logix index ({kind.value})", unit="row", enabled=progress)
         top = 0.0
         if kind is not IndexKind.FLAT:  # pass 1: the largest vector norm (and the rows' H-norms)
             for chunk in store.iter_chunks(chunk_rows):

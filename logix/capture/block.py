@@ -19,12 +19,16 @@ from logix.core.dtypes import row_dtype
 from logix.core.projection import ModuleProjection
 from logix.core.statistics import JOINT
 from logix.errors import BatchError, PlanError, WatchError
-from logix.store.rundir import QUERY_STORE, TRAIN_STORE
+from logix.store.rundir import TRAIN_STORE
 from logix.store.runinfo import normalise_ids
 
 
 class LogContext:
-    """``with run(data_id=..., mask=...):`` — captures one batch; hooks removed on exit."""
+    """``with run(data_id=..., mask=...):`` — captures one batch; hooks removed on exit.
+
+    ``store=None`` (``run.capture(...)``): query rows kept in memory, nothing written; after the
+    block ``rows`` holds them (float32, one per example, or per token) and ``row_ids`` their ids.
+    """
 
     def __init__(self, state: RunState, data_id: Any, mask: Tensor | None, store: str = TRAIN_STORE,
                  loss_reduction: LossReduction | str = LossReduction.SUM, loss_scale: float = 1.0) -> None:
@@ -38,6 +42,8 @@ class LogContext:
         self.ids: list | None = None
         self.keep: Tensor | None = None
         self.skipped = False
+        self.rows: Tensor | None = None
+        self.row_ids: list | None = None
         self._capture: BatchCapture | None = None
 
     def __enter__(self) -> LogContext:
@@ -58,12 +64,12 @@ class LogContext:
             capture.detach()
 
 
-def _query_spec(state: RunState) -> PassSpec:
+def _query_spec(state: RunState, store: str | None) -> PassSpec:
     state.require_watch()
     if not state.info.finalized:
-        raise PlanError("Log queries after the training rows: call run.finalize() first.")
-    if QUERY_STORE not in state.sinks:
-        state.open_sink(QUERY_STORE)
+        raise PlanError("Log (or capture) queries after the training rows: call run.finalize() first.")
+    if store is not None and store not in state.sinks:
+        state.open_sink(store)
     return query_spec(state.config)
 
 
@@ -78,16 +84,19 @@ def _check_scale(scale: Any) -> float:
 def begin_batch(state: RunState, ctx: LogContext) -> BatchCapture | None:
     """The (not yet attached) capture of the block ``ctx``; None when every id is stored already."""
     state.guard.check()  # before this session's first block: the model the directory's rows describe
-    spec = _query_spec(state) if ctx.store == QUERY_STORE else active_spec(state)
+    spec = active_spec(state) if ctx.store == TRAIN_STORE else _query_spec(state, ctx.store)
     ctx.spec = spec
     ids, keep = None, None
     if spec.gradients and spec.rows:
         if ctx.data_id is None:
             raise BatchError("data_id is required while logging rows: pass one id per example.")
         ids, id_type = normalise_ids(ctx.data_id)
-        sink = state.sinks[ctx.store]
-        sink.check_id_type(id_type)
-        keep = sink.keep_mask(ids)
+        if ctx.store is None:  # in memory: every example, nothing to resume
+            keep = torch.ones(len(ids), dtype=torch.bool)
+        else:
+            sink = state.sinks[ctx.store]
+            sink.check_id_type(id_type)
+            keep = sink.keep_mask(ids)
         if not keep.any():
             ctx.skipped = True
             return None
@@ -159,6 +168,9 @@ def _record_rows(state: RunState, ctx: LogContext, result: BatchResult) -> None:
         positions = None
     else:
         rows, ids, positions = _token_rows(state, ctx, result, keep)
+    if ctx.store is None:
+        ctx.rows, ctx.row_ids = rows.to(torch.float32), ids
+        return
     state.sinks[ctx.store].add(rows.to(store_dtype), ids, positions, new_ids)
 
 

@@ -74,6 +74,10 @@ def screen(state, ctx, result: BatchResult) -> None:
     if policy is NonFinitePolicy.ERROR:
         what = "the gradients" if not bool(ok.all()) else "the activation / gradient statistics"
         raise refuse(what, ctx.ids, ~ok if not bool(ok.all()) else torch.ones(n, dtype=torch.bool))
+    if ctx.store is None:  # rows kept in memory (run.capture): dropped, nothing recorded on disk
+        ctx.keep = ok if ctx.keep is None else ctx.keep & ok
+        log.warning("logix: dropped %d non-finite examples (capture.nonfinite: skip)", int((~ok).sum()))
+        return
     info, pass_name = state.info, ctx.spec.name.value
     if not stats_ok:
         result.stats.clear()

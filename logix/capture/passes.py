@@ -19,11 +19,13 @@ from logix.core.projection import (
     ModuleProjection,
     load_projections,
     pca_projection,
+    random_projection,
     save_projections,
     whitened_projection,
 )
 from logix.core.statistics import Statistics, eigendecompose
 from logix.errors import PlanError
+from logix.store import Layout
 from logix.store.rundir import TRAIN_STORE, projection_file, statistics_dir, statistics_file, store_dir
 
 log = logging.getLogger("logix")
@@ -290,3 +292,30 @@ def load_finished_state(state: RunState) -> None:
         state.stats = Statistics.load(_stats_file(state, PassName.FISHER))
     elif _stats_file(state, PassName.KFAC).exists():
         state.stats = Statistics.load(_stats_file(state, PassName.KFAC))
+
+
+def init_projections(state: RunState) -> None:
+    """Each watched module's projection (random ones drawn here, PCA / whitened ones read back
+    once their pass finished) and the row layout they give."""
+    ptype = state.config.projection.type
+    seed = state.config.projection.seed
+    state.projections = {}
+    for w in state.watched:
+        if ptype is ProjectionType.NONE:
+            state.projections[w.name] = ModuleProjection(None, None)
+        elif ptype is ProjectionType.RANDOM:
+            k_in, k_out = state.ranks(w)
+            state.projections[w.name] = ModuleProjection(
+                random_projection(w.name, w.shape.d_in_aug, k_in, seed, "in"),
+                random_projection(w.name, w.shape.d_out, k_out, seed, "out"),
+            )
+    load_finished_projections(state)
+    entries = []
+    for w in state.watched:
+        if ptype is ProjectionType.NONE:
+            shape = (w.shape.d_out, w.shape.d_in_aug)
+        else:
+            k_in, k_out = state.ranks(w)
+            shape = (k_out, k_in)
+        entries.append((w.name, w.adapter.kind, shape))
+    state.layout = Layout.build(entries)

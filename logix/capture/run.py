@@ -35,7 +35,7 @@ from logix.capture.fingerprint import ModelGuard
 from logix.capture.passes import (
     Pass,
     finish_pass,
-    load_finished_projections,
+    init_projections,
     load_finished_state,
     pending_specs,
     plan_specs,
@@ -45,9 +45,9 @@ from logix.capture.ranks import projection_digest
 from logix.capture.spec import PassName
 from logix.capture.state import RunState
 from logix.capture.watch import select_modules
-from logix.config import Config, LossReduction, ProjectionType, resolve_config
+from logix.config import Config, LossReduction, resolve_config
 from logix.core.distributed import Dist, check_wrapping, unwrap_model
-from logix.core.projection import ModuleProjection, random_projection
+from logix.core.projection import ModuleProjection
 from logix.core.statistics import Statistics
 from logix.errors import PlanError, RunDirectoryError, WatchError
 from logix.store import Layout, Store
@@ -128,6 +128,11 @@ class Run:
         return self._state.watched
 
     @property
+    def model(self) -> nn.Module | None:
+        """The model last given to :meth:`watch` (unwrapped), None before."""
+        return self._state.guard.model
+
+    @property
     def projections(self) -> dict[str, ModuleProjection]:
         return self._state.projections
 
@@ -179,7 +184,7 @@ class Run:
         self.dist.check_same(self._module_record(), "the watched modules")
         self.dist.on_main(lambda: self.info.check_modules(self._module_record()))
         self.info.modules = self._module_record() if self.info.modules is None else self.info.modules
-        self._init_projections()
+        init_projections(state)
         if self.dist.active:
             self.dist.check_same(projection_digest(names, state.projections), "the projection matrices")
         self._check_joint_dim()
@@ -206,31 +211,6 @@ class Run:
              "bias": w.shape.bias}
             for w in self.watched
         ]
-
-    def _init_projections(self) -> None:
-        state = self._state
-        ptype = self.config.projection.type
-        seed = self.config.projection.seed
-        state.projections = {}
-        for w in self.watched:
-            if ptype is ProjectionType.NONE:
-                state.projections[w.name] = ModuleProjection(None, None)
-            elif ptype is ProjectionType.RANDOM:
-                k_in, k_out = state.ranks(w)
-                state.projections[w.name] = ModuleProjection(
-                    random_projection(w.name, w.shape.d_in_aug, k_in, seed, "in"),
-                    random_projection(w.name, w.shape.d_out, k_out, seed, "out"),
-                )
-        load_finished_projections(state)
-        entries = []
-        for w in self.watched:
-            if ptype is ProjectionType.NONE:
-                shape = (w.shape.d_out, w.shape.d_in_aug)
-            else:
-                k_in, k_out = state.ranks(w)
-                shape = (k_out, k_in)
-            entries.append((w.name, w.adapter.kind, shape))
-        state.layout = Layout.build(entries)
 
     # ---- the plan and the blocks ----------------------------------------------------------
     def plan(self) -> Iterator[Pass]:
@@ -284,6 +264,13 @@ class Run:
         done to commit the query rows.
         """
         return LogContext(self._state, data_id, mask, QUERY_STORE, loss_reduction, loss_scale)
+
+    def capture(self, data_id: Sequence | Tensor, mask: Tensor | None = None, *,
+                loss_reduction: LossReduction | str = LossReduction.SUM, loss_scale: float = 1.0) -> LogContext:
+        """Like :meth:`log_queries`, but the rows stay in memory (``block.rows``, ``block.row_ids``
+        after the block) and nothing is written: new examples scored against the stored rows
+        (:func:`logix.score`) without a query store."""
+        return LogContext(self._state, data_id, mask, None, loss_reduction, loss_scale)
 
     def check_model(self, model: nn.Module | None = None) -> None:
         """Refuse a model (default: the watched one) whose state differs from the one this
