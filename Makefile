@@ -16,14 +16,14 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/logix run configs/quickstart.yaml --project quickstart --overwrite
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check logix tests examples benchmarks
+	$(VENV)/bin/ruff check logix logix_console tests examples benchmarks
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check logix tests examples benchmarks
+	$(VENV)/bin/ruff check logix logix_console tests examples benchmarks
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_capture.py

@@ -1,7 +1,7 @@
 """Every public name is in the API reference (docs/api/*.md), with a docstring.
 
-The public names of a package are its ``__all__`` (of ``logix.errors``, the classes it defines).
-A name counts as documented when a ``::: path`` entry of a docs page resolves, importing as
+The public names of a package are its ``__all__`` (of ``logix.errors`` and ``logix_console``, what
+they define). A name counts as documented when a ``::: path`` entry of a docs page resolves, importing as
 Python does, to the same object under the same name: ``::: logix.Config`` documents
 ``logix.config.Config`` too, and a name a package loads on first use is documented at the module
 that defines it. The docstrings are read the way mkdocstrings renders them (griffe, statically), so
@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["logix", "logix.analysis", "logix.capture", "logix.cli", "logix.config", "logix.contribution",
-            "logix.core.install", "logix.data", "logix.errors", "logix.integrations", "logix.report", "logix.store"]
+            "logix.core.install", "logix.data", "logix.errors", "logix.integrations", "logix.report", "logix.store",
+            "logix_console"]
 ENTRY = re.compile(r"^:::\s+([\w.]+)\s*$", re.M)
 
 
@@ -102,26 +103,30 @@ def test_every_entry_resolves():
     assert not bad, "entries that name nothing:\n" + "\n".join(bad)
 
 
-def _griffe_root():
-    if importlib.util.find_spec("griffe") is None:
-        if os.environ.get("LOGIX_CI"):
-            pytest.fail("griffe is not installed: pip install -e '.[docs]' (the dev extra includes it)")
-        pytest.skip("griffe is not installed (pip install -e '.[docs]')")
+def _griffe_load(package: str):
+    """The package as griffe (what mkdocstrings renders from) reads it."""
     import griffe
 
     loader = griffe.GriffeLoader(docstring_parser=griffe.Parser.google)
-    root = loader.load("logix")
+    root = loader.load(package)
     loader.resolve_aliases(implicit=False, external=False)
     return root
 
 
 def test_every_documented_public_name_has_a_docstring():
-    root = _griffe_root()
+    if importlib.util.find_spec("griffe") is None:
+        if os.environ.get("LOGIX_CI"):
+            pytest.fail("griffe is not installed: pip install -e '.[docs]' (the dev extra includes it)")
+        pytest.skip("griffe is not installed (pip install -e '.[docs]')")
+    roots = {}
     entries = _entries()
     bad = []
     for package, name in PUBLIC:
         for path in _documenting_entries(package, name, entries):
-            target = root[path.removeprefix("logix.")] if path != "logix" else root
+            top, _, rest = path.partition(".")
+            if top not in roots:
+                roots[top] = _griffe_load(top)
+            target = roots[top][rest] if rest else roots[top]
             target = target.final_target if target.is_alias else target
             text = (target.docstring.value if target.docstring else "").strip()
             if not text:

@@ -122,11 +122,14 @@ def score(
         loss_fn: per-example summed loss of a batch (default :func:`logix.integrations.summed_loss`,
             next-token cross-entropy over ``labels``).
         batch_size: examples per forward / backward.
-        preconditioner, damping, mode: as :func:`logix.analysis.influence`.
+        preconditioner: as :func:`logix.analysis.influence`.
+        damping: as :func:`logix.analysis.influence`.
+        mode: as :func:`logix.analysis.influence`.
         top_k: proponents and opponents kept per example.
         use_index: score through the run's faiss index (``logix index``): True requires one, None
             (default) uses one when it exists, is fresh and serves ``mode``; False scans every row.
-        nprobe, rerank: index search parameters (see :meth:`logix.analysis.Index.search`).
+        nprobe: index search parameter (see :meth:`logix.analysis.Index.search`).
+        rerank: index search parameter (see :meth:`logix.analysis.Index.search`).
         progress: show a progress bar over the train rows (exact scan).
 
     Returns:

@@ -101,3 +101,41 @@ def test_build_metadata_in_a_source_checkout_is_no_conflict(tmp_path, monkeypatc
     (info / "SOURCES.txt").write_text("logix/__init__.py\nlogix/errors.py\n")
     monkeypatch.syspath_prepend(str(info.parent))
     assert find_conflicts() == []
+
+
+def _console(site: Path, *args: str) -> subprocess.CompletedProcess:
+    """The ``logix`` console script's entry point, with ``site`` first on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    code = f"import sys; from logix_console import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=site,
+                          timeout=120)
+
+
+def test_the_console_script_names_a_foreign_logix_package_that_replaced_ours(tmp_path):
+    site = tmp_path / "site"  # logix-ai installed after this project: its logix/__init__.py is the one found
+    theirs = b"from logix.logix import LogIX\n"
+    (site / "logix").mkdir(parents=True)
+    (site / "logix" / "__init__.py").write_bytes(theirs)
+    _fake_dist(site, "logix-ai", "0.1.1", {"logix/__init__.py": theirs})
+    done = _console(site, "--version")
+    assert done.returncode == 1 and done.stdout == ""
+    err = done.stderr.strip()
+    assert "\n" not in err and err.startswith("logix: error: the `logix` package Python imports")
+    assert "it belongs to logix-ai 0.1.1" in err and "pip uninstall -y logix-ai, then reinstall" in err
+
+
+def test_the_console_script_names_the_logging_utility_logix(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "logix.py").write_bytes(b"def log(): ...\n")
+    _fake_dist(site, "logix", "1.0.4", {"logix.py": b"def log(): ...\n"})
+    done = _console(site, "--version")
+    assert done.returncode == 1 and "it belongs to logix 1.0.4" in done.stderr
+
+
+def test_the_console_script_runs_this_projects_cli(tmp_path):
+    (tmp_path / "site").mkdir()
+    done = _console(tmp_path / "site", "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"logix {installed_version()} ({DISTRIBUTION})"
+    assert done.stderr == ""
