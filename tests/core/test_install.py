@@ -139,3 +139,21 @@ def test_the_console_script_runs_this_projects_cli(tmp_path):
     done = _console(tmp_path / "site", "--version")
     assert done.returncode == 0 and done.stdout.strip() == f"logix {installed_version()} ({DISTRIBUTION})"
     assert done.stderr == ""
+
+
+def test_the_console_script_names_a_logix_package_without_its_init(tmp_path):
+    site = tmp_path / "site"  # `pip uninstall logix-ai` deleted the logix/__init__.py both listed
+    (site / "logix" / "cli").mkdir(parents=True)
+    (site / "logix" / "cli" / "__init__.py").write_text("")
+    done = _console(site, "--version")
+    assert done.returncode == 1 and "\n" not in done.stderr.strip()
+    assert "has no __init__.py" in done.stderr and f"pip install --force-reinstall --no-deps {DISTRIBUTION}" in done.stderr
+
+
+def test_the_console_script_prints_the_conflict_warning_as_one_line(tmp_path):
+    site = tmp_path / "site"
+    _fake_dist(site, "logix-ai", "0.1.1", {"logix/__init__.py": b"theirs"})
+    done = _console(site, "--version")
+    assert done.returncode == 0 and done.stdout.startswith("logix ")
+    assert done.stderr.startswith("logix: warning: the distribution logix-ai 0.1.1 also installs")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
