@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from logix.analysis.kernels import (
     Scratch,
@@ -32,6 +31,7 @@ from logix.analysis.kernels import (
 )
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import ScoreMode
+from logix.core.progress import progress_bar
 from logix.errors import LogixError
 from logix.store.reader import Store
 from logix.store.scores import ScoreMatrixWriter
@@ -205,7 +205,7 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     hi = cps[0].train.n_rows if hi is None else hi
     aligned = len({tuple(cp.train.shard_rows) for cp in cps}) == 1
     streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi, align_to_shards=aligned) for cp in cps]
-    bar = tqdm(total=hi - lo, desc="influence", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(total=hi - lo, desc="influence", unit="row", enabled=progress)
     scratch = Scratch()
     for chunks in zip(*streams):
         start, n = chunks[0].start, chunks[0].rows.shape[0]

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from logix.analysis.influence import (
     Checkpoint,
@@ -43,6 +42,7 @@ from logix.analysis.kernels import best_k
 from logix.config.choices import ScoreMode
 from logix.core.checksum import load_tensors, save_tensors
 from logix.core.distributed import Dist
+from logix.core.progress import progress_bar
 from logix.errors import LogixError
 from logix.store.format import fsync_dir, fsync_file, write_json_atomic
 from logix.store.rundir import (
@@ -120,8 +120,8 @@ def sharded_influence(
     todo = [i for i in mine if not part_file(work_dir, i).exists()]
     error = None
     try:
-        bar = tqdm(todo, desc=f"influence parts (rank {dist.rank})", unit="part",
-                   disable=not progress or not todo, leave=False)
+        bar = progress_bar(todo, desc=f"influence parts (rank {dist.rank})", unit="part",
+                           enabled=progress and bool(todo))
         for i in bar:
             _score_part(cps, qids, mode, top_k, parts[i], i, work_dir, save_scores, dtype,
                         memory_budget_mb, chunk_rows, query_batch)

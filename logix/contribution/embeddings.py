@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from logix.config import DuplicatePolicy
 from logix.config.choices import Pooling
 from logix.contribution.lm import keep_logits_kwargs
+from logix.core.progress import progress_bar
 from logix.data import PromptTemplate
 from logix.errors import DataError
 from logix.store import Layout, Store
@@ -101,7 +101,7 @@ def embed_records(
         if store_dir is None:
             chunks = [
                 _embed_batch(model, tokenizer, texts[i:i + batch_size], pooling, max_length)
-                for i in tqdm(range(0, len(texts), batch_size), desc="logix embed", disable=not progress)
+                for i in progress_bar(range(0, len(texts), batch_size), desc="logix embed", unit="batch", enabled=progress)
             ]
             return torch.cat(chunks).numpy()
         return _embed_logged(model, tokenizer, texts, list(ids), pooling, batch_size, max_length,
@@ -121,7 +121,8 @@ def _embed_logged(model, tokenizer, texts, ids, pooling, batch_size, max_length,
         norm_ids, id_type = normalise_ids(ids)
         sink.check_id_type(id_type)
         todo = [i for i, key in enumerate(norm_ids) if key not in sink.committed]
-        for start in tqdm(range(0, len(todo), batch_size), desc="logix embed", disable=not progress):
+        for start in progress_bar(range(0, len(todo), batch_size), desc="logix embed", unit="batch",
+                                  enabled=progress):
             part = todo[start:start + batch_size]
             rows = _embed_batch(model, tokenizer, [texts[i] for i in part], pooling, max_length)
             keys = [norm_ids[i] for i in part]

@@ -59,6 +59,7 @@ from logix.contribution.icl_plan import ID_SEP, SEPARATOR, Plan, build_plan
 from logix.contribution.icl_result import IclResult
 from logix.contribution.lm import Bos, BosChoice, response_nll_ids
 from logix.contribution.lm_cache import cached_response_nll
+from logix.core.progress import progress_bar
 from logix.data.template import PromptTemplate
 from logix.errors import DataError
 from logix.store.records import committed_rows
@@ -121,7 +122,7 @@ def icl_contribution(
         method: ``"cached"`` (prefix KV cache + batches, the default), ``"batched"`` (full sequences
             in batches) or ``"reference"`` (one full sequence at a time); all give the same numbers.
         id_field: The record key of ids.
-        progress: Show a tqdm bar over candidates.
+        progress: Show a progress bar over candidates (stderr).
 
     Returns:
         The :class:`IclResult` (equal to :func:`load_icl_scores` of ``run_dir`` afterwards).
@@ -130,8 +131,6 @@ def icl_contribution(
         DataError: Bad records or options (empty responses, duplicate ids, probes too long).
         RunDirectoryError: ``run_dir`` holds a pass with other settings or other ids.
     """
-    from tqdm.auto import tqdm
-
     try:
         method = IclMethod(method)
     except ValueError:
@@ -174,7 +173,7 @@ def icl_contribution(
         writer = open_writer(logs / ICL_PAIRS_STORE, 4) if logs is not None else None
         buffer: dict[str, np.ndarray] = {}
         try:
-            for j in tqdm(range(n_c), disable=not progress, desc="in-context contribution", unit="cand"):
+            for j in progress_bar(range(n_c), enabled=progress, desc="in-context contribution", unit="cand"):
                 cid = plan.cand_ids[j]
                 todo = [i for i, p in enumerate(plan.probe_ids) if f"{cid}{ID_SEP}{p}" not in done_pairs]
                 if not todo:

@@ -51,11 +51,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from logix.analysis import checkpoint_weights
 from logix.contribution.less_moments import LessVariant, check_variant
 from logix.contribution.less_rows import ADAM_STORES
+from logix.core.progress import progress_bar
 from logix.errors import ConfigError, RunDirectoryError, StatisticsError
 from logix.store import Store
 from logix.store.format import MANIFEST
@@ -230,7 +230,7 @@ def less_scores(
     if chunk_rows is None:
         chunk_rows = min(65536, max(256, (256 << 20) // (4 * max(1, stores[0][2].dim))))
     total = sum(math.ceil(s.n_rows / chunk_rows) for _, _, s, _ in stores)
-    bar = tqdm(total=total, desc=f"LESS scores ({variant})", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=f"LESS scores ({variant})", enabled=progress)
     for entry, weight, adam, val in stores:
         if adam.layout.to_json() != val.layout.to_json():
             raise StatisticsError(f"Checkpoint {entry['name']}: its Adam rows and validation rows have "

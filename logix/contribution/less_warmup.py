@@ -169,6 +169,8 @@ def warmup_and_log(
     """
     from transformers import Trainer, TrainingArguments
 
+    from logix.integrations.progress import show_progress
+
     if not 0 < fraction <= 1:
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}.")
     if not validation:
@@ -204,7 +206,7 @@ def warmup_and_log(
     defaults.update(training_args or {})
     trainer = Trainer(model=model, args=TrainingArguments(**defaults), train_dataset=warm,
                       data_collator=collator, callbacks=[callback])
-    trainer.train()
+    show_progress(trainer, progress).train()
     write_json_atomic(less_file(project_dir), {"tasks": tasks, "warmup_ids": warmup_ids, "fraction": fraction,
                                                 "variants": list(variants), "seed": seed})
     return Warmup(project_dir, trainer, warmup_ids, tasks)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from logix.config.choices import ChoiceEnum
+from logix.core.progress import progress_bar
 from logix.errors import DataError
 
 if TYPE_CHECKING:
@@ -191,8 +192,6 @@ def response_nll_ids(
     Returns:
         ``(nll, count)``: float64 and int64 arrays of length ``len(prefix_ids)``.
     """
-    from tqdm.auto import tqdm
-
     _check_batch_size(batch_size)
     if len(prefix_ids) != len(response_ids):
         raise DataError(f"{len(prefix_ids)} prefixes but {len(response_ids)} responses; pass one prefix per response")
@@ -212,7 +211,7 @@ def response_nll_ids(
     device = _device(model)
     order = sorted(range(n), key=lambda i: len(seqs[i]))
     try:
-        for lo in tqdm(range(0, n, batch_size), disable=not progress, desc="response nll", unit="batch"):
+        for lo in progress_bar(range(0, n, batch_size), enabled=progress, desc="response nll", unit="batch"):
             chunk = order[lo:lo + batch_size]
             width = max(len(seqs[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
@@ -264,7 +263,7 @@ def response_nll(
         max_length: The longest sequence; longer pairs lose prefix tokens from the left. ``None``
             takes the model's position limit from its config (no limit if it has none).
         bos: ``"auto"``, ``True`` or ``False`` (see the module docstring).
-        progress: Show a tqdm bar.
+        progress: Show a progress bar (stderr).
 
     Returns:
         ``(nll, count)``: per pair, the summed NLL (float64, nats) and the number of response

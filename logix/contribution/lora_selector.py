@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from logix.contribution.embeddings import record_texts
 from logix.contribution.selector_report import SelectorReport, holdout_report, top_labels
+from logix.core.progress import progress_bar
 from logix.data import PromptTemplate
 from logix.errors import DataError
 
@@ -112,7 +112,7 @@ class LoraSelector:
         pos = float(labels.mean())
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - pos) / max(pos, 1e-6)))
         self.model.train()
-        for _ in tqdm(range(self.epochs), desc="logix lora selector", disable=not self.progress):
+        for _ in progress_bar(range(self.epochs), desc="logix lora selector", unit="epoch", enabled=self.progress):
             for batch in torch.randperm(len(texts), generator=gen).split(self.batch_size):
                 opt.zero_grad()
                 logits = self._logits([texts[i] for i in batch])

@@ -199,13 +199,14 @@ class AttributionJob:
         from transformers import Trainer
 
         from logix.integrations.huggingface import LogixCallback
+        from logix.integrations.progress import show_progress
 
         collator = self._collator(tokenizer)
         callback = LogixCallback(self.config, project=self.project, train_dataset=train, queries=queries,
                                  data_collator=collator, progress=self.progress)
         trainer = Trainer(model=model, args=training_arguments(self.config, trainer_dir(self.dir), self.progress),
                           train_dataset=train, data_collator=collator, callbacks=[callback])
-        trainer.train()
+        show_progress(trainer, self.progress).train()  # progress and loss logs on stderr, none with --quiet
         if not callback.checkpoints:
             raise ConfigError("schedule logged no checkpoint: set schedule.at_end, epochs, steps or every_n_steps.")
         return [c["name"] for c in callback.checkpoints]

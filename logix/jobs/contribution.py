@@ -130,12 +130,14 @@ class ContributionJob(AttributionJob):
         from transformers import Trainer
 
         from logix.data import InstructionDataset
+        from logix.integrations.progress import show_progress
 
         dc = self.config.data
         dataset = InstructionDataset(records, tokenizer, dc.max_length, train_on=dc.train_on, id_field=dc.id_field)
         args = training_arguments(self.config.replace(train=dataclasses.replace(
             self.config.train, epochs=float(self.cc.warmup_epochs), max_steps=-1)), self.dir / WARMUP_DIR, self.progress)
-        Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id)).train()
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id))
+        show_progress(trainer, self.progress).train()
         model.eval()
 
     def _max_length(self) -> int | None:
