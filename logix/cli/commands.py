@@ -7,8 +7,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from logix.errors import LogixError
 
@@ -16,10 +18,22 @@ if TYPE_CHECKING:
     from logix.config import AnalysisConfig
 
 
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from logix.jobs.inspect import inspect_run
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN / Inf floats as null, so that ``json.dumps`` writes strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
-    print(inspect_run(args.run_dir))
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from logix.jobs.inspect import describe, format_description
+
+    description = describe(args.run_dir)
+    print(json.dumps(json_ready(description), allow_nan=False) if args.json else format_description(description))
 
 
 # ---- verify ------------------------------------------------------------------------------------
@@ -102,14 +116,19 @@ def cmd_influence(args: argparse.Namespace) -> None:
     texts = _job_texts(directory)
     sanity = category_agreement(result, *texts[2:]) if texts else None
     write_outputs(out, result, texts[0] if texts else {}, texts[1] if texts else {}, sanity)
+    messages = sys.stderr if args.json else sys.stdout  # --json: stdout holds the records only
+    if args.json:
+        with influence_file(out).open() as fh:  # the records just written, one JSON object per line
+            sys.stdout.writelines(fh)
+        sys.stdout.flush()
     print(f"scored {len(result.query_ids)} queries x {len(result.train_ids)} train rows "
           f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}"
-          f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {influence_file(out)}")
+          f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {influence_file(out)}", file=messages)
     if parts and result.scores_path is not None:
-        print(f"score matrix: {result.scores_path} (a virtual dataset over the parts beside it)")
+        print(f"score matrix: {result.scores_path} (a virtual dataset over the parts beside it)", file=messages)
     if sanity:
         print(f"sanity: {sanity['same_category']:.1%} of top-{int(sanity['k'])} proponents share the "
-              f"query's category (random: {sanity['random']:.1%})")
+              f"query's category (random: {sanity['random']:.1%})", file=messages)
 
 
 def _job_texts(directory: Path):

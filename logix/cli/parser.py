@@ -67,10 +67,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.HelpFormatter):
-    """Fixed width, so that ``--help`` (and docs/cli.md) reads the same on every terminal."""
+    """Fixed width, so that ``--help`` (and docs/cli.md) reads the same on every terminal; an
+    option's default is shown after its help unless the help already names it."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, width=100, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and not any(default is v for v in (None, False, argparse.SUPPRESS)) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,22 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.value, help=help_text, description=help_text, formatter_class=_Formatter)
         p.add_argument("config", type=Path, help="YAML config (see docs/configuration.md)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-        p.add_argument("--project", default="job", help="directory under the config's root (default: job)")
+        p.add_argument("--project", default="job", help="directory under the config's root")
         p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--quiet", action="store_true", help="no progress bars" + (
+            " and no training logs" if command is Command.RUN else ""))
         if command is Command.RUN:
             p.add_argument("--show", type=positive_int, default=5, help="queries printed (all are written)")
     p = sub.add_parser(Command.INFLUENCE.value, help="score logged queries against the train rows", formatter_class=_Formatter,
                        description="Score the queries logged in DIR (a run, or a job / Trainer project "
                        "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"])
+    p.add_argument("run_dir", type=Path, help="run, or job / Trainer project directory")
+    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"],
+                   help="curvature the scores are preconditioned with (default: the job's analysis.preconditioner, "
+                   "else kfac)")
     p.add_argument("--damping", type=nonnegative_float,
                    help="curvature damping (default: the job's analysis.damping, else the preconditioner's)")
     p.add_argument("--absolute-damping", action="store_true", default=None,
                    help="damping is absolute, not relative to each module's mean eigenvalue")
-    p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"])
-    p.add_argument("--weighting", choices=["lr", "uniform", "last"], help="how checkpoints combine")
+    p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"],
+                   help="dot: influence; cosine / unit: comparable across queries; relative: divided by the square "
+                   "root of the train row's self-influence (default: the job's analysis.mode, else dot)")
+    p.add_argument("--weighting", choices=["lr", "uniform", "last"],
+                   help="how checkpoints combine: by learning rate, equally, or the last one only (default: the "
+                   "job's analysis.checkpoints, else lr)")
     p.add_argument("--top-k", type=positive_int, help="proponents and opponents kept per query (default: the job's, 10)")
     p.add_argument("--save-scores", action="store_true", help="also write the full score matrix (HDF5)")
     p.add_argument("--use-index", action="store_true",
@@ -114,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "interrupted mid-scoring redoes only its unfinished parts")
     p.add_argument("--part-rows", type=positive_int, help="train rows per part (default: about 64 parts)")
     p.add_argument("--overwrite", action="store_true", help="discard the parts of a different scoring job in the work dir")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print each query's record (the lines of influence.jsonl) as JSON lines on stdout; messages "
+                   "go to stderr")
     p = sub.add_parser(Command.CONTRIBUTE.value, help="score instruction data, fit a selector, select a subset",
                        formatter_class=_Formatter, description="Score a pool of instruction samples (in-context "
                        "contribution, LESS, IFD, baselines), learn the scores of a sample with a selector, select "
@@ -123,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--project", default="contribution", help="directory under the config's root")
     p.add_argument("--overwrite", action="store_true", help="delete the project directory first")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no training logs")
     p = sub.add_parser(Command.SELECT.value, help="select the top of a score table and export the subset",
                        formatter_class=_Formatter, description="Rank a pool by one score of a score table "
                        "(scores.jsonl / .csv: an id column and one column per score), write the top records in "
@@ -131,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", type=Path, required=True, help="score table (.jsonl or .csv)")
     p.add_argument("--pool", type=Path, required=True, help="the records: .jsonl, .json, or a datasets file/folder")
     p.add_argument("--by", required=True, help="score column to rank by (higher is better)")
-    p.add_argument("--top-p", type=fraction, help="fraction of the scored examples to keep")
-    p.add_argument("--top-k", type=positive_int, help="number of examples to keep")
+    p.add_argument("--top-p", type=fraction, help="fraction of the scored examples to keep (this or --top-k)")
+    p.add_argument("--top-k", type=positive_int, help="number of examples to keep (this or --top-p)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--name", help="subset file name (.json: a JSON list)")  # default: SELECTED_FILE
+    p.add_argument("--name", help="subset file name, .jsonl or .json (a JSON list) (default: selected.jsonl)")
     p.add_argument("--id-field", default="id", help="record field holding ids (content hashes when absent)")
     p.add_argument("--category-field", default="category", help="record field counted in the summary")
     p.add_argument("--output-field", default="output", help="record field holding the response")
@@ -149,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="HTML file to write (default: DIR/report.html)")
     p.add_argument("--title", help="page title (default: logix report - DIR's name)")
     p.add_argument("--top-k", type=positive_int, default=10, help="proponents per query when a bare run is scored here")
-    p.add_argument("--max-queries", type=positive_int, default=500, help="queries shown (default: 500)")
-    p.add_argument("--max-rows", type=positive_int, default=2000, help="selected examples listed (default: 2000)")
+    p.add_argument("--max-queries", type=positive_int, default=500, help="queries shown")
+    p.add_argument("--max-rows", type=positive_int, default=2000, help="selected examples listed")
     p_inspect = sub.add_parser(Command.INSPECT.value, help="show what a run / project / store directory holds",
-                               formatter_class=_Formatter)
-    p_inspect.add_argument("run_dir", type=Path)
+                               formatter_class=_Formatter, description="Describe what DIR holds: a run (passes, "
+                               "stores, statistics), a job / Trainer project (checkpoints, outputs, the last "
+                               "checkpoint's run), a contribution project (scores, selection) or a single store.")
+    p_inspect.add_argument("run_dir", type=Path, help="run, project or store directory")
+    p_inspect.add_argument("--json", action="store_true", help="one JSON object on stdout instead of text")
     p_verify = sub.add_parser(Command.VERIFY.value, help="check every stored byte of a run / project / store",
                               formatter_class=_Formatter, description="Check every store under DIR (manifests, "
                               "each shard's size and checksums, dataset shapes, duplicate ids) and every statistics "
@@ -165,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with one logged checkpoint) with faiss in one streaming pass, so that `logix query` and "
                        "`logix influence --use-index` find each query's top proponents without scanning every row "
                        "(candidates are re-scored exactly from the store). Saved in DIR's run/index/.")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="run, or project with one logged checkpoint")
     p.add_argument("--kind", choices=["flat", "ivfflat", "ivfsq8", "ivfpq", "hnsw"], default="ivfsq8",
                    help="flat: exact; ivfflat / ivfsq8 / ivfpq: inverted lists of float32 rows / 8-bit rows / PQ "
                    "codes; hnsw: a graph (default: ivfsq8, 1/4 of the rows' bytes, the best recall measured)")
@@ -184,16 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter, description="For each query row logged in QUERIES (a run "
                        "directory's queries store; default: DIR's own), print one JSON line: the query id and its "
                        "top-k proponents (and opponents) with exact scores, found through DIR's index.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--queries", type=Path, help="run directory (or store folder) holding the query rows")
-    p.add_argument("--top-k", type=positive_int, default=10, help="rows per query (default: 10)")
+    p.add_argument("run_dir", type=Path, help="run, or project with one logged checkpoint, indexed by logix index")
+    p.add_argument("--queries", type=Path, help="run directory (or store folder) holding the query rows "
+                   "(default: DIR's own)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="rows per query")
     p.add_argument("--opponents", action="store_true", help="also the k most negative scores")
     p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"],
                    help="dot / unit indexes: the query's preconditioner (default: kfac)")
     p.add_argument("--damping", type=nonnegative_float, help="dot / unit indexes: damping (default: the preconditioner's)")
     p.add_argument("--nprobe", type=positive_int, help="ivf*: lists searched per query (default: nlist / 64)")
     p.add_argument("--rerank", type=positive_int, default=10,
-                   help="candidates per result re-scored exactly (default: 10; more: higher recall)")
+                   help="candidates per result re-scored exactly (more: higher recall)")
     p.add_argument("--texts", action="store_true", help="add the examples' texts (from the project's job data)")
     return parser
 
