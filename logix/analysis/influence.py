@@ -26,11 +26,12 @@ from logix.analysis.kernels import (
     normalise,
     row_dots,
     score_block,
+    score_coded,
     self_influence_rows,
     unit_rows,
 )
 from logix.analysis.precondition import Preconditioner
-from logix.config.choices import ScoreMode
+from logix.config.choices import PreconditionerType, ScoreMode
 from logix.core.progress import progress_bar
 from logix.errors import LogixError
 from logix.store.reader import Store
@@ -39,7 +40,14 @@ from logix.store.scores import ScoreMatrixWriter
 
 @dataclass
 class Checkpoint:
-    """Logs of one checkpoint: train store, query rows, preconditioner, and its weight."""
+    """Logs of one checkpoint: train store, query rows, preconditioner, and its weight.
+
+    Attributes:
+        train: The checkpoint's train store.
+        queries: ``(n_query, dim)`` query rows, projected like the train rows.
+        preconditioner: Applied to the query rows (and, for self-influence, the train rows).
+        weight: The checkpoint's weight in a sum over checkpoints (TracIn-style).
+    """
 
     train: Store
     queries: Tensor  # (n_query, dim) logged query rows
@@ -49,7 +57,22 @@ class Checkpoint:
 
 @dataclass
 class InfluenceResult:
-    """Top-k proponents/opponents per query, self-influence, and where the full matrix went."""
+    """Top-k proponents/opponents per query, self-influence, and where the full matrix went.
+
+    Attributes:
+        query_ids: The queries' ids.
+        train_ids: The train rows' ids, in store order.
+        top_ids: Per query, the ids of its top-k proponents (highest score first).
+        top_scores: ``(n_query, k)`` their scores, descending.
+        bottom_ids: Per query, the ids of its top-k opponents (most negative first).
+        bottom_scores: ``(n_query, k)`` their scores, ascending.
+        self_influence: ``(n_train,)`` ``g^T H^-1 g`` of every train row, when asked for.
+        per_module: Module name to ``(n_query, k)``: each module's part of the scores of
+            ``top_ids`` (the parts sum to the score), when asked for.
+        scores_path: The HDF5 file the full ``(n_query, n_train)`` matrix was written to, if any.
+        top_index: ``(n_query, k)`` train-row positions of ``top_ids``.
+        bottom_index: ``(n_query, k)`` train-row positions of ``bottom_ids``.
+    """
 
     query_ids: list
     train_ids: list
@@ -204,7 +227,7 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     # otherwise chunks of exactly chunk_rows rows are read into reused buffers.
     hi = cps[0].train.n_rows if hi is None else hi
     aligned = len({tuple(cp.train.shard_rows) for cp in cps}) == 1
-    streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi, align_to_shards=aligned) for cp in cps]
+    streams = [cp.train.iter_chunks(chunk_rows, start=lo, stop=hi, align_to_shards=aligned, coded=True) for cp in cps]
     bar = progress_bar(total=hi - lo, desc="influence", unit="row", enabled=progress)
     scratch = Scratch()
     for chunks in zip(*streams):
@@ -268,14 +291,23 @@ def _score_chunk(cps, queries, chunks, mode, need_self, scratch=None) -> tuple[T
     # (the same values, so the same selection) and only the selected values become float64
     exact32 = mode is ScoreMode.DOT and len(cps) == 1
     for cp, pq, chunk in zip(cps, queries, chunks):
-        rows = chunk.rows
-        part = score_block(pq, rows, scratch, "scores" if scores is None else "part", as_float64=not exact32)
+        key = "scores" if scores is None else "part"
+        identity = cp.preconditioner.kind is PreconditionerType.IDENTITY
+        if chunk.coded is not None and pq.dtype == torch.float32 and (identity or not need_self):
+            # quantized rows scored from their codes (no float32 copy); identity H: norms from them too
+            part, sq_norms = score_coded(pq, chunk.coded, scratch, key, mode is ScoreMode.UNIT or need_self)
+            if not exact32:
+                part = scratch.named(key, part.shape, torch.float64).copy_(part)
+            rows = None
+        else:
+            rows = chunk.rows
+            part = score_block(pq, rows, scratch, key, as_float64=not exact32)
+            sq_norms = row_dots(rows, None, scratch) if mode is ScoreMode.UNIT else None
         if mode is ScoreMode.UNIT:  # score of unit rows = score of rows / their norm (no unit copy)
-            sq_norms = row_dots(rows, None, scratch)
             part /= sq_norms.sqrt().clamp_min(1e-30)[None, :]
         scores = part if scores is None else scores.add_(part)  # accumulated in the "scores" buffer
         if need_self:
-            s = self_influence_rows(cp.preconditioner, rows, scratch)
+            s = sq_norms.clone() if rows is None else self_influence_rows(cp.preconditioner, rows, scratch)
             if mode is ScoreMode.UNIT:
                 s /= sq_norms.sqrt().clamp_min(1e-30) ** 2
             s = cp.weight * s

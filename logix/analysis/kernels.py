@@ -14,6 +14,8 @@ from torch import Tensor
 
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import PreconditionerType, ScoreMode
+from logix.store.chunks import CodedRows
+from logix.store.quant import decode_unscaled
 
 BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many values (8 MB) ...
 PRE_BLOCK_ELEMS = 2**22  # ... or of this many (32 MB) through a preconditioner: fewer, larger ops
@@ -103,6 +105,43 @@ def score_block(pq: Tensor, rows: Tensor, scratch: Scratch | None = None, key: s
     for lo in range(0, rows.shape[0], step):
         out[:, lo : lo + step] = pq @ scratch.block(rows[lo : lo + step], pq.dtype, step * rows.shape[1]).T
     return out
+
+
+CODED_BLOCK_BYTES = 4 * 2**20  # quantized rows are decoded this many float32 bytes at a time
+
+
+def score_coded(pq: Tensor, coded: CodedRows, scratch: Scratch, key: str = "scores",
+                sq_norms: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``pq @ rows.T`` (float32 ``pq``; in the scratch buffer ``key + ":gemm"``) of quantized rows
+    without their float32 copy, and with ``sq_norms`` every row's squared norm (float64).
+
+    A few rows at a time (``CODED_BLOCK_BYTES``, a cache-sized reused buffer), the codes become
+    their integer values in float32 and each block's GEMM is scaled by the rows' block scales
+    after it: ``score[q, r] = sum_b s[r, b] (pq[q, b] . c[r, b])``. Against decoding every row
+    to float32 first, this saves a write and a read of the whole chunk and the scale pass."""
+    n, dim, n_q = len(coded), coded.layout.dim, pq.shape[0]
+    out = scratch.named(key + ":gemm", (n_q, n), torch.float32)
+    norms = torch.zeros(n, dtype=torch.float64) if sq_norms else None
+    codes, scales = torch.from_numpy(np.asarray(coded.codes)), torch.from_numpy(np.asarray(coded.scales))
+    step = max(16, CODED_BLOCK_BYTES // (4 * dim))
+    blocks = [block.columns for block in coded.layout.blocks]
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        rows = decode_unscaled(codes[lo:hi], coded.dtype_name, dim, scratch.named("coded:rows", (hi - lo, dim),
+                                                                                    torch.float32))
+        acc = scratch.named("coded:acc", (n_q, hi - lo), torch.float32)
+        part = scratch.named("coded:part", (n_q, hi - lo), torch.float32)
+        for b, cols in enumerate(blocks):
+            scale = scales[lo:hi, b]
+            torch.mm(pq[:, cols], rows[:, cols].T, out=acc if b == 0 else part)
+            if b == 0:
+                acc.mul_(scale[None, :])
+            else:
+                acc.addcmul_(part, scale[None, :])
+            if norms is not None:  # integer codes: their squares sum exactly in float32
+                norms[lo:hi] += rows[:, cols].square().sum(1).to(torch.float64) * scale.to(torch.float64) ** 2
+        out[:, lo:hi] = acc
+    return out, norms
 
 
 class TopK:

@@ -143,6 +143,29 @@ def quantized_sources(path: Path) -> tuple[Source, Source]:
                 Source(path, scales.dtype, raw_offset(scales, scales.dtype, scales.shape)))
 
 
+def read_codes(sources: tuple[Source, Source], lo: int, hi: int, layout: Layout,
+               dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and scales of rows ``lo:hi`` of a quantized shard, as stored (memory maps when the
+    file allows, else read through HDF5)."""
+    codes_src, scales_src = sources
+    if codes_src.offset is not None and scales_src.offset is not None and can_map():
+        return (mapped(codes_src, lo, hi, code_width(dtype, layout.dim), False),
+                mapped(scales_src, lo, hi, len(layout.blocks), False))
+    with h5py.File(codes_src.path, "r") as fh:
+        return fh["rows"][lo:hi], fh["scales"][lo:hi]
+
+
+def decode_unscaled(codes: torch.Tensor, dtype: str, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """The integer code values of ``codes`` (int8, or packed int4) as float32 in ``out`` (n x dim):
+    the rows before their block scales."""
+    if QUANT_BITS[dtype] == 8:
+        return out.copy_(codes)
+    even, odd = (dim + 1) // 2, dim // 2
+    out[:, 0::2].copy_(torch.bitwise_and(codes[:, :even], 0x0F)).sub_(8)
+    out[:, 1::2].copy_(torch.bitwise_right_shift(codes[:, :odd], 4)).sub_(8)
+    return out
+
+
 def read_quantized(sources: tuple[Source, Source], lo: int, hi: int, layout: Layout, dtype: str,
                    columns: list[slice] | None, out: np.ndarray) -> np.ndarray:
     """Rows ``lo:hi`` of a quantized shard, dequantized into ``out``: its codes and scales read

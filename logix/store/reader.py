@@ -9,17 +9,17 @@ A failed check raises :class:`~logix.errors.StoreError` naming the file."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from logix.config.choices import StoreDtype
 from logix.core.checksum import damaged
 from logix.core.dtypes import DISK_DTYPES, HOST_DTYPES, row_dtype
 from logix.errors import StoreError
+from logix.store import quant
+from logix.store.chunks import Chunk, CodedRows, Id, to_torch
 from logix.store.format import MANIFEST, IdType, Layout, from_numpy, read_manifest
 from logix.store.integrity import (
     Problem,
@@ -41,28 +41,14 @@ from logix.store.mapping import (
     prefetched,
     raw_offset,
 )
-from logix.store.quant import dequantize, is_quantized, quantized_sources, read_quantized, row_bytes
-
-Id = int | str
-
-
-@dataclass
-class Chunk:
-    """Consecutive committed rows: ``rows[i]`` belongs to ``ids[i]`` (and ``positions[i]``)."""
-
-    ids: list[Id]
-    rows: torch.Tensor
-    positions: np.ndarray | None
-    start: int  # index of the first row in the store's global order
 
 
 class Store:
     """A read-only view of one store's committed shards.
 
-    ``dtype_name`` is the stored dtype (``float32``, ``float16``, ``bfloat16``, or the quantized
-    ``int8`` / ``int4``, where ``quantized`` is True); ``dtype`` is the dtype of the rows handed
-    out, float32 for quantized stores, whose rows are dequantized as they are read
-    (:mod:`logix.store.quant`). ``nbytes()`` counts the bytes actually stored."""
+    ``dtype_name`` is the stored dtype (``float32``, ``float16``, ``bfloat16``, or the quantized ``int8`` /
+    ``int4``: ``quantized``); ``dtype`` that of the rows handed out, float32 for quantized stores (dequantized
+    as read, :mod:`logix.store.quant`). ``nbytes()`` counts the bytes actually stored."""
 
     def __init__(self, directory: str | Path, check_duplicates: bool = True) -> None:
         """``check_duplicates=False``: list ids held by several rows (to repair such a store)."""
@@ -74,7 +60,7 @@ class Store:
         self.manifest = manifest
         self.layout = Layout.from_json(manifest["layout"])
         self.dtype_name: str = manifest["dtype"]
-        self.quantized = is_quantized(self.dtype_name)
+        self.quantized = quant.is_quantized(self.dtype_name)
         self.per_token: bool = manifest["per_token"]
         self._entries = manifest["shards"]
         raise_first(open_problems(self.directory, manifest))
@@ -130,7 +116,7 @@ class Store:
     def nbytes(self) -> int:
         """Bytes of the stored rows (codes and scales for quantized stores)."""
         if self.quantized:
-            return self.n_rows * row_bytes(self.dtype_name, self.layout)
+            return self.n_rows * quant.row_bytes(self.dtype_name, self.layout)
         return self.n_rows * self.dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def verify(self) -> list[Problem]:
@@ -202,7 +188,7 @@ class Store:
 
     def _read(self, fh: h5py.File, lo: int, hi: int, columns: list[slice] | None) -> torch.Tensor:
         if self.quantized:
-            rows = dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], self.layout, self.dtype_name, columns)
+            rows = quant.dequantize(fh["rows"][lo:hi], fh["scales"][lo:hi], self.layout, self.dtype_name, columns)
             return torch.from_numpy(rows)
         if columns is None:
             return from_numpy(fh["rows"][lo:hi], self.dtype_name)
@@ -225,6 +211,7 @@ class Store:
     def _chunks(
         self, chunk_rows: int, modules: Sequence[str] | None, align_to_shards: bool = False,
         ring: Ring | None = None, populate: bool = False, start: int = 0, stop: int | None = None,
+        coded: bool = False,
     ) -> Iterator[Chunk]:
         """Chunks of exactly ``chunk_rows`` rows (the last may be shorter), spanning shards, so
         that two stores with the same number of rows chunk identically; with ``align_to_shards``,
@@ -239,7 +226,11 @@ class Store:
             for s, _, _ in pieces:
                 self._check(s, rows=True)
             s, lo, hi = pieces[0]
-            if (len(pieces) == 1 and columns is None and not self.quantized and sources[s].offset is not None
+            ids, positions = labels.get(start, n, pieces)
+            rows = codes = None
+            if coded and self.quantized and columns is None:  # codes as stored: decoded on first use
+                codes = self._coded(pieces)
+            elif (len(pieces) == 1 and columns is None and not self.quantized and sources[s].offset is not None
                     and can_map()):
                 rows = mapped(sources[s], lo, hi, self.dim, populate).view(HOST_DTYPES[self.dtype_name])
             else:
@@ -248,19 +239,30 @@ class Store:
                 for s, lo, hi in pieces:
                     self._fill(rows[at : at + hi - lo], s, lo, hi, columns)
                     at += hi - lo
-            ids, positions = labels.get(start, n, pieces)
-            yield Chunk(ids, _to_torch(rows, self.dtype_name), positions, start)
+            yield Chunk(ids, None if rows is None else to_torch(rows, self.dtype_name), positions, start, codes)
             rows = None  # the ring may reuse the buffer once the consumer drops the chunk
             start += n
+
+    def _quant_source(self, s: int):
+        if s not in self._quant_sources:
+            self._quant_sources[s] = quant.quantized_sources(self.directory / self._shards[s][0])
+        return self._quant_sources[s]
+
+    def _coded(self, pieces: list[Piece]) -> CodedRows:
+        """The codes and scales of ``pieces`` (memory maps of one shard, or joined copies)."""
+        parts = []
+        for s, lo, hi in pieces:
+            self._check(s)  # (rows checked by the caller)
+            parts.append(quant.read_codes(self._quant_source(s), lo, hi, self.layout, self.dtype_name))
+        codes, scales = parts[0] if len(parts) == 1 else (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+        return CodedRows(codes, scales, self.layout, self.dtype_name)
 
     def _fill(self, dest: np.ndarray, s: int, lo: int, hi: int, columns: list[slice] | None) -> None:
         """Copy rows ``lo:hi`` of shard ``s`` (their ``columns``) into ``dest``."""
         self._check(s)
         self._check(s, rows=True)
         if self.quantized:  # codes and scales memory-mapped (see quant.read_quantized)
-            if s not in self._quant_sources:
-                self._quant_sources[s] = quantized_sources(self.directory / self._shards[s][0])
-            read_quantized(self._quant_sources[s], lo, hi, self.layout, self.dtype_name, columns, dest)
+            quant.read_quantized(self._quant_source(s), lo, hi, self.layout, self.dtype_name, columns, dest)
             return
         fill_rows(dest, self._sources()[s], lo, hi, self.dim, columns)
 
@@ -272,8 +274,11 @@ class Store:
         align_to_shards: bool = False,
         start: int = 0,
         stop: int | None = None,
+        coded: bool = False,
     ) -> Iterator[Chunk]:
         """Yield committed rows in chunks of at most ``chunk_rows`` rows.
+
+        ``coded=True``: a quantized store's chunks (all modules) carry its codes, decoded on first read.
 
         ``start`` / ``stop`` restrict the rows to the global range ``start:stop`` (a part of the
         store, as a rank of a sharded scorer reads); ``Chunk.start`` stays a global index.
@@ -297,10 +302,10 @@ class Store:
             raise ValueError(f"Row range {start}:{stop} is outside the store's {self.n_rows} rows.")
         ring = Ring(max(prefetch, 0) + 3, HOST_DTYPES[self.dtype_name])
         if prefetch <= 0:
-            yield from self._chunks(chunk_rows, modules, align_to_shards, ring, start=start, stop=stop)
+            yield from self._chunks(chunk_rows, modules, align_to_shards, ring, start=start, stop=stop, coded=coded)
             return
         yield from prefetched(self._chunks(chunk_rows, modules, align_to_shards, ring, populate=True,
-                                            start=start, stop=stop), prefetch)
+                                            start=start, stop=stop, coded=coded), prefetch)
 
     def read_all(self, modules: Sequence[str] | None = None) -> torch.Tensor:
         """All committed rows as one tensor (small stores only)."""
@@ -311,7 +316,7 @@ class Store:
             if n:
                 self._fill(out[at : at + n], s, 0, n, columns)
             at += n
-        return _to_torch(out, self.dtype_name)
+        return to_torch(out, self.dtype_name)
 
     def take(self, index: np.ndarray) -> torch.Tensor:
         """Rows at the global positions ``index`` (any order, repeats allowed), verified as always."""
@@ -329,7 +334,7 @@ class Store:
                 whole = np.empty((n, self.dim), out.dtype)
                 self._fill(whole, s, 0, n, None)
             out[pick] = whole[index[pick] - starts[s]]
-        return _to_torch(out, self.dtype_name)
+        return to_torch(out, self.dtype_name)
 
     def get(self, ids: Sequence[object], modules: Sequence[str] | None = None) -> torch.Tensor:
         """Rows of the given ids (or ``(id, position)`` keys), in the order asked."""
@@ -360,11 +365,6 @@ class Store:
             f"Store({str(self.directory)!r}, rows={self.n_rows}, dim={self.dim}, "
             f"dtype={self.dtype_name}, modules={len(self.layout.blocks)}, shards={self.n_shards})"
         )
-
-
-def _to_torch(rows: np.ndarray, dtype_name: str) -> torch.Tensor:
-    tensor = torch.from_numpy(rows)  # shares memory and keeps ``rows`` alive
-    return tensor.view(torch.bfloat16) if dtype_name == StoreDtype.BFLOAT16 else tensor
 
 
 class _Labels:

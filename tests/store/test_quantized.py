@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import logix
 from logix.analysis import Checkpoint, compute_influence, load_checkpoint
+from logix.analysis.precondition import Preconditioner
 from logix.analysis.sharded import sharded_influence
 from logix.data import load_tokenizer
 from logix.jobs.attribution import AttributionJob
@@ -243,3 +244,39 @@ def test_per_token_rows_quantize_like_per_example_rows(tmp_path):
     layout = quantized.layout
     want = dequantize(*quantize(exact.read_all(), layout, "int4"), layout, "int4")
     assert np.array_equal(quantized.read_all().numpy(), want)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["dot", "cosine", "relative", "unit"])
+def test_scoring_from_the_codes_equals_scoring_the_decoded_rows(tmp_path, dtype, mode):
+    """The fused scorer (codes, block scales after each block's GEMM, in cache-sized row blocks)
+    against brute force in float64 on the dequantized rows: every score, and self-influence."""
+    gen = torch.Generator().manual_seed(3)
+    layout = Layout.build([("a", "linear", (5, 7)), ("b", "linear", (3, 3)), ("c", "linear", (1, 9))])
+    writer = ShardWriter(tmp_path / "s", layout, dtype, per_token=False)
+    writer.set_id_type("int")
+    rows = torch.randn(150, layout.dim, generator=gen) * torch.tensor([1.0] * 35 + [30.0] * 9 + [0.01] * 9)
+    for lo in range(0, 150, 37):  # shards of 37 rows
+        writer.submit(rows[lo:lo + 37], list(range(lo, min(lo + 37, 150))))
+    writer.close()
+    store = Store(tmp_path / "s")
+    deq = store.read_all().double()
+    coded = list(store.iter_chunks(chunk_rows=40, coded=True))  # chunks spanning shards, codes joined
+    assert all(c.coded is not None for c in coded)
+    assert torch.equal(torch.cat([c.rows for c in coded]), store.read_all())
+    queries = torch.randn(6, layout.dim, generator=gen)
+    cp = Checkpoint(store, queries, Preconditioner("identity", None, layout))
+    got = compute_influence(cp, mode=mode, top_k=150, chunk_rows=40, progress=False)
+    q = queries.double()
+    if mode == "unit":
+        q, d = q / q.norm(dim=1, keepdim=True), deq / deq.norm(dim=1, keepdim=True)
+    else:
+        d = deq
+    want = q @ d.T
+    self_inf = (d * d).sum(1)
+    if mode == "cosine":
+        want = want / q.norm(dim=1, keepdim=True) / self_inf.sqrt()
+    elif mode == "relative":
+        want = want / self_inf.sqrt()
+    torch.testing.assert_close(_matrix(got), want, rtol=2e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(got.self_influence, self_inf, rtol=1e-6, atol=0)
