@@ -47,21 +47,41 @@ def influence(
 ) -> InfluenceResult:
     """Influence of every train example of ``run_dir`` on each of its logged queries.
 
-    ``run_dir`` is one run, or a Trainer callback's project directory whose checkpoints are
-    combined TracIn-style (``weighting``: ``lr`` | ``uniform`` | ``last``).
+    Args:
+        run_dir: One run, or a Trainer callback's (or ``logix run``'s) project directory whose
+            checkpoints are combined TracIn-style.
+        preconditioner: ``identity``, ``raw``, ``raw-joint``, ``kfac`` or ``ekfac``; its statistics
+            must have been logged.
+        damping: A :class:`~logix.config.Damping`, a number (relative damping), or a dict of them
+            by module name (``"*"``: every other module); None: the preconditioner's default.
+        mode: ``dot``, ``cosine``, ``relative`` or ``unit`` (:class:`~logix.config.ScoreMode`).
+        weighting: How several checkpoints combine: ``lr``, ``uniform`` or ``last``.
+        full_space_run: Asymmetric preconditioning (:func:`load_asymmetric_checkpoint`): the
+            queries are those of this ``projection: none`` run, preconditioned in full space with
+            ``preconditioner`` and projected like ``run_dir``'s rows (one run, mode ``dot``).
+        work_dir: Score in resumable parts there (:func:`logix.analysis.sharded.sharded_influence`);
+            under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and
+            the ranks share the parts. The full score matrix is then written with
+            ``save_scores=True`` (or any ``scores_path``) to ``work_dir/scores.h5``, a virtual
+            dataset over the parts.
+        part_rows: Train rows per part when scoring in parts (default: chosen from the store's size).
+        overwrite_parts: Discard the parts of an earlier scoring job in ``work_dir`` whose
+            settings differ, instead of refusing.
+        **kwargs (Any): Passed to :func:`compute_influence` (``top_k``, ``self_influence``,
+            ``per_module``, ``scores_path``, ``memory_budget_mb``, ...). ``use_index=True``
+            (with ``top_k``, optionally ``nprobe`` / ``rerank``) finds the top-k through the run's
+            faiss index instead (``logix index``; :func:`index_influence`): exact scores of
+            approximately selected rows, no self-influence; the exact scan stays the default.
 
-    ``full_space_run``: asymmetric preconditioning (:func:`load_asymmetric_checkpoint`): the
-    queries are those of this ``projection: none`` run, preconditioned in full space with
-    ``preconditioner`` and projected like ``run_dir``'s rows (one run, mode ``dot``).
+    Returns:
+        Per query its top proponents and opponents with their scores, and whatever ``kwargs``
+        asked for (self-influence, per-module parts).
 
-    ``work_dir``: score in resumable parts there (:func:`logix.analysis.sharded.sharded_influence`);
-    under ``torch.distributed`` this is always the case (default ``run_dir/scoring``) and the
-    ranks share the parts. The full score matrix is then written with ``save_scores=True`` (or
-    any ``scores_path``) to ``work_dir/scores.h5``, a virtual dataset over the parts.
-    ``use_index=True`` (with ``top_k``, optionally ``nprobe`` / ``rerank``): the top-k through the run's
-    faiss index (``logix index``; :mod:`logix.analysis.index`): exact scores of approximately
-    selected rows, no self-influence; the exact scan stays the default.
-    ``kwargs`` go to :func:`compute_influence`.
+    Raises:
+        LogixError: An option does not apply (``use_index`` with parts or a score matrix;
+            ``full_space_run`` with a mode other than ``dot`` or with a checkpoint project).
+        StatisticsError: The run lacks the statistics the preconditioner needs, or its queries
+            were not committed.
     """
     if kwargs.pop("use_index", False):  # the run's faiss index (logix index): approximate top-k, exact scores
         if full_space_run is not None or work_dir is not None or Dist.current().active:
@@ -89,7 +109,17 @@ def influence(
 
 
 def index_run_dir(path: str | Path) -> Path:
-    """The run directory an index serves: ``path`` itself, or a project's only logged checkpoint."""
+    """The run directory an index serves: ``path`` itself, or a project's only logged checkpoint.
+
+    Args:
+        path: A run directory, or a project directory with ``checkpoints.json``.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        LogixError: The project logged several checkpoints (an index serves one run).
+    """
     path = Path(path)
     index_json = checkpoints_file(path)
     if not index_json.exists():
@@ -106,7 +136,25 @@ def index_influence(run_dir: str | Path, preconditioner: PreconditionerType | st
                     nprobe: int | None = None, rerank: int = 10, queries: Tensor | None = None,
                     query_ids: list | None = None) -> InfluenceResult:
     """``influence(..., use_index=True)``: the top-k proponents and opponents of each logged query
-    through ``run_dir``'s index (exact scores, approximate selection; no self-influence)."""
+    through ``run_dir``'s index (exact scores, approximate selection; no self-influence).
+
+    Args:
+        run_dir: The run (or a project of one checkpoint) whose index ``logix index`` built.
+        preconditioner: As for :func:`influence`.
+        damping: As for :func:`influence` (one damping).
+        mode: The mode the index was built for.
+        top_k: Proponents and opponents kept per query.
+        nprobe: Index cells searched (``ivf*`` indexes; default ``max(1, nlist // 64)``).
+        rerank: Candidates fetched per result kept, then re-scored exactly.
+        queries: ``(n, dim)`` query rows projected like the run's (default: its logged queries).
+        query_ids: Their ids (with ``queries``).
+
+    Returns:
+        The top-k of each query (no score matrix, no self-influence).
+
+    Raises:
+        LogixError: The index serves another mode, or the project logged several checkpoints.
+    """
     run_dir = index_run_dir(run_dir)
     index = Index.load(run_dir)
     mode = ScoreMode.parse(mode, "mode")

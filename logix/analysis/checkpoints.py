@@ -44,9 +44,24 @@ def load_checkpoint(
 ) -> Checkpoint:
     """The train store, query rows and preconditioner of a finished run directory.
 
-    ``queries``: the name of the run's store of logged query rows, or the rows themselves
-    (``(n, dim)``, projected like the train rows, e.g. ``run.capture``'s).
-    ``damping=None`` uses the preconditioner's default (``precondition.default_damping``)."""
+    Args:
+        run_dir: The run directory (``logix.init``'s, or one checkpoint of a project).
+        preconditioner: ``identity``, ``raw``, ``raw-joint``, ``kfac`` or ``ekfac``.
+        damping: A :class:`~logix.config.Damping`, a number (relative damping), or a dict of them
+            by module name (``"*"``: every other module); None: the preconditioner's default
+            (:func:`~logix.config.default_damping`).
+        weight: The checkpoint's weight when several are combined.
+        queries: The name of the run's store of logged query rows, or the rows themselves
+            (``(n, dim)``, projected like the train rows, e.g. ``run.capture``'s).
+
+    Returns:
+        What :func:`~logix.analysis.compute_influence` scores.
+
+    Raises:
+        StatisticsError: The run has no finalized statistics (any preconditioner but
+            ``identity`` needs them), or no committed query rows.
+        LogixError: Query rows given as a tensor do not have the train rows' width.
+    """
     run_dir = Path(run_dir)
     train = Store(store_dir(run_dir, TRAIN_STORE))
     if isinstance(queries, Tensor):
@@ -78,9 +93,21 @@ def logged_queries(run_dir: str | Path, name: str = QUERY_STORE) -> Store:
 
 
 def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
-    """The per-module projections of the run ``run_dir`` (``ModuleProjection``; identities for
-    ``projection: none``), rebuilt from its config (random) or read from its directory (pca).
-    ``full_layout`` gives each module's unprojected shape, ``layout`` the logged one."""
+    """The per-module projections of a run, rebuilt from its config (random) or read from its
+    directory (PCA / whitened).
+
+    Args:
+        run_dir: The run directory.
+        full_layout (Layout): Each module's unprojected block shape (a ``projection: none`` run's layout).
+        layout (Layout): The run's logged layout.
+
+    Returns:
+        Module name to ``ModuleProjection`` (``None`` matrices, i.e. identities, for
+        ``projection: none``).
+
+    Raises:
+        StatisticsError: The directory has no config, or its PCA / whitening pass did not finish.
+    """
     run_dir = Path(run_dir)
     config_path = config_file(run_dir)
     if not config_path.exists():
@@ -113,12 +140,29 @@ def load_asymmetric_checkpoint(
     """Asymmetric preconditioning: the projected train store of ``run_dir`` scored against
     queries preconditioned in full space.
 
-    ``full_run_dir`` is a ``projection: none`` run of the same model (same modules) whose
-    statistics hold the full-space curvature (``statistics.ekfac`` for ``ekfac``) and whose
-    ``queries`` store holds the full-space query gradients (``run.log_queries``). Each query is
-    preconditioned there, ``H^-1 g_q``, then projected with ``run_dir``'s projection; the
-    returned checkpoint's preconditioner is the identity (train rows are used as logged), so
-    ``compute_influence`` scores ``<P^T H^-1 g_q, P^T g_t>``. Scores are meant for mode ``dot``.
+    Each query is preconditioned in ``full_run_dir``'s space, ``H^-1 g_q``, then projected with
+    ``run_dir``'s projection; the returned checkpoint's preconditioner is the identity (train
+    rows are used as logged), so ``compute_influence`` scores ``<P^T H^-1 g_q, P^T g_t>``.
+    Scores are meant for mode ``dot``.
+
+    Args:
+        run_dir: The projected run whose train rows are scored.
+        full_run_dir: A ``projection: none`` run of the same model (same modules) whose
+            statistics hold the full-space curvature (``statistics.ekfac`` for ``ekfac``) and
+            whose ``queries`` store holds the full-space query gradients (``run.log_queries``).
+        preconditioner: The full-space preconditioner (a per-module one: not ``raw-joint``).
+        damping: A :class:`~logix.config.Damping`, a number (relative damping), or a dict of them
+            by module name (``"*"``: every other module); None: the preconditioner's default
+            (:func:`~logix.config.default_damping`).
+        weight: The checkpoint's weight when several are combined.
+        queries: The name of ``full_run_dir``'s store of query rows.
+
+    Returns:
+        The checkpoint: ``run_dir``'s train store, the preconditioned, projected queries.
+
+    Raises:
+        StatisticsError: ``full_run_dir`` has no finalized statistics or no committed queries, or
+            the two runs' modules do not match.
     """
     run_dir, full_run_dir = Path(run_dir), Path(full_run_dir)
     train = Store(store_dir(run_dir, TRAIN_STORE))
@@ -135,8 +179,20 @@ def load_asymmetric_checkpoint(
 
 
 def checkpoint_weights(entries: list[dict], weighting: CheckpointWeighting | str) -> list[float]:
-    """Weights of logged checkpoints: ``lr`` (learning rates, normalised to sum 1),
-    ``uniform`` or ``last`` (only the last checkpoint)."""
+    """Weights of logged checkpoints (TracIn-style).
+
+    Args:
+        entries: The checkpoints' entries of ``checkpoints.json`` (``learning_rate`` each, for ``lr``).
+        weighting: ``lr`` (learning rates, normalised to sum 1), ``uniform`` or ``last`` (only
+            the last checkpoint).
+
+    Returns:
+        One weight per entry; ``[1.0]`` for a single checkpoint whatever ``weighting``.
+
+    Raises:
+        ValueError: ``weighting`` is none of the three.
+        StatisticsError: ``lr`` weighting, but a checkpoint has no recorded learning rate (or all are 0).
+    """
     n = len(entries)
     if n == 1:
         return [1.0]
@@ -163,7 +219,23 @@ def load_checkpoints(
     weighting: CheckpointWeighting | str = CheckpointWeighting.LR,
 ) -> tuple[list[Checkpoint], list[dict]]:
     """Every checkpoint a Trainer callback logged under ``project_dir`` (``checkpoints.json``),
-    weighted TracIn-style, and the entries of that file; or the single run ``project_dir``."""
+    weighted TracIn-style; or the single run ``project_dir``.
+
+    Args:
+        project_dir: A project directory with ``checkpoints.json``, or one run directory.
+        preconditioner: As for :func:`load_checkpoint`.
+        damping: A :class:`~logix.config.Damping`, a number (relative damping), or a dict of them
+            by module name (``"*"``: every other module); None: the preconditioner's default
+            (:func:`~logix.config.default_damping`).
+        weighting: How the checkpoints' scores combine (:func:`checkpoint_weights`).
+
+    Returns:
+        The checkpoints of nonzero weight, and their entries of ``checkpoints.json`` (for a single
+        run, one entry ``{"name": ..., "dir": "."}``).
+
+    Raises:
+        StatisticsError: ``checkpoints.json`` lists no checkpoint, or a checkpoint cannot be loaded.
+    """
     project_dir = Path(project_dir)
     index = checkpoints_file(project_dir)
     if not index.exists():

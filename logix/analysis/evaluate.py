@@ -38,6 +38,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     rank), computed for every column at once: average ranks along the first axis, then a
     vectorised Pearson correlation (``spearmanr`` on two matrices would correlate every column
     with every other). NaN where a column is constant or holds NaN.
+
+    Args:
+        a: ``(n, m)`` values.
+        b: ``(n, m)`` values.
+
+    Returns:
+        ``(m,)`` correlations.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in shape.
     """
     from scipy.stats import rankdata as scipy_rankdata
 
@@ -69,8 +79,23 @@ class LDSResult:
 
 
 def lds(scores: np.ndarray | torch.Tensor, masks: np.ndarray, outputs: np.ndarray) -> LDSResult:
-    """LDS of ``scores`` (n_query x n_train) given subset ``masks`` (n_subsets x n_train, bool)
-    and measured ``outputs`` (n_subsets x n_query) of models retrained on those subsets."""
+    """The linear datamodeling score (LDS) of a score matrix.
+
+    Each subset's predicted output for a query is the sum of the query's scores over the subset;
+    the LDS of a query is the Spearman correlation, over the subsets, of prediction and measurement.
+
+    Args:
+        scores: ``(n_query, n_train)`` attribution scores (e.g. ``InfluenceResult.scores``).
+        masks: ``(n_subsets, n_train)`` boolean subsets (:func:`subset_masks`).
+        outputs: ``(n_subsets, n_query)`` measured outputs of the models retrained on those subsets
+            (:func:`retrain_on_subsets`).
+
+    Returns:
+        The per-query correlations, their mean and the predictions.
+
+    Raises:
+        ValueError: The shapes of the three arrays disagree.
+    """
     scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, np.float64)
     masks = np.asarray(masks, dtype=np.float64)
     outputs = np.asarray(outputs, np.float64)
@@ -85,7 +110,17 @@ def lds(scores: np.ndarray | torch.Tensor, masks: np.ndarray, outputs: np.ndarra
 
 
 def subset_masks(n_train: int, n_subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """``n_subsets`` random subsets, each of ``round(fraction * n_train)`` examples."""
+    """``n_subsets`` random subsets, each of ``round(fraction * n_train)`` examples.
+
+    Args:
+        n_train: The size of the train set.
+        n_subsets: How many subsets.
+        fraction: The share of the train set in each subset.
+        seed: Seed of the draw (the same arguments give the same subsets).
+
+    Returns:
+        ``(n_subsets, n_train)`` boolean masks.
+    """
     rng = np.random.default_rng(seed)
     size = int(round(fraction * n_train))
     masks = np.zeros((n_subsets, n_train), dtype=bool)
@@ -103,10 +138,21 @@ def retrain_on_subsets(
     cache: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Retrain with ``train_fn(mask)`` on random subsets; returns ``(masks, outputs)``.
+    """Retrain with ``train_fn(mask)`` on random subsets: the ground truth of :func:`lds`.
 
-    With ``cache`` (an ``.npz`` path) finished subsets are saved after each retraining, and a
-    later call with the same arguments resumes from them (ground truth is expensive).
+    Args:
+        train_fn: Trains a model on the examples a boolean mask over the train set selects and
+            returns the ``(n_query,)`` outputs that model gives the queries.
+        n_train: The size of the train set.
+        n_subsets: How many subsets (and retrainings).
+        fraction: The share of the train set in each subset.
+        seed: Seed of the subsets (:func:`subset_masks`).
+        cache: An ``.npz`` path: finished subsets are saved after each retraining, and a later
+            call with the same arguments resumes from them (ground truth is expensive).
+        progress: Show a progress bar.
+
+    Returns:
+        ``(masks, outputs)``: ``(n_subsets, n_train)`` booleans and ``(n_subsets, n_query)`` outputs.
     """
     masks = subset_masks(n_train, n_subsets, fraction, seed)
     outputs: list[np.ndarray] = []
@@ -131,7 +177,21 @@ def topk_removal_test(
     seed: int = 0,
 ) -> dict[int, dict[str, float]]:
     """Brittleness test for one query: remove its top-k proponents (and k random examples),
-    retrain, and report the change of the query's output against the full-data model."""
+    retrain, and report the change of the query's output against the full-data model.
+
+    Args:
+        scores: ``(n_query, n_train)`` attribution scores.
+        train_fn: Trains a model on the examples a boolean mask over the train set selects and
+            returns the ``(n_query,)`` outputs that model gives the queries.
+        query: The query's row in ``scores``.
+        ks: The numbers of examples removed, one retraining pair each.
+        seed: Seed of the random removals.
+
+    Returns:
+        Per ``k``: ``top_k_removed`` and ``random_removed``, the change of the query's output
+        (retrained minus full data). With outputs whose decrease the scores predict, removing
+        true proponents lowers the output more than removing random examples.
+    """
     scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, np.float64)
     n_train = scores.shape[1]
     full = np.ones(n_train, dtype=bool)

@@ -120,7 +120,13 @@ def index_status(run_dir: str | Path) -> tuple[ScoreMode, bool] | None:
 
 @dataclass
 class IndexHits:
-    """The best ``k`` train rows per query: global row ``index``, exact ``scores``, and ``ids``."""
+    """The best ``k`` train rows per query, as :meth:`Index.search` returns them.
+
+    Attributes:
+        index: ``(n_query, k)`` int64 train-row positions; -1 where fewer than ``k`` rows were found.
+        scores: ``(n_query, k)`` float64 exact scores of those rows.
+        ids: Per query, the ids of those rows.
+    """
 
     index: Tensor  # (n_query, k) int64; -1 where fewer than k rows were found
     scores: Tensor  # (n_query, k) float64, exact scores of those rows
@@ -128,7 +134,22 @@ class IndexHits:
 
 
 class Index:
-    """A built (or loaded) index over the train rows of one run directory; see the module docstring."""
+    """A faiss index over the train rows of one run directory: the top-k of each query at scale.
+
+    Made with :meth:`build` (what ``logix index`` runs) or :meth:`load`. The index holds one vector
+    per train row, transformed so that its inner product with the transformed query is the score
+    of the index's mode; :meth:`search` proposes ``rerank x k`` candidates per query and scores
+    them exactly against the store, so every returned score is exact and only which rows are
+    returned is approximate (``flat`` is the exact scan). A ``dot`` or ``unit`` index serves every
+    preconditioner and damping; a ``relative`` / ``cosine`` index is built for one. Loading refuses
+    a damaged index file and an index of a store that changed since it was built.
+
+    Args:
+        run_dir: The run directory whose train store the index covers.
+        index: The faiss index.
+        meta: Its metadata (``index.json``: kind, mode, the store's fingerprint, the file's hash).
+        norms: The rows' ``H``-norms of a ``relative`` / ``cosine`` index, else None.
+    """
 
     def __init__(self, run_dir: Path, index: Any, meta: dict[str, Any], norms: Tensor | None) -> None:
         self.run_dir = Path(run_dir)

@@ -195,7 +195,24 @@ def _raw_joint(stats: Statistics, layout: Layout, damping: Damping) -> ModulePre
 
 class Preconditioner:
     """Block-diagonal preconditioner over full rows (every module's block); ``raw-joint`` is one
-    dense block over the whole row."""
+    dense block over the whole row.
+
+    Calling it maps ``(n, dim)`` rows to the preconditioned rows ``(H + d)^-1 g`` (float64).
+
+    Args:
+        kind: ``identity``, ``raw``, ``raw-joint``, ``kfac``, ``ekfac`` or a registered kind
+            (:func:`register_preconditioner`).
+        statistics: The run's finalized statistics (None only for ``identity``).
+        layout: The row layout of the rows it will be applied to.
+        damping: A :class:`~logix.config.Damping`, a number (relative damping), or a dict of them
+            by module name (``"*"``: every other module); None: the preconditioner's default
+            (:func:`~logix.config.default_damping`); ``raw-joint`` takes one damping.
+
+    Raises:
+        StatisticsError: The statistics are missing or lack what ``kind`` needs (e.g. EK-FAC
+            corrections), or ``raw-joint`` was given per-module dampings.
+        ConfigError: A damping is not a finite number >= 0, or names a module the layout lacks.
+    """
 
     def __init__(
         self,
@@ -279,8 +296,20 @@ def project_rows(full_rows: Tensor, full_layout: Layout, projections: dict, layo
     """Full-space rows ``(n, full_layout.dim)`` -> logged-space rows ``(n, layout.dim)``: each
     module's block ``V`` (``d_out x d_in``) becomes ``P_out^T V P_in`` (float64).
 
-    ``projections`` maps module names to :class:`~logix.core.projection.ModuleProjection` (``None``
-    matrices are identities, as for ``projection: none``)."""
+    Args:
+        full_rows: ``(n, full_layout.dim)`` rows of a ``projection: none`` run.
+        full_layout: Their layout.
+        projections: Module name to :class:`~logix.core.projection.ModuleProjection` (``None``
+            matrices are identities, as for ``projection: none``), e.g. :func:`run_projections`'.
+        layout: The logged layout to project to.
+
+    Returns:
+        ``(n, layout.dim)`` float64 rows.
+
+    Raises:
+        StatisticsError: A module's full-space block does not project to its logged block (the
+            two runs watch different models or modules).
+    """
     full_rows = full_rows.to(torch.float64)
     if full_rows.dim() != 2 or full_rows.shape[1] != full_layout.dim:
         raise StatisticsError(

@@ -16,7 +16,16 @@ from logix.store.rundir import influence_file, per_module_file, sanity_file, sco
 
 
 def per_module_records(result) -> dict | None:
-    """``InfluenceResult.per_module`` as JSON: per query, each module's part of each proponent's score."""
+    """``InfluenceResult.per_module`` as JSON: per query, each module's part of each proponent's score.
+
+    Args:
+        result (InfluenceResult): Scores computed with ``per_module=True``.
+
+    Returns:
+        ``{"modules": [...], "queries": [{"query_id", "ids", "modules": {module: [part, ...]}}]}``
+        (what ``per_module.json`` holds), the parts in the order of the query's top proponents
+        ``ids``; None when ``result`` has no per-module breakdown.
+    """
     if not result.per_module:
         return None
     modules = list(result.per_module)

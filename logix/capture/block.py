@@ -28,6 +28,17 @@ class LogContext:
 
     ``store=None`` (``run.capture(...)``): query rows kept in memory, nothing written; after the
     block ``rows`` holds them (float32, one per example, or per token) and ``row_ids`` their ids.
+
+    Made by calling the run (``run(...)``, :meth:`Run.log_queries`, :meth:`Run.capture`), not
+    directly; the arguments are those of :meth:`Run.__call__`.
+
+    Args:
+        state: The run's shared state.
+        data_id: One id per example of the batch.
+        mask: ``(batch, seq_len)`` 0/1 tensor; padding tokens (0) contribute nothing.
+        store: The store the rows go to (``train``, ``queries``), or None to keep them in memory.
+        loss_reduction: ``sum`` or ``mean`` over the batch's examples.
+        loss_scale: What else the loss was divided by.
     """
 
     def __init__(self, state: RunState, data_id: Any, mask: Tensor | None, store: str = TRAIN_STORE,

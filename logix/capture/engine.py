@@ -38,7 +38,15 @@ from logix.errors import BatchError, CaptureError
 
 @dataclass
 class Watched:
-    """A module the run captures."""
+    """A module the run captures.
+
+    Attributes:
+        name: Its name in the model (``named_modules``, without the prefixes FSDP, activation
+            checkpointing or ``torch.compile`` wrappers add).
+        module: The module.
+        adapter: How its activations and output gradients are read.
+        shape: Its canonical sizes.
+    """
 
     name: str
     module: nn.Module
@@ -81,7 +89,19 @@ class BatchResult:
 
 
 class BatchCapture:
-    """Hooks and per-batch buffers for one block."""
+    """Hooks and per-batch buffers for one block (made by the ``with run(...)`` block).
+
+    Args:
+        watched: The modules captured.
+        projections: Module name to its projection (identities in a full-space pass).
+        spec: What this pass computes.
+        batch_size: The number of examples (``len(data_id)``), when known.
+        mask: ``(batch, seq_len)`` 0/1 tensor of the tokens that count.
+        keep: ``(batch,)`` booleans of the examples to capture (ids already committed are skipped).
+        compute_dtype: The dtype the hooks compute projections in.
+        grad_scale: Multiplies the captured gradients: undoes the loss's reduction (a mean over
+            ``N``: ``N``).
+    """
 
     def __init__(
         self,

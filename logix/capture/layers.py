@@ -30,7 +30,13 @@ from logix.errors import UnsupportedModuleError
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Canonical sizes of a captured layer."""
+    """Canonical sizes of a captured layer: its weight as a ``d_out x d_in`` matrix.
+
+    Attributes:
+        d_in: The activation size, without the bias column.
+        d_out: The output size.
+        bias: Whether the layer has a bias (the activations gain a constant 1 column).
+    """
 
     d_in: int  # activation size, without the bias column
     d_out: int
@@ -204,7 +210,16 @@ _REGISTRY: dict[type, LayerAdapter] = {}
 
 
 def register_layer(module_type: type, adapter: LayerAdapter) -> None:
-    """Register how to capture ``module_type``; a type may be registered once."""
+    """Register how to capture ``module_type`` (its subclasses too, unless registered themselves).
+
+    Args:
+        module_type: The module class, e.g. a custom linear layer.
+        adapter: How its activations, output gradients and shape are read.
+
+    Raises:
+        ValueError: An adapter is registered for ``module_type`` already (a type may be
+            registered once).
+    """
     if module_type in _REGISTRY:
         raise ValueError(f"A layer adapter for {module_type.__name__} is already registered.")
     _REGISTRY[module_type] = adapter
@@ -227,7 +242,15 @@ _register_optional()
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter of the most specific registered class of ``module``, if any."""
+    """The adapter of the most specific registered class of ``module``, if any.
+
+    Args:
+        module: A module of the model.
+
+    Returns:
+        The adapter of the first class in ``type(module).__mro__`` that is registered; None when
+        logix cannot capture the module.
+    """
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]

@@ -33,7 +33,19 @@ log = logging.getLogger("logix")
 
 @dataclass(frozen=True)
 class Pass:
-    """One pass over the data that the run's plan needs."""
+    """One pass over the data that the run's plan needs, as ``run.plan()`` yields it.
+
+    Attributes:
+        name: What the pass computes (``covariance``, ``kfac``, ``fisher``, ``log``, ...).
+        index: Its position in the plan, from 0.
+        total: The number of passes of the plan.
+        writes_rows: Whether the pass writes rows to the train store.
+        sample_labels: Compute this pass's loss with labels sampled from the model, not the data
+            (true Fisher).
+        repeats: Loop over the data this many times in this pass (fresh label draws each).
+        expected: ``statistics.fisher: expected``: repeat ``r`` uses class ``r``, weighted by
+            ``sqrt(C p_r)``.
+    """
 
     name: PassName
     index: int

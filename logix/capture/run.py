@@ -364,14 +364,45 @@ def init(
     run lives: a second process that opens the same run is refused, naming this one's pid.
 
     Under an initialised ``torch.distributed`` group every rank must call it (the run is
-    shared); ``distributed=False`` makes a run of this process alone."""
+    shared); ``distributed=False`` makes a run of this process alone.
+
+    Args:
+        project: The run directory's name under ``root`` (a plain name).
+        config: A :class:`~logix.config.Config`, a mapping, a YAML path, or None for defaults.
+        root: Overrides ``config.root`` (default ``logix_runs``).
+        overwrite: Delete an existing logix run directory instead of resuming it.
+        distributed: Log as one rank of the initialised process group (default: whenever one is
+            initialised); False logs as a single process.
+        resume: Resume a directory whatever model state its rows were logged with.
+        model: Watch it now (``run.watch(model)`` with the config's module filters).
+
+    Returns:
+        The run, holding the directory's lock until it is finalized or closed.
+
+    Raises:
+        ConfigError: ``project`` is not a plain name, or the config is invalid.
+        RunDirectoryError: The directory holds a run of another configuration, or another
+            process holds its lock.
+    """
     check_project_name(project)
     return Run(project, config=config, root=root, overwrite=overwrite, distributed=distributed,
                resume=resume, model=model)
 
 
 def load_run_store(run_dir: str | Path, name: str = TRAIN_STORE) -> Store:
-    """Open a store of a finished (or interrupted) run directory."""
+    """Open a store of a finished (or interrupted) run directory.
+
+    Args:
+        run_dir: The run directory.
+        name: The store: ``train`` (the rows), ``queries`` (the logged queries), or another
+            store the run wrote.
+
+    Returns:
+        The store, reading its committed rows (each checked against its checksum).
+
+    Raises:
+        RunDirectoryError: The run has no store of that name.
+    """
     path = store_dir(run_dir, name)
     if read_manifest(path) is None:
         raise RunDirectoryError(f"{run_dir} has no store named {name!r}.")

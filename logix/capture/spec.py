@@ -32,7 +32,19 @@ class Space(str, enum.Enum):
 
 @dataclass(frozen=True)
 class PassSpec:
-    """What the hooks compute during one pass over the data."""
+    """What the hooks compute during one pass over the data.
+
+    Attributes:
+        name: The pass.
+        space: Whether the hooks project (``log``) or see full-space gradients (``full``, the
+            covariance pass of PCA / whitened projection).
+        covariance: Accumulate the activation and output-gradient covariances ``A`` and ``S``.
+        gradients: Form per-example gradients (rows, EK-FAC corrections, raw covariance).
+        per_token: One row per unmasked token instead of per example.
+        rows: With ``gradients``: write them as rows of the train store.
+        gradient_stats: With ``gradients``: accumulate EK-FAC corrections / raw covariance.
+        sample_labels: The loop should use labels sampled from the model (true Fisher).
+    """
 
     name: PassName
     space: Space

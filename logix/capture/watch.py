@@ -26,6 +26,18 @@ def select_modules(
 ) -> list[Watched]:
     """The supported modules of ``model`` that pass the filters, in ``named_modules`` order.
 
+    Args:
+        model: The model (module names are matched without the prefixes FSDP, activation
+            checkpointing or ``torch.compile`` wrappers add).
+        modules: Glob patterns of module names to capture; empty: every supported module.
+        exclude: Glob patterns of module names never captured.
+        kinds: Module kinds to capture (:func:`supported_kinds`); empty: all.
+        trainable_only: Skip modules whose weight has ``requires_grad=False`` (e.g. frozen LoRA
+            base layers).
+
+    Returns:
+        The modules to capture.
+
     Raises:
         UnsupportedModuleError: a ``modules`` pattern names a module of an unsupported type
             that no other pattern makes optional.

@@ -59,7 +59,20 @@ class ReportError(LogixError, ValueError):
 
 @dataclass
 class InfluenceData:
-    """Influence outputs of a project or run."""
+    """Influence outputs of a project or run.
+
+    Attributes:
+        queries: The ``influence.jsonl`` records, one per query: ``query_id``, ``query_text``,
+            ``proponents`` and ``opponents`` (each a list of ``id`` / ``score`` / ``text``).
+        self_influence: Train id to self-influence ``g^T H^-1 g`` (``self_influence.csv``), or None.
+        sanity: ``sanity.json`` (the share of proponents from the query's own category, against
+            random picks), or None.
+        per_module: ``per_module.json``: ``{"modules": [...], "queries": [{"query_id", "ids",
+            "modules": {module: [part of each proponent's score]}}]}``, or None.
+        train_texts: Train id to text, where the texts are available.
+        all_scores: The ``(n_query, n_train)`` score matrix when ``scores.h5`` exists, else None.
+        notes: What the directory lacks, said plainly (shown at the top of the report).
+    """
 
     queries: list[dict]  # influence.jsonl records: query_id, query_text, proponents, opponents
     self_influence: dict[Any, float] | None = None  # train id -> g^T H^-1 g
@@ -72,7 +85,18 @@ class InfluenceData:
 
 @dataclass
 class ContributionData:
-    """Contribution outputs of a project (or a ``logix select --out`` folder)."""
+    """Contribution outputs of a project (or a ``logix select --out`` folder).
+
+    Attributes:
+        scores: Score name to values aligned with ``ids`` (NaN: not scored), from ``scores.jsonl``.
+        ids: The pool's ids, in the order of the score columns.
+        summary: The selection's ``summary.json`` (size, categories, response lengths, agreement
+            with the other scores), or None.
+        selected: The selected records (``selected.jsonl``).
+        probes: The assessment probes (``probes.jsonl``) of an in-context contribution project.
+        pool: Pool id to record when the pool file is reachable, else None.
+        notes: What the directory lacks, said plainly.
+    """
 
     scores: dict[str, np.ndarray]  # score name -> values aligned with ``ids`` (NaN: not scored)
     ids: list
@@ -85,7 +109,15 @@ class ContributionData:
 
 @dataclass
 class ReportData:
-    """Everything a report shows about one directory."""
+    """Everything a report shows about one directory, as :func:`load` reads it.
+
+    Attributes:
+        path: The directory.
+        kind: What it holds.
+        influence: The influence outputs (influence projects and runs), else None.
+        contribution: The contribution outputs (contribution projects), else None.
+        job: The project's ``job.yaml`` as a dict, when it has one.
+    """
 
     path: Path
     kind: ReportKind
@@ -102,6 +134,9 @@ def load(directory: str | Path | ReportData, *, compute: bool = True, top_k: int
         compute: for a single run without ``influence.jsonl``, score its logged queries here
             (with per-module breakdowns); otherwise such a run is an error.
         top_k: proponents and opponents kept per query when scoring here.
+
+    Returns:
+        What the report shows; ``directory`` itself when it is a :class:`ReportData` already.
 
     Raises:
         ReportError: the directory does not exist or holds no logix outputs.

@@ -17,8 +17,17 @@ from logix.store.rundir import report_file
 
 
 def render(data: ReportData, title: str | None = None, *, max_queries: int = 500, max_rows: int = 2000) -> str:
-    """The report of ``data`` as one HTML string (the first ``max_queries`` queries, the first
-    ``max_rows`` selected examples)."""
+    """The report of ``data`` as one self-contained HTML string (figures embedded).
+
+    Args:
+        data: What :func:`logix.report.load` read.
+        title: The page title (default ``logix report — <directory name>``).
+        max_queries: Queries shown, the first ones (an influence report).
+        max_rows: Selected examples listed, the first ones (a contribution report).
+
+    Returns:
+        The HTML page (:func:`logix.report.write_report` writes it to a file).
+    """
     if data.kind is ReportKind.CONTRIBUTION:
         body, nav = contribution_body(data, max_rows)
         kind = "contribution scores and selection"

@@ -65,8 +65,19 @@ def _contribution(source):
 
 # ---- influence ---------------------------------------------------------------------------------
 def plot_score_distribution(source) -> Figure:
-    """Histogram of influence scores: every (query, train) pair when ``scores.h5`` was saved, and
-    the top-k proponents' (positive, green) and opponents' (negative, red) scores of every query."""
+    """Histogram of influence scores: the top-k proponents' (positive, green) and opponents'
+    (negative, red) scores of every query, and every (query, train) pair when ``scores.h5`` was saved.
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        The figure: one panel, or two when the directory holds ``scores.h5``.
+
+    Raises:
+        ReportError: The directory holds no influence scores, or they list no proponent or opponent.
+    """
     _, inf = _influence(source)
     pro = np.array([p["score"] for r in inf.queries for p in r.get("proponents", [])], dtype=float)
     opp = np.array([p["score"] for r in inf.queries for p in r.get("opponents", [])], dtype=float)
@@ -93,7 +104,21 @@ def plot_score_distribution(source) -> Figure:
 
 def self_influence_outliers(source, top: int = 20) -> list[dict]:
     """The ``top`` train examples of highest self-influence, each with a robust z-score of its
-    log self-influence (median / MAD) and whether it is an outlier (z > 3)."""
+    log self-influence (median / MAD) and whether it is an outlier (z > 3).
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+        top: How many examples to return.
+
+    Returns:
+        One dict per example, highest self-influence first: ``id``, ``self_influence``, ``z``,
+        ``outlier``, ``text`` (None when the texts are unavailable) and ``copies`` (how many train
+        examples have that same text: duplicates stand out). Empty without self-influence scores.
+
+    Raises:
+        ReportError: The directory holds no influence scores.
+    """
     _, inf = _influence(source)
     if not inf.self_influence:
         return []
@@ -118,7 +143,18 @@ def robust_z(values: np.ndarray) -> np.ndarray:
 
 
 def plot_self_influence(source) -> Figure:
-    """Histogram of self-influence ``g^T H^-1 g`` (log scale) with the outlier cut (robust z = 3)."""
+    """Histogram of self-influence ``g^T H^-1 g`` (log scale) with the outlier cut (robust z = 3).
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ReportError: The directory holds no self-influence scores (``self_influence.csv``).
+    """
     _, inf = _influence(source)
     if not inf.self_influence:
         raise ReportError("no self_influence.csv in this directory: set analysis.self_influence: true and "
@@ -145,7 +181,19 @@ def plot_self_influence(source) -> Figure:
 
 
 def per_module_shares(source) -> dict[str, float]:
-    """Mean share of each module in the top proponents' scores (the parts sum to the score)."""
+    """Mean share of each module in the top proponents' scores (the parts sum to the score).
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        ``{module: mean share}`` over the queries and their top proponents; empty when the
+        directory has no per-module breakdown (``logix influence DIR --per-module`` writes it).
+
+    Raises:
+        ReportError: The directory holds no influence scores.
+    """
     _, inf = _influence(source)
     if not inf.per_module:
         return {}
@@ -157,7 +205,18 @@ def per_module_shares(source) -> dict[str, float]:
 
 
 def plot_per_module(source) -> Figure:
-    """Mean share of each logged module in the top proponents' scores."""
+    """Bar chart of the mean share of each logged module in the top proponents' scores.
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        The figure (see :func:`per_module_shares`).
+
+    Raises:
+        ReportError: The directory has no per-module breakdown (``logix influence DIR --per-module``).
+    """
     shares = per_module_shares(source)
     if not shares:
         raise ReportError("no per-module breakdown here: `logix influence DIR --per-module` writes per_module.json.")
@@ -181,7 +240,20 @@ def short_module(name: str, width: int = 38) -> str:
 
 # ---- contribution ------------------------------------------------------------------------------
 def plot_contribution_scores(source, names: list[str] | None = None) -> Figure:
-    """One histogram per score column (scored examples only), the selected subset in orange."""
+    """One histogram per score column (scored examples only), the selected subset in orange.
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+        names: The score columns to plot, in this order (all of them when None); names the
+            project lacks, and columns without a finite score, are left out.
+
+    Returns:
+        The figure, up to three panels a row.
+
+    Raises:
+        ReportError: The directory is not a contribution project, or no column is left to plot.
+    """
     _, con = _contribution(source)
     names = [n for n in (names or list(con.scores)) if n in con.scores]
     names = [n for n in names if np.isfinite(con.scores[n]).any()]
@@ -208,7 +280,19 @@ def plot_contribution_scores(source, names: list[str] | None = None) -> Figure:
 
 
 def plot_categories(source) -> Figure:
-    """Share of each category in the pool and in the selected subset."""
+    """Share of each category in the pool and in the selected subset.
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ReportError: The directory is not a contribution project, or its selection summary has no
+            categories (the pool has no category field).
+    """
     _, con = _contribution(source)
     cats = (con.summary or {}).get("categories") or {}
     if not cats:
@@ -226,7 +310,22 @@ def plot_categories(source) -> Figure:
 
 
 def plot_lengths(source) -> Figure:
-    """Response length (characters) of the pool and of the selected subset."""
+    """Response length (characters) of the pool and of the selected subset.
+
+    Histograms when the pool's records are available, else the p10-p90 range, median and mean
+    from the selection summary.
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ReportError: The directory is not a contribution project, or holds neither the pool's
+            records nor the summary's response lengths.
+    """
     _, con = _contribution(source)
     fig = _figure(6.0, 3.4)
     ax = fig.subplots()
@@ -255,7 +354,19 @@ def plot_lengths(source) -> Figure:
 
 
 def plot_agreement(source) -> Figure:
-    """Top-set overlap and Spearman correlation of the selection score with each other score."""
+    """Top-set overlap and Spearman correlation of the selection score with each other score.
+
+    Args:
+        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
+            returned for one.
+
+    Returns:
+        The figure; the baselines' bars are hatched.
+
+    Raises:
+        ReportError: The directory is not a contribution project, or its selection summary has no
+            agreement section.
+    """
     _, con = _contribution(source)
     agreement = (con.summary or {}).get("agreement") or {}
     if not agreement:
@@ -282,7 +393,14 @@ def plot_agreement(source) -> Figure:
 
 # ---- helpers -----------------------------------------------------------------------------------
 def figure_png_base64(fig: Figure) -> str:
-    """The figure as a base64 PNG (what the HTML report embeds)."""
+    """The figure as a base64 PNG (what the HTML report embeds).
+
+    Args:
+        fig: A figure, e.g. one of the ``plot_*`` functions'.
+
+    Returns:
+        The PNG bytes (110 dpi), base64-encoded as ASCII text.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return base64.b64encode(buf.getvalue()).decode("ascii")
