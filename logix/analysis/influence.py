@@ -231,7 +231,7 @@ def _stream(cps, queries, q_norms, rows: slice, mode, chunk_rows: int, state: _S
     bar = progress_bar(total=hi - lo, desc="influence", unit="row", enabled=progress)
     scratch = Scratch()
     for chunks in zip(*streams):
-        start, n = chunks[0].start, chunks[0].rows.shape[0]
+        start, n = chunks[0].start, len(chunks[0])
         at = start - lo  # column of this chunk in the part's outputs
         compute_self = not state.self_done
         scores, s_inf = _score_chunk(cps, sub, chunks, mode, compute_self, scratch)
