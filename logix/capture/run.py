@@ -1,18 +1,9 @@
 """The Run: owns the hooks, the passes, the statistics and the store of one logging run.
 
-Typical use::
-
-    run = logix.init("my_project", config="configs/logix.yaml")
-    run.watch(model)
-    for pass_ in run.plan():            # 1 pass, or 2 for PCA init / EK-FAC
-        for batch in loader:
-            with run(data_id=batch["id"], mask=batch["attention_mask"]):
-                loss = per_example_summed_loss(model, batch)
-                loss.backward()
-    run.finalize()
-
-There is no global state: everything lives on the ``Run`` object, and hooks exist
-only inside ``with run(...)`` blocks.
+Typical use: ``run = logix.init("p", model=model)``, ``with run(data_id=ids):`` around each batch's
+forward and ``loss.backward()`` (inside ``for pass_ in run.plan():`` when the config needs several
+passes), then ``run.finalize()``. There is no global state: everything lives on the ``Run``
+object, and hooks exist only inside ``with run(...)`` blocks.
 
 Under ``torch.distributed`` (``torchrun``, ``accelerate launch``) every rank creates the same
 run on a shared directory and logs its own part of the data: each rank writes its own shards,
@@ -353,31 +344,24 @@ def init(
 ) -> Run:
     """Create or resume the run ``<root>/<project>``; see :class:`Run`.
 
-    ``model=`` watches the model at once: ``run = logix.init("proj", model=model)`` then
-    ``with run(data_id=ids):`` around the forward / backward is the whole integration for a
-    one-pass configuration (the default); ``run.finalize()`` after the loop commits it.
-    A directory logged before is resumed only with the same model state (``resume=True``:
-    whatever the state; ``overwrite=True``: start afresh).
-
-    ``project`` is a plain name (no separator, ``..`` or absolute path); ``overwrite`` deletes only
-    a logix run directory inside ``root``. The process holds the run directory's lock while the
-    run lives: a second process that opens the same run is refused, naming this one's pid.
-
-    Under an initialised ``torch.distributed`` group every rank must call it (the run is
-    shared); ``distributed=False`` makes a run of this process alone.
+    ``run = logix.init("proj", model=model)`` then ``with run(data_id=ids):`` around the forward /
+    backward is the whole integration for a one-pass configuration (the default);
+    ``run.finalize()`` after the loop commits it. The process holds the run directory's lock while
+    the run lives (a second process is refused, naming this one's pid). Under an initialised
+    ``torch.distributed`` group every rank must call it (the run is shared).
 
     Args:
-        project: The run directory's name under ``root`` (a plain name).
+        project: The run directory's name under ``root`` (a plain name: no separator or ``..``).
         config: A :class:`~logix.config.Config`, a mapping, a YAML path, or None for defaults.
         root: Overrides ``config.root`` (default ``logix_runs``).
-        overwrite: Delete an existing logix run directory instead of resuming it.
+        overwrite: Delete an existing logix run directory inside ``root`` and start afresh.
         distributed: Log as one rank of the initialised process group (default: whenever one is
-            initialised); False logs as a single process.
+            initialised); False makes a run of this process alone.
         resume: Resume a directory whatever model state its rows were logged with.
         model: Watch it now (``run.watch(model)`` with the config's module filters).
 
     Returns:
-        The run, holding the directory's lock until it is finalized or closed.
+        The run.
 
     Raises:
         ConfigError: ``project`` is not a plain name, or the config is invalid.
@@ -394,11 +378,10 @@ def load_run_store(run_dir: str | Path, name: str = TRAIN_STORE) -> Store:
 
     Args:
         run_dir: The run directory.
-        name: The store: ``train`` (the rows), ``queries`` (the logged queries), or another
-            store the run wrote.
+        name: The store: ``train`` (the rows), ``queries`` (the logged queries), ...
 
     Returns:
-        The store, reading its committed rows (each checked against its checksum).
+        The store (:func:`load_store`).
 
     Raises:
         RunDirectoryError: The run has no store of that name.

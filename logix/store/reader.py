@@ -15,10 +15,10 @@ import h5py
 import numpy as np
 import torch
 
+import logix.store.quant as quant
 from logix.core.checksum import damaged
 from logix.core.dtypes import DISK_DTYPES, HOST_DTYPES, row_dtype
 from logix.errors import StoreError
-from logix.store import quant
 from logix.store.chunks import Chunk, CodedRows, Id, to_torch
 from logix.store.format import MANIFEST, IdType, Layout, from_numpy, read_manifest
 from logix.store.integrity import (
@@ -44,14 +44,14 @@ from logix.store.mapping import (
 
 
 class Store:
-    """A read-only view of one store's committed shards.
+    """A read-only view of one store's committed shards; every byte read is checked against its checksum.
 
-    ``dtype_name`` is the stored dtype (``float32``, ``float16``, ``bfloat16``, or the quantized ``int8`` /
-    ``int4``: ``quantized``); ``dtype`` that of the rows handed out, float32 for quantized stores (dequantized
-    as read, :mod:`logix.store.quant`). ``nbytes()`` counts the bytes actually stored."""
+    Args:
+        directory: The store directory (``<run_dir>/stores/<name>``).
+        check_duplicates: False lists ids held by several rows instead of refusing them (to repair a store).
+    """
 
     def __init__(self, directory: str | Path, check_duplicates: bool = True) -> None:
-        """``check_duplicates=False``: list ids held by several rows (to repair such a store)."""
         self.directory = Path(directory)
         self.check_duplicates = check_duplicates
         manifest = read_manifest(self.directory)
@@ -396,5 +396,5 @@ class _Labels:
 
 
 def load_store(directory: str | Path) -> Store:
-    """Open a store directory (``<run_dir>/stores/<name>``) for reading."""
+    """Open a store directory (``<run_dir>/stores/<name>``) for reading: ``Store(directory)``."""
     return Store(directory)
