@@ -20,8 +20,17 @@ from logix.errors import ConfigError, StatisticsError
 class Damping:
     """``value`` times the mean curvature eigenvalue (relative) or ``value`` itself (absolute).
 
-    ``value`` must be a finite number >= 0 and ``relative`` a bool; anything else is a
-    :class:`~logix.errors.ConfigError` (a ``ValueError``) naming the value."""
+    Finalized statistics never change: the damping is resolved against each module's curvature
+    spectrum when scoring (:meth:`resolve`).
+
+    Args:
+        value: The damping, a finite number >= 0 (relative: a multiple of the mean eigenvalue).
+        relative: Whether ``value`` is relative to the mean curvature eigenvalue, or absolute.
+
+    Raises:
+        ConfigError: ``value`` is not a finite number >= 0, or ``relative`` not a bool (a
+            ``ValueError``, naming the value).
+    """
 
     value: float = 0.1
     relative: bool = True
@@ -35,6 +44,17 @@ class Damping:
         object.__setattr__(self, "value", float(value))
 
     def resolve(self, spectrum: Tensor) -> float:
+        """The absolute damping for one module.
+
+        Args:
+            spectrum: The module's curvature eigenvalues (or what the preconditioner divides by).
+
+        Returns:
+            ``value`` times the spectrum's mean (relative), or ``value`` (absolute).
+
+        Raises:
+            StatisticsError: The result is not finite (the spectrum is not).
+        """
         d = float(self.value * spectrum.mean()) if self.relative else self.value
         if not math.isfinite(d):
             raise StatisticsError(f"Damping {self.value!r} (relative) resolved to {d!r}: the curvature spectrum is not finite.")
@@ -49,5 +69,13 @@ PRECONDITIONER_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType
 
 
 def default_damping(kind: PreconditionerType | str) -> Damping:
-    """The damping a preconditioner uses when none is given."""
+    """The damping a preconditioner uses when none is given.
+
+    Args:
+        kind: The preconditioner.
+
+    Returns:
+        ``Damping(3.0)`` for ``raw-joint``, :data:`DEFAULT_DAMPING` for every other (chosen on the
+        LDS benchmarks, docs/benchmarks.md).
+    """
     return PRECONDITIONER_DAMPINGS.get(PreconditionerType.parse(kind, "preconditioner"), DEFAULT_DAMPING)

@@ -32,7 +32,28 @@ from logix.errors import ConfigError
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that defines a logix run."""
+    """Everything that defines a logix run: one frozen dataclass per YAML section.
+
+    Built from YAML with :meth:`from_yaml` (with ``key.sub=value`` overrides), from a mapping with
+    :meth:`from_dict`, or by :func:`resolve_config`; loading is strict (an unknown key or value is a
+    :class:`~logix.errors.ConfigError` listing the valid ones, every problem of a file in one
+    message). The logger's sections (:data:`IDENTITY_SECTIONS`) fix what a stored row means; the
+    others say what ``logix run`` / ``extract`` / ``contribute`` do around the logger. Every key,
+    its default and its meaning: docs/configuration.md (:func:`config_reference`).
+
+    Attributes:
+        root: The directory under which each project gets its run directory.
+        projection: LoGra projection.
+        capture: Module selection and hook behaviour.
+        statistics: Running statistics.
+        store: The HDF5 store.
+        model: The model of ``logix run`` (ignored by ``logix.init``).
+        data: The data of ``logix run`` / ``logix extract``.
+        train: Fine-tuning of ``logix run`` (HF Trainer).
+        schedule: When the Trainer callback logs.
+        analysis: Influence scoring after logging.
+        contribution: Instruction-data contribution (``logix contribute``).
+    """
 
     root: str = help_field("Directory under which each project gets its run directory.", "logix_runs")
     projection: ProjectionConfig = help_field("LoGra projection.", default_factory=ProjectionConfig)
@@ -124,7 +145,19 @@ in a directory only when they agree with the config it was started with."""
 
 
 def resolve_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:
-    """Accept a Config, a mapping, a YAML path or None (defaults)."""
+    """A :class:`Config` from whatever form one was given in.
+
+    Args:
+        config: A Config (returned as it is), a mapping (the YAML's structure), a YAML path, or
+            None (every default).
+
+    Returns:
+        The config.
+
+    Raises:
+        ConfigError: The mapping or file is not a valid config (every problem in one message),
+            or ``config`` is of another type.
+    """
     if config is None:
         return Config()
     if isinstance(config, Config):

@@ -37,6 +37,16 @@ def assessment_set(
     (the surplus goes to the others). Records are drawn without replacement with
     ``numpy.random.default_rng(seed)``, categories in sorted order; the sample keeps pool order.
 
+    Args:
+        pool: The records (e.g. ``load_pool(...).records``).
+        size: How many records to draw, in ``1..len(pool)``.
+        category_key: The record field holding the category.
+        seed: Seed of the draw.
+        allocation: ``proportional`` or ``equal`` shares per category.
+
+    Returns:
+        The sampled records (the probes of :func:`icl_contribution`), in pool order.
+
     Raises:
         DataError: ``size`` is not in ``1..len(pool)``, a record lacks the category, or an option is invalid.
     """

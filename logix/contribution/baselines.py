@@ -26,6 +26,15 @@ def response_length(
 ) -> np.ndarray:
     """Length of each record's response: tokens with ``tokenizer``, characters without.
 
+    Args:
+        records: The records.
+        tokenizer: Count tokens with it; None counts characters.
+        template: The prompt template (Alpaca by default): characters of its output field, or
+            tokens of its formatted response.
+
+    Returns:
+        ``(n,)`` lengths, a baseline score (longer responses first).
+
     Raises:
         DataError: A record lacks the output field, or it is not a string.
     """
@@ -38,5 +47,13 @@ def response_length(
 
 
 def random_scores(n: int, seed: int = 0) -> np.ndarray:
-    """``n`` seeded uniform scores in [0, 1) (the same for the same ``n`` and ``seed``)."""
+    """``n`` seeded uniform scores in [0, 1) (the same for the same ``n`` and ``seed``).
+
+    Args:
+        n: How many scores.
+        seed: Seed of the draw.
+
+    Returns:
+        ``(n,)`` scores: the random baseline every report shows beside the chosen score.
+    """
     return np.random.default_rng(seed).random(n)

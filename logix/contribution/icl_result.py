@@ -17,7 +17,14 @@ EPS = 1e-6
 
 
 def sigmoid_map(x: np.ndarray | float) -> np.ndarray:
-    """``1`` if ``x > 0.5``, ``-1`` if ``x < -0.5``, else ``2 / (1 + exp(-50 x)) - 1`` (elementwise)."""
+    """``1`` if ``x > 0.5``, ``-1`` if ``x < -0.5``, else ``2 / (1 + exp(-50 x)) - 1`` (elementwise).
+
+    Args:
+        x: Contributions ``c_ij`` (or one).
+
+    Returns:
+        The mapped values, in [-1, 1].
+    """
     x = np.asarray(x, dtype=np.float64)
     mid = 2.0 / (1.0 + np.exp(-50.0 * np.clip(x, -0.5, 0.5))) - 1.0
     return np.where(x > 0.5, 1.0, np.where(x < -0.5, -1.0, mid))
@@ -28,7 +35,20 @@ class IclResult:
     """Logged likelihoods of an in-context contribution pass and the scores derived from them.
 
     Arrays are indexed ``[candidate, probe]`` (``ids`` x ``probe_ids``) or ``[probe]``; NLLs are sums
-    over response tokens (float64 nats), counts are response token counts.
+    over response tokens (float64 nats), counts are response token counts. The scores are
+    properties: :attr:`score` (``mean_i c_ij``), :attr:`share_positive`, :attr:`variance` and
+    :attr:`sigmoid_score`; :meth:`records` lists them per candidate.
+
+    Attributes:
+        ids: The candidates' ids.
+        probe_ids: The probes' ids.
+        nll0: ``[probe]`` NLL of each probe's response without a demonstration.
+        n0: ``[probe]`` its response token counts.
+        nll_t: ``[candidate, probe]`` NLL with the candidate as demonstration.
+        n_t: ``[candidate, probe]`` the token counts.
+        nll_r: ``[candidate, probe]`` NLL with the candidate's random control as demonstration.
+        n_r: ``[candidate, probe]`` the token counts.
+        control: The control: ``chars``, ``tokens`` or ``none`` (then ``nll_r`` is ``nll0``).
     """
 
     ids: list[str]

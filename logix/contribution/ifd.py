@@ -33,7 +33,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class IfdResult:
-    """Per-record IFD and its two terms (mean response losses, nats per token)."""
+    """Per-record IFD and its two terms (mean response losses, nats per token).
+
+    Attributes:
+        ifd: ``s(A|Q) / s(A)`` per record; NaN where dropped (``>= 1`` with ``drop_above_one``).
+        conditioned: ``s(A|Q)``: the response's mean loss after the prompt.
+        unconditioned: ``s(A)``: the response's mean loss alone.
+        n_tokens: Response tokens per record.
+    """
 
     ifd: np.ndarray  # s(A|Q) / s(A); NaN where dropped
     conditioned: np.ndarray  # s(A|Q)
@@ -66,6 +73,9 @@ def ifd_scores(
         bos: Prepend the BOS token to both sequences: ``"auto"`` does whenever the tokenizer has one
             (GPT-2's ``<|endoftext|>`` included), so every response token is scored in both terms.
         progress: Show a progress bar.
+
+    Returns:
+        Per record its IFD and the two terms.
 
     Raises:
         DataError: A record lacks a field or has an empty response.

@@ -25,7 +25,19 @@ from logix.store.rundir import LESS_DIR
 @dataclass
 class MethodInputs:
     """What a method scores, and where: candidates and probes are records carrying their pool id
-    under ``config.data.id_field``; ``sample`` is the part of the candidates model-based scores cover."""
+    under ``config.data.id_field``; ``sample`` is the part of the candidates model-based scores cover.
+
+    Attributes:
+        model: The causal LM.
+        tokenizer: Its tokenizer.
+        config: The job's config.
+        sample: The candidates the model-based scores cover (the selector learns from them).
+        candidates: Every candidate of the pool.
+        probes: The assessment probes (in-context contribution).
+        table: The score table the method adds its columns to.
+        run_dir: The project directory (where a method keeps its logs).
+        progress: Show progress bars.
+    """
 
     model: Any
     tokenizer: Any
@@ -65,7 +77,15 @@ _REGISTRY: dict[ContributionMethod, MethodSpec] = {}
 
 
 def register_method(method: ContributionMethod, spec: MethodSpec) -> None:
-    """Register how ``method`` scores; a method may be registered once."""
+    """Register how ``method`` scores.
+
+    Args:
+        method: The method's name.
+        spec: How it scores, and when it runs.
+
+    Raises:
+        ValueError: ``method`` is registered already (a method may be registered once).
+    """
     if method in _REGISTRY:
         raise ValueError(f"A contribution method {method.value!r} is already registered.")
     _REGISTRY[method] = spec

@@ -27,13 +27,27 @@ DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
 def record_id(record: Mapping[str, Any]) -> str:
-    """A content id for a record: 16 hex characters of BLAKE2b over its canonical JSON."""
+    """A content id for a record: 16 hex characters of BLAKE2b over its canonical JSON.
+
+    Args:
+        record: The record (keys sorted for the hash: the same content, the same id).
+
+    Returns:
+        The id.
+    """
     text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def record_ids(records: Sequence[Mapping[str, Any]], id_field: str = "id") -> list:
     """Ids of records: ``record[id_field]`` when every record has one, content hashes when none do.
+
+    Args:
+        records: The records.
+        id_field: The id field's name.
+
+    Returns:
+        One id per record (:func:`record_id` when no record has the field).
 
     Raises:
         DataError: Only some records have the id field, an id is not a str/int, or ids repeat.
@@ -64,7 +78,14 @@ def record_ids(records: Sequence[Mapping[str, Any]], id_field: str = "id") -> li
 
 @dataclass
 class Pool:
-    """Records of a candidate pool with their ids, and where they came from."""
+    """Records of a candidate pool with their ids, and where they came from (:func:`load_pool`).
+
+    Attributes:
+        records: The records, in file order.
+        ids: One id per record (:func:`record_ids`).
+        source: The file or dataset they were read from.
+        format: ``jsonl``, ``json`` or ``dataset``: how :func:`export_selection` writes a subset.
+    """
 
     records: list[dict[str, Any]]
     ids: list
@@ -168,7 +189,14 @@ def _read_dataset(path: Path, builder: str | None) -> list[dict[str, Any]]:
 def write_records(path: str | Path, records: Sequence[Mapping[str, Any]]) -> Path:
     """Write records atomically: JSON Lines, or a JSON list when ``path`` ends in ``.json``.
 
-    The file appears complete or not at all (written to a temporary name, then renamed).
+    The file appears complete or not at all (written to a temporary name, fsynced, then renamed).
+
+    Args:
+        path: The file to write (its folder is created).
+        records: The records.
+
+    Returns:
+        ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,17 @@ BASELINES = (ContributionMethod.LENGTH, ContributionMethod.RANDOM)
 
 @dataclass
 class Selection:
-    """The chosen ids (best first) and what they were chosen by."""
+    """The chosen ids (best first) and what they were chosen by (:func:`select`).
+
+    Attributes:
+        ids: The chosen ids, best first.
+        by: The score column they were chosen by.
+        scores: Their scores, descending.
+        n_scored: Pool examples with a score under ``by``.
+        table: The score table chosen from.
+        summary: The selection's summary: size, categories and response lengths of the subset
+            against the pool, agreement with the other scores (``summary.json``).
+    """
 
     ids: list
     by: str
@@ -181,6 +191,18 @@ def export_selection(selection: Selection, pool: Pool, out_dir: str | Path, *, n
 
     Files (each written atomically: complete or absent): ``<out_dir>/<name>`` (JSON Lines, or a JSON
     list when ``name`` ends in ``.json``), ``summary.json``, and ``scores.jsonl`` (every score column).
+
+    Args:
+        selection: What :func:`select` chose.
+        pool: The pool the ids come from (the records are taken from it).
+        out_dir: The folder to write to.
+        name: The subset's file name.
+
+    Returns:
+        The written files: ``{"subset": ..., "summary": ..., "scores": ...}``.
+
+    Raises:
+        DataError: An id of the selection is not in the pool (checked before anything is written).
     """
     out_dir = Path(out_dir)
     records = pool.subset(selection.ids)  # validates before anything is written
@@ -206,7 +228,15 @@ def _finite(obj: Any) -> Any:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A short plain-text report of a selection summary (what ``logix select`` prints)."""
+    """A short plain-text report of a selection summary (what ``logix select`` prints).
+
+    Args:
+        summary: ``Selection.summary`` (or a ``summary.json`` read back).
+
+    Returns:
+        The report: the selected / scored / pool counts, then the agreement with each other
+        score, the category shares and the median response lengths (those the summary holds).
+    """
     lines = [f"selected {summary['selected']} of {summary['scored']} scored ({summary['pool']} in the pool) by "
              f"{summary['by']!r}"]
     for name, a in summary.get("agreement", {}).items():

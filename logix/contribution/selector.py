@@ -102,7 +102,14 @@ class Selector:
 
 @dataclass
 class SelectorResult:
-    """Predictions for every pool item and the selector's held-out report."""
+    """Predictions for every pool item and the selector's held-out report (:func:`fit_selector`).
+
+    Attributes:
+        ids: The pool items' ids.
+        predictions: The predicted score of each item (ridge / mlp: on the scale of the sample's
+            scores; logistic and LoRA: log-odds of the top class).
+        report: The selector's quality on a held-out part of the scored sample.
+    """
 
     ids: list
     predictions: np.ndarray

@@ -150,7 +150,16 @@ _REGISTRY: dict[SelectorHead, Head] = {}
 
 
 def register_head(kind: SelectorHead, head: Head) -> None:
-    """Register the head fitted for ``kind``; a kind may be registered once."""
+    """Register the head fitted for ``kind``.
+
+    Args:
+        kind: The selector head's name.
+        head: Has ``fit(options, z, y) -> fitted`` (``options``: the selector's hyper-parameters,
+            ``z`` the embeddings, ``y`` the 0/1 labels) and ``predict(fitted, z) -> scores``.
+
+    Raises:
+        ValueError: ``kind`` is registered already (a kind may be registered once).
+    """
     if kind in _REGISTRY:
         raise ValueError(f"A selector head {kind.value!r} is already registered.")
     _REGISTRY[kind] = head

@@ -29,6 +29,13 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (ties count one half); NaN if one class.
 
     ``sklearn.metrics.roc_auc_score``, which raises where one class is missing.
+
+    Args:
+        scores: Predicted scores.
+        labels: 0/1 labels, one per score.
+
+    Returns:
+        The AUC in [0, 1]; NaN when ``labels`` hold one class only.
     """
     from sklearn.metrics import roc_auc_score  # scikit-learn loads on first use
 
@@ -40,7 +47,15 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @dataclass
 class SelectorReport:
-    """Held-out quality of a selector: Spearman with the true scores and AUC of their top fraction."""
+    """Held-out quality of a selector: Spearman with the true scores and AUC of their top fraction.
+
+    Attributes:
+        spearman: Spearman correlation of the predictions with the true scores on the held-out part.
+        auc: AUC of the predictions for the held-out part's top fraction (the labels it learns).
+        n_train: Scored examples it was fitted on.
+        n_holdout: Scored examples held out.
+        head: The head (``ridge``, ``logistic``, ``mlp``, ``lora``).
+    """
 
     spearman: float
     auc: float

@@ -46,7 +46,21 @@ _COUNT_OF = {"A": "tokens", "S": "tokens", "ekfac": "examples", "raw": "examples
 
 
 class Statistics:
-    """Per-module running sums that become immutable once frozen."""
+    """Per-module running sums that become immutable once frozen (``run.statistics``).
+
+    Sums and counts are accumulated (float64 by default) and normalised on read by
+    :meth:`mean`: ``A`` (``sum_t a_t a_t^T`` over unmasked tokens) and ``S`` (``sum_t g_t g_t^T``)
+    divided by ``tokens``; ``ekfac`` (``sum_n (Q_S^T G_n Q_A)**2``) and ``raw``
+    (``sum_n vec(G_n) vec(G_n)^T``) divided by ``examples``. ``a_t`` includes the bias column,
+    ``g_t`` is the gradient of the per-example summed loss, ``G_n = sum_t g_t a_t^T``, all in the
+    space the pass logs in. The eigenvectors and eigenvalues of ``A`` / ``S`` are stored beside
+    them as ``A_evecs`` / ``A_evals`` / ``S_evecs`` / ``S_evals``. With ``statistics.raw_joint`` the
+    pseudo-module ``__row__`` holds the ``raw`` covariance of the whole row. Once frozen (at the
+    end of a pass) nothing can change; readers receive copies.
+
+    Args:
+        dtype: The dtype of the sums.
+    """
 
     def __init__(self, dtype: torch.dtype = torch.float64) -> None:
         self.dtype = dtype
@@ -83,9 +97,15 @@ class Statistics:
         return list(self._data)
 
     def has(self, module: str, key: str) -> bool:
+        """Whether ``module`` has the statistic (or count) ``key``."""
         return key in self._data.get(module, {})
 
     def raw_sum(self, module: str, key: str) -> Tensor:
+        """A copy of the stored tensor: the running sum itself (not normalised), or a count.
+
+        Raises:
+            StatisticsError: ``module`` has no statistic ``key`` (the message lists what it has).
+        """
         try:
             return self._data[module][key].clone()
         except KeyError:
@@ -95,13 +115,25 @@ class Statistics:
             ) from None
 
     def mean(self, module: str, key: str) -> Tensor:
-        """The normalised statistic (sum divided by its token or example count)."""
+        """The normalised statistic (sum divided by its token or example count).
+
+        Args:
+            module: The module's name.
+            key: ``A``, ``S``, ``ekfac`` or ``raw``.
+
+        Returns:
+            A copy of the sum divided by its count.
+
+        Raises:
+            StatisticsError: The statistic is missing, or was computed from no data.
+        """
         count = self.raw_sum(module, _COUNT_OF[key]).item()
         if count <= 0:
             raise StatisticsError(f"Statistic {key!r} of module {module!r} was computed from no data.")
         return self.raw_sum(module, key) / count
 
     def count(self, module: str, which: str) -> float:
+        """A count of ``module``: ``tokens`` or ``examples``."""
         return float(self.raw_sum(module, which).item())
 
     # ---- (de)serialisation ------------------------------------------------------------

@@ -17,7 +17,16 @@ from logix.errors import ConfigError
 
 
 def resolve_path(path: str, config_dir: Path | None) -> Path:
-    """A data path as given (relative to the cwd), else relative to the config file's folder."""
+    """A data path as given (relative to the cwd), else relative to the config file's folder.
+
+    Args:
+        path: The path the config names (``~`` expanded).
+        config_dir: The config file's folder, or None.
+
+    Returns:
+        ``path`` when it is absolute, exists, or there is no ``config_dir``; else the path beside
+        the config when that exists; else ``path`` (its absence is reported where it is opened).
+    """
     candidate = Path(path).expanduser()
     if candidate.is_absolute() or candidate.exists() or config_dir is None:
         return candidate
@@ -27,7 +36,16 @@ def resolve_path(path: str, config_dir: Path | None) -> Path:
 
 def absolute_paths(config: Config, config_dir: Path | None) -> Config:
     """The config with its existing local data / tokenizer paths made absolute, so that the
-    ``job.yaml`` written beside the outputs replays from any folder."""
+    ``job.yaml`` written beside the outputs replays from any folder.
+
+    Args:
+        config: The job's config.
+        config_dir: The config file's folder, or None.
+
+    Returns:
+        A copy with ``data.train``, ``data.queries`` and ``model.tokenizer`` absolute where they
+        name existing files (hub names and missing paths stay as they are).
+    """
 
     def fix(value: str) -> str:
         path = resolve_path(value, config_dir) if value else None
@@ -39,7 +57,18 @@ def absolute_paths(config: Config, config_dir: Path | None) -> Config:
 
 
 def build_tokenizer(config: Config, config_dir: Path | None = None):
-    """The tokenizer ``model.tokenizer`` names (a tokenizer.json, a folder or a hub name)."""
+    """The tokenizer ``model.tokenizer`` names (a tokenizer.json, a folder or a hub name).
+
+    Args:
+        config: The job's config (``model.tokenizer``, else ``model.name``).
+        config_dir: The config file's folder: relative paths are also looked for there.
+
+    Returns:
+        tokenizer (PreTrainedTokenizerBase): The tokenizer (:func:`load_tokenizer`).
+
+    Raises:
+        ConfigError: Neither ``model.tokenizer`` nor ``model.name`` is set.
+    """
     name = config.model.tokenizer or config.model.name
     if not name:
         raise ConfigError("Set model.tokenizer (a tokenizer.json file, a folder or a hub name) or model.name.")
@@ -48,7 +77,20 @@ def build_tokenizer(config: Config, config_dir: Path | None = None):
 
 
 def build_datasets(config: Config, tokenizer, config_dir: Path | None = None):
-    """``(train, queries)`` datasets (queries ``None`` when ``data.queries`` is empty)."""
+    """The train and query datasets of a job (``data.train``, ``data.queries``).
+
+    Args:
+        config: The job's config.
+        tokenizer (PreTrainedTokenizerBase): The tokenizer (:func:`build_tokenizer`).
+        config_dir: The config file's folder: relative paths are also looked for there.
+
+    Returns:
+        datasets (tuple): ``(train, queries)``; queries is None when ``data.queries`` is empty.
+
+    Raises:
+        ConfigError: ``data.train`` is empty.
+        DataError: A file cannot be read, or a record cannot be turned into an example.
+    """
     dc = config.data
     if not dc.train:
         raise ConfigError("data.train is empty: name a JSONL file of training records.")
@@ -60,7 +102,20 @@ def build_datasets(config: Config, tokenizer, config_dir: Path | None = None):
 
 
 def build_dataset(path: Path, limit: int, config: Config, tokenizer) -> InstructionDataset | TextDataset:
-    """The dataset of the JSONL file ``path`` (its first ``limit`` records; 0: all) in ``data.format``."""
+    """The dataset of one JSONL file in ``data.format`` (``text`` or ``instruction``).
+
+    Args:
+        path: The JSONL file.
+        limit: Keep its first ``limit`` records; 0: all.
+        config: The job's config (its ``data`` section).
+        tokenizer (PreTrainedTokenizerBase): The tokenizer.
+
+    Returns:
+        A :class:`TextDataset` or an :class:`InstructionDataset`.
+
+    Raises:
+        DataError: The file cannot be read, or a record cannot be turned into an example.
+    """
     dc = config.data
     records = load_jsonl(path)
     if limit:
@@ -73,7 +128,14 @@ def build_dataset(path: Path, limit: int, config: Config, tokenizer) -> Instruct
 
 
 def dataset_texts(dataset) -> dict[Any, str]:
-    """Every item's id -> its text (an instruction example's prompt and response joined)."""
+    """Every item's id -> its text (an instruction example's prompt and response joined).
+
+    Args:
+        dataset (TextDataset | InstructionDataset): The dataset.
+
+    Returns:
+        ``{id: text}`` in the dataset's order.
+    """
     out = {}
     for i, item_id in enumerate(dataset.ids):
         out[item_id] = "".join(dataset.texts(i)) if hasattr(dataset, "texts") else dataset.text(i)
@@ -81,7 +143,15 @@ def dataset_texts(dataset) -> dict[Any, str]:
 
 
 def dataset_categories(dataset, config: Config) -> dict[Any, Any] | None:
-    """Every item's id -> its record's ``data.category_field``, or ``None`` when a record lacks it."""
+    """Every item's id -> its record's ``data.category_field``.
+
+    Args:
+        dataset (TextDataset | InstructionDataset): The dataset.
+        config: The job's config (``data.category_field``).
+
+    Returns:
+        ``{id: category}``; None when no category field is set or a record lacks it.
+    """
     field_name = config.data.category_field
     records = dataset.records
     if not field_name or not records or any(field_name not in r for r in records):

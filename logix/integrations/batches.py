@@ -26,14 +26,35 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", 
 
 
 def stable_token_id(token_ids: Sequence[int] | Tensor) -> str:
-    """A stable hash id of an example's tokens (same tokens, same id, on every machine)."""
+    """A stable hash id of an example's tokens (same tokens, same id, on every machine).
+
+    Args:
+        token_ids: The example's token ids.
+
+    Returns:
+        The id (:func:`logix.data.stable_id` of the ids).
+    """
     if isinstance(token_ids, Tensor):
         token_ids = token_ids.tolist()
     return stable_id([int(t) for t in token_ids])
 
 
 def example_id(item: Mapping[str, Any], policy: IdPolicy | str, id_field: str = "id") -> int | str:
-    """The id of one dataset item under ``policy`` (``auto`` | ``column`` | ``hash``)."""
+    """The id of one dataset item under ``policy`` (``auto`` | ``column`` | ``hash``).
+
+    Args:
+        item: The dataset item.
+        policy: ``column``: the item's ``id_field``; ``hash``: :func:`stable_token_id` of its
+            ``input_ids``; ``auto``: the column when the item has it, else the hash.
+        id_field: The name of the id column.
+
+    Returns:
+        The id, an int or a string.
+
+    Raises:
+        BatchError: The id column holds something else than ints or strings, ``column`` and the
+            item has no id column, or the hash is needed and the item has no ``input_ids``.
+    """
     policy = IdPolicy.parse(policy, "ids")
     if policy is not IdPolicy.HASH and id_field in item:
         value = item[id_field]
@@ -92,7 +113,22 @@ def loader_with_ids(
 ) -> DataLoader:
     """A sequential loader of ``(ids, batch)``; ``limit`` keeps the first N items (0: all).
 
-    With ``dist`` (a distributed run) the loader holds this rank's contiguous share only."""
+    With ``dist`` (a distributed run) the loader holds this rank's contiguous share only.
+
+    Args:
+        dataset: The dataset (a ``torch`` dataset or a sequence of items).
+        collator: Collates items (without their id column) into a batch.
+        model: The model: items keep only the keys its ``forward`` accepts (and ``input_ids``,
+            ``attention_mask``, ``token_type_ids``, ``position_ids``, ``labels``).
+        batch_size: Items per batch.
+        ids: The id policy (:func:`example_id`).
+        id_field: The name of the id column.
+        limit: Keep the first ``limit`` items; 0: all.
+        dist: This process's place in a distributed run, or None.
+
+    Returns:
+        A loader, in dataset order (no shuffling), of ``(ids, batch)`` pairs.
+    """
     if limit and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     if dist is not None and dist.active:

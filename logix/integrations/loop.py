@@ -40,7 +40,14 @@ from logix.store import Store
 
 @contextlib.contextmanager
 def held_fixed(model: nn.Module) -> Iterator[None]:
-    """Eval mode, parameter grads set aside and every RNG state saved; all restored on exit."""
+    """Eval mode, parameter grads set aside and every RNG state saved; all restored on exit.
+
+    A context manager: inside it the model is in eval mode with no parameter gradients (and
+    gradients enabled), so a logging pass leaves training exactly as it was.
+
+    Args:
+        model: The model.
+    """
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.grad for p in model.parameters()}
     rng = _rng_state()

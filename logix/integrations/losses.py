@@ -95,7 +95,15 @@ def expected_class_loss(logits: Tensor, labels: Tensor, label_class: int, num_cl
 
 
 def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One class per row of ``logits`` (n, classes), drawn from ``softmax(logits)``."""
+    """One class per row of ``logits`` (n, classes), drawn from ``softmax(logits)``.
+
+    Args:
+        logits: ``(n, classes)`` logits.
+        generator: The random generator of the draw (None: torch's global one).
+
+    Returns:
+        ``(n,)`` class indices (the true Fisher's labels, sampled from the model).
+    """
     with torch.no_grad():
         probs = logits.detach().float().softmax(-1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -12,7 +12,20 @@ from logix.errors import ConfigError
 
 def build_model(config: Config, tokenizer) -> nn.Module:
     """``from_pretrained(model.name)``, or ``model.arch`` built from ``arch_config`` with seeded weights;
-    wrapped with LoRA adapters when ``model.lora.enabled``."""
+    wrapped with LoRA adapters when ``model.lora.enabled``.
+
+    Args:
+        config: The job's config (its ``model`` section).
+        tokenizer (PreTrainedTokenizerBase): The tokenizer: a seeded model's vocabulary and special
+            tokens come from it; a hub model's vocabulary must hold it.
+
+    Returns:
+        The causal LM, in ``model.dtype``.
+
+    Raises:
+        ConfigError: The tokenizer has more tokens than the hub model's vocabulary, or
+            ``model.arch_config`` is not valid for ``model.arch``.
+    """
     mc = config.model
     dtype = torch_dtype(mc.dtype)
     if mc.name:
@@ -49,7 +62,15 @@ def _seeded_model(config: Config, tokenizer) -> nn.Module:
 
 
 def with_lora(model: nn.Module, config: Config) -> nn.Module:
-    """``model`` wrapped with the LoRA adapters ``model.lora`` describes (PEFT)."""
+    """``model`` wrapped with the LoRA adapters ``model.lora`` describes (PEFT).
+
+    Args:
+        model: The causal LM.
+        config: The job's config (``model.lora``: rank, alpha, dropout, target modules).
+
+    Returns:
+        The PEFT model (only the adapters are trainable).
+    """
     from peft import LoraConfig, get_peft_model
 
     lc = config.model.lora

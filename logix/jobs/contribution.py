@@ -62,7 +62,16 @@ from logix.store.rundir import (
 
 @dataclass
 class ContributionResult:
-    """What a contribution job produced."""
+    """What a contribution job produced.
+
+    Attributes:
+        dir: The project directory.
+        table: Every score of every candidate (``scores.jsonl``).
+        selection: The selected subset.
+        paths: The exported files (``subset``, ``summary``, ``scores``).
+        selector: The selector's held-out report and settings, when one was fitted.
+        seconds: Wall time of each step.
+    """
 
     dir: Path
     table: ScoreTable
@@ -81,7 +90,20 @@ class ContributionResult:
 
 
 class ContributionJob(AttributionJob):
-    """Model, pool, scores, selector and selection, as ``config.contribution`` says (see the module docstring)."""
+    """Model, pool, scores, selector and selection, as ``config.contribution`` says: ``logix contribute``.
+
+    ``ContributionJob.from_yaml("configs/contribution.yaml").run()`` loads the model and the pool
+    (warming the model up on the pool first with ``warmup_epochs``), takes the probes, scores a
+    sample of the candidates with the model-based methods (``icl``, ``ifd``; ``less`` scores every
+    candidate) and every candidate with the baselines, lets a selector score the rest of the pool
+    when the sample is smaller, then selects the top and exports it. The scorers' logs are
+    crash-safe: a re-run resumes from them.
+
+    Args:
+        config (Config | dict | str | Path): The job's config, or a YAML path.
+        project: The project directory's name under ``config.root``.
+        **kwargs (Any): ``config_dir``, ``overwrite`` and ``progress``, as for ``logix run``'s job.
+    """
 
     def __init__(self, config, project: str = "contribution", **kwargs: Any) -> None:
         super().__init__(config, project=project, **kwargs)
@@ -170,6 +192,11 @@ class ContributionJob(AttributionJob):
         times[method.value] = time.perf_counter() - start
 
     def run(self) -> ContributionResult:  # type: ignore[override]
+        """Run the job (resuming the scorers' logs of an earlier run of it).
+
+        Returns:
+            The scores, the selection and the files written.
+        """
         cc = self.cc
         methods = list(dict.fromkeys(cc.methods))
         model_methods = [m for m in methods if method_spec(m).uses_model]

@@ -69,8 +69,7 @@ def plot_score_distribution(source) -> Figure:
     (negative, red) scores of every query, and every (query, train) pair when ``scores.h5`` was saved.
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
         The figure: one panel, or two when the directory holds ``scores.h5``.
@@ -107,14 +106,12 @@ def self_influence_outliers(source, top: int = 20) -> list[dict]:
     log self-influence (median / MAD) and whether it is an outlier (z > 3).
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
         top: How many examples to return.
 
     Returns:
-        One dict per example, highest self-influence first: ``id``, ``self_influence``, ``z``,
-        ``outlier``, ``text`` (None when the texts are unavailable) and ``copies`` (how many train
-        examples have that same text: duplicates stand out). Empty without self-influence scores.
+        One dict per example, highest first: ``id``, ``self_influence``, ``z``, ``outlier``, ``text`` (or
+        None) and ``copies`` (train examples with that same text). Empty without self-influence scores.
 
     Raises:
         ReportError: The directory holds no influence scores.
@@ -146,8 +143,7 @@ def plot_self_influence(source) -> Figure:
     """Histogram of self-influence ``g^T H^-1 g`` (log scale) with the outlier cut (robust z = 3).
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
         The figure.
@@ -184,12 +180,10 @@ def per_module_shares(source) -> dict[str, float]:
     """Mean share of each module in the top proponents' scores (the parts sum to the score).
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
-        ``{module: mean share}`` over the queries and their top proponents; empty when the
-        directory has no per-module breakdown (``logix influence DIR --per-module`` writes it).
+        ``{module: mean share}``; empty without a per-module breakdown (``logix influence --per-module``).
 
     Raises:
         ReportError: The directory holds no influence scores.
@@ -208,8 +202,7 @@ def plot_per_module(source) -> Figure:
     """Bar chart of the mean share of each logged module in the top proponents' scores.
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
         The figure (see :func:`per_module_shares`).
@@ -243,8 +236,7 @@ def plot_contribution_scores(source, names: list[str] | None = None) -> Figure:
     """One histogram per score column (scored examples only), the selected subset in orange.
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
         names: The score columns to plot, in this order (all of them when None); names the
             project lacks, and columns without a finite score, are left out.
 
@@ -252,7 +244,7 @@ def plot_contribution_scores(source, names: list[str] | None = None) -> Figure:
         The figure, up to three panels a row.
 
     Raises:
-        ReportError: The directory is not a contribution project, or no column is left to plot.
+        ReportError: Not a contribution project, or no column is left to plot.
     """
     _, con = _contribution(source)
     names = [n for n in (names or list(con.scores)) if n in con.scores]
@@ -283,15 +275,13 @@ def plot_categories(source) -> Figure:
     """Share of each category in the pool and in the selected subset.
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
         The figure.
 
     Raises:
-        ReportError: The directory is not a contribution project, or its selection summary has no
-            categories (the pool has no category field).
+        ReportError: Not a contribution project, or its summary has no categories (no category field).
     """
     _, con = _contribution(source)
     cats = (con.summary or {}).get("categories") or {}
@@ -310,21 +300,17 @@ def plot_categories(source) -> Figure:
 
 
 def plot_lengths(source) -> Figure:
-    """Response length (characters) of the pool and of the selected subset.
-
-    Histograms when the pool's records are available, else the p10-p90 range, median and mean
-    from the selection summary.
+    """Response length (characters) of the pool and of the selected subset: histograms when the
+    pool's records are available, else the p10-p90 range, median and mean from the summary.
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
         The figure.
 
     Raises:
-        ReportError: The directory is not a contribution project, or holds neither the pool's
-            records nor the summary's response lengths.
+        ReportError: Not a contribution project, or it has neither the pool's records nor their lengths.
     """
     _, con = _contribution(source)
     fig = _figure(6.0, 3.4)
@@ -357,15 +343,13 @@ def plot_agreement(source) -> Figure:
     """Top-set overlap and Spearman correlation of the selection score with each other score.
 
     Args:
-        source (str | Path | ReportData): A project or run directory, or what :func:`logix.report.load`
-            returned for one.
+        source (str | Path | ReportData): A project or run directory, or what :func:`load` returned.
 
     Returns:
         The figure; the baselines' bars are hatched.
 
     Raises:
-        ReportError: The directory is not a contribution project, or its selection summary has no
-            agreement section.
+        ReportError: Not a contribution project, or its selection summary has no agreement section.
     """
     _, con = _contribution(source)
     agreement = (con.summary or {}).get("agreement") or {}

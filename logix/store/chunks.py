@@ -54,7 +54,14 @@ class Chunk:
     """Consecutive committed rows: ``rows[i]`` belongs to ``ids[i]`` (and ``positions[i]``).
 
     ``coded``: the rows' codes (a quantized store read with ``coded=True``); ``rows`` then decodes
-    them on first access."""
+    them on first access.
+
+    Attributes:
+        ids: The rows' ids.
+        positions: The rows' token positions in a per-token store, else None.
+        start: The index of the first row in the store's global order.
+        coded: The rows' codes when a quantized store was read with ``coded=True``, else None.
+    """
 
     ids: list[Id]
     _rows: torch.Tensor | None
@@ -64,6 +71,7 @@ class Chunk:
 
     @property
     def rows(self) -> torch.Tensor:
+        """``(n, dim)`` rows in the store's ``dtype`` (float32 for a quantized store, decoded on first access)."""
         if self._rows is None:
             self._rows = self.coded.decode()
         return self._rows

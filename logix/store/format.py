@@ -62,7 +62,15 @@ class IdType(ChoiceEnum):
 
 @dataclass(frozen=True)
 class Block:
-    """Where one module's gradient lives inside a row."""
+    """Where one module's gradient lives inside a row.
+
+    Attributes:
+        name: The module's name.
+        kind: Its layer kind (``linear``, ``conv1d``, ``embedding``, ``conv2d``).
+        shape: ``(k_out, k_in)``: the logged gradient block, in canonical orientation (output
+            gradient side first); ``row[columns].reshape(shape)`` is that block.
+        offset: The block's first column in the row.
+    """
 
     name: str
     kind: str
@@ -80,7 +88,11 @@ class Block:
 
 @dataclass(frozen=True)
 class Layout:
-    """The row layout: every module's block, concatenated."""
+    """The row layout: every module's block, concatenated in this order.
+
+    Attributes:
+        blocks: The modules' blocks, in row order.
+    """
 
     blocks: tuple[Block, ...]
 

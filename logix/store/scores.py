@@ -27,7 +27,13 @@ class ScoreMatrixWriter:
 
     The file is written under a hidden temporary name and renamed to ``path`` only by
     ``close()`` (``close(commit=False)`` discards it), so a killed scorer never leaves a partial
-    matrix at ``path``, and an earlier matrix there stays whole until the new one replaces it."""
+    matrix at ``path``, and an earlier matrix there stays whole until the new one replaces it.
+
+    Args:
+        path: The HDF5 file to write.
+        n_query: Rows of the matrix.
+        n_train: Columns of the matrix.
+    """
 
     def __init__(self, path: str | Path, n_query: int, n_train: int) -> None:
         self.path = Path(path)
@@ -56,7 +62,13 @@ class ScoreMatrixWriter:
 
 def write_virtual_score_matrix(path: str | Path, parts: Sequence[tuple[str, int, int]], n_query: int) -> None:
     """One ``(n_query x n_train)`` virtual score matrix at ``path`` mapping the columns
-    ``lo:hi`` of each part ``(file name beside path, lo, hi)``; replaced atomically."""
+    ``lo:hi`` of each part ``(file name beside path, lo, hi)``; replaced atomically.
+
+    Args:
+        path: The HDF5 file to write (the parts' files stay beside it).
+        parts: ``(file name beside path, lo, hi)`` of each part, covering the train columns.
+        n_query: Rows of the matrix.
+    """
     path = Path(path)
     n_train = parts[-1][2] if parts else 0
     layout = h5py.VirtualLayout(shape=(n_query, n_train), dtype=np.float32)
@@ -71,8 +83,16 @@ def write_virtual_score_matrix(path: str | Path, parts: Sequence[tuple[str, int,
 
 
 def read_score_matrix(path: str | Path, max_values: int | None = None) -> np.ndarray | None:
-    """The score matrix of the file ``path`` (None when it holds none); with ``max_values``, a
-    larger matrix comes as every ``ceil(size / max_values)``-th column only (a sample)."""
+    """The score matrix of the file ``path``.
+
+    Args:
+        path: A score-matrix file (``scores.h5``).
+        max_values: With it, a larger matrix comes as every ``ceil(size / max_values)``-th column
+            only (a sample).
+
+    Returns:
+        ``(n_query, n_train)`` scores (or the sampled columns); None when the file holds none.
+    """
     with h5py.File(path, "r") as fh:
         if SCORES_DATASET not in fh:
             return None

@@ -54,7 +54,19 @@ class ShardWriter:
 
     ``rank``: the writer's rank under ``torch.distributed``; each rank has its own manifest and
     shard names in the same directory (see :mod:`logix.store.format`) and touches no other
-    rank's files.
+    rank's files. Opening a store resumes it: uncommitted files of this writer are removed.
+
+    Args:
+        directory: The store directory.
+        layout: The row layout.
+        dtype: The stored dtype (``float32``, ``float16``, ``bfloat16``, ``int8``, ``int4``).
+        per_token: One row per token instead of per example.
+        queue_shards: Shards waiting for the background thread before a commit blocks.
+        rank: The writer's rank.
+
+    Raises:
+        StoreError: The store was written with another layout, dtype or ``per_token``.
+        RunDirectoryError: Another process writes this store (its lock is held).
     """
 
     def __init__(
