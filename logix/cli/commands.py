@@ -131,6 +131,40 @@ def cmd_influence(args: argparse.Namespace) -> None:
               f"query's category (random: {sanity['random']:.1%})", file=messages)
 
 
+def _query_texts(args: argparse.Namespace) -> None:
+    """``logix query DIR --text ...``: new texts scored against DIR's train rows (logix.score)."""
+    from logix.analysis import index_run_dir
+    from logix.config import Damping
+    from logix.data import PadCollator, TextDataset
+    from logix.integrations.score import score
+    from logix.jobs.attribution import load_job_model
+    from logix.store.rundir import job_file
+
+    run_dir = index_run_dir(args.run_dir)
+    project = next((d for d in (args.run_dir, run_dir, run_dir.parent) if job_file(d).exists()), None)
+    if project is None:
+        raise LogixError(f"--text: no job.yaml in {args.run_dir} or above it, so its model is unknown; "
+                         "score new examples from Python with logix.score(run_dir, examples, model=...).")
+    model, tokenizer, config = load_job_model(project, args.model)
+    items = TextDataset([{"id": f"text-{i}", "text": t} for i, t in enumerate(args.text)], tokenizer,
+                        config.data.max_length)
+    damping = None if args.damping is None else Damping(args.damping)
+    result = score(run_dir, [items[i] for i in range(len(items))], model=model,
+                   collator=PadCollator(tokenizer.pad_token_id), preconditioner=args.preconditioner or "kfac",
+                   damping=damping, mode=args.mode, top_k=args.top_k, nprobe=args.nprobe, rerank=args.rerank)
+    texts = _job_texts(project) if args.texts else None
+    for q, (qid, text) in enumerate(zip(result.query_ids, args.text)):
+        record = {"query_id": qid, "query_text": text, "proponents": _hits(result.top_ids[q], result.top_scores[q], texts)}
+        if args.opponents:
+            record["opponents"] = _hits(result.bottom_ids[q], result.bottom_scores[q], texts)
+        print(json.dumps(record))
+
+
+def _hits(ids: list, scores, texts) -> list[dict]:
+    return [{"id": i, "score": float(s), **({"text": texts[0].get(i)} if texts else {})}
+            for i, s in zip(ids, scores.tolist()) if i is not None]
+
+
 def _job_texts(directory: Path):
     """(train texts, query texts, train categories, query categories) from the job's data, if any."""
     from logix.store.rundir import job_file
@@ -213,6 +247,8 @@ def cmd_query(args: argparse.Namespace) -> None:
     from logix.store.format import read_manifest
     from logix.store.rundir import QUERY_STORE, store_dir
 
+    if args.text:
+        return _query_texts(args)
     run_dir = index_run_dir(args.run_dir)
     index = Index.load(run_dir)
     source = args.queries or run_dir

@@ -202,10 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnsw-m", type=positive_int, help="hnsw: links per node (default: 32)")
     p.add_argument("--train-rows", type=positive_int, help="ivf*: rows sampled to train on (default: 40 nlist)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p = sub.add_parser(Command.QUERY.value, help="top-k train rows of logged queries, by the index (JSON lines)",
+    p = sub.add_parser(Command.QUERY.value, help="top-k train rows of logged queries or new texts (JSON lines)",
                        formatter_class=_Formatter, description="For each query row logged in QUERIES (a run "
                        "directory's queries store; default: DIR's own), print one JSON line: the query id and its "
-                       "top-k proponents (and opponents) with exact scores, found through DIR's index.")
+                       "top-k proponents (and opponents) with exact scores, found through DIR's index. With --text, "
+                       "score new texts instead: their gradients are taken with the project's model (rebuilt from "
+                       "its job.yaml, with the weights `logix run` saved or --model) and scored through the index "
+                       "when one serves --mode, else by an exact scan.")
     p.add_argument("run_dir", type=Path, help="run, or project with one logged checkpoint, indexed by logix index")
     p.add_argument("--queries", type=Path, help="run directory (or store folder) holding the query rows "
                    "(default: DIR's own)")
@@ -218,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", type=positive_int, default=10,
                    help="candidates per result re-scored exactly (more: higher recall)")
     p.add_argument("--texts", action="store_true", help="add the examples' texts (from the project's job data)")
+    p.add_argument("--text", action="append", metavar="TEXT",
+                   help="a new text to score, language-model loss on all its tokens (repeat for several)")
+    p.add_argument("--model", type=Path, help="--text: safetensors weights of the job's model (default: the "
+                   "weights `logix run` saved, final_model.safetensors, or the job's model as built)")
+    p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot",
+                   help="--text: score normalisation")
     return parser
 
 

@@ -48,6 +48,7 @@ from logix.store.rundir import (
     QUERY_STORE,
     checkpoints_file,
     environment_file,
+    final_model_file,
     job_file,
     scores_file,
     scoring_dir,
@@ -103,6 +104,31 @@ class JobResult:
             lines += ["", f"sanity: {s['same_category']:.1%} of the top-{int(s['k'])} proponents share the "
                       f"query's category (random: {s['random']:.1%}; {s['ratio']:.1f}x)"]
         return "\n".join(lines)
+
+
+def _save_weights(model, path: Path) -> None:
+    """The fine-tuned weights (safetensors, tied tensors once), written atomically: what
+    ``logix query --text`` rebuilds the model from (:func:`load_job_model`)."""
+    from safetensors.torch import save_model
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp))
+    tmp.replace(path)
+
+
+def load_job_model(project_dir: Path, weights: Path | None = None):
+    """The model of a ``logix run`` / ``logix extract`` project and its tokenizer: built from its
+    ``job.yaml``, with ``weights`` (a safetensors file of that model) or the project's fine-tuned
+    weights when ``logix run`` saved them (an extract project's model is rebuilt as it was)."""
+    from safetensors.torch import load_model
+
+    config = Config.from_yaml(job_file(project_dir))
+    tokenizer = build_tokenizer(config, Path.cwd())
+    model = build_model(config, tokenizer)
+    weights = weights or (final_model_file(project_dir) if final_model_file(project_dir).exists() else None)
+    if weights is not None:
+        load_model(model, str(weights))
+    return model.to(_device()), tokenizer, config
 
 
 def _short(text: str, width: int = 90) -> str:
@@ -209,6 +235,7 @@ class AttributionJob:
         show_progress(trainer, self.progress).train()  # progress and loss logs on stderr, none with --quiet
         if not callback.checkpoints:
             raise ConfigError("schedule logged no checkpoint: set schedule.at_end, epochs, steps or every_n_steps.")
+        Dist.current().on_main(lambda: _save_weights(trainer.model, final_model_file(self.dir)))
         return [c["name"] for c in callback.checkpoints]
 
     def _analyse(self, result: JobResult, train, queries) -> None:

@@ -12,7 +12,8 @@ A *run directory* (``logix.init``; one per logged checkpoint)::
     index/                   logix index: index.faiss, index.json, norms       (index_dir)
 
 A *project directory* (``logix run`` / the Trainer callback) holds ``job.yaml``,
-``environment.json``, ``checkpoints.json`` (one entry per logged run directory) and the results:
+``environment.json``, ``checkpoints.json`` (one entry per logged run directory), ``final_model.safetensors``
+(``logix run``: the fine-tuned weights, for ``logix query --text``) and the results:
 ``influence.jsonl``, ``self_influence.csv``, ``sanity.json``, ``per_module.json``,
 ``scores.h5`` and the resumable ``scoring/`` parts. Helpers take the directory and return the
 path, as kronfluence's ``*_save_path()`` helpers do, so no other module spells a name.
@@ -51,6 +52,7 @@ PER_MODULE_FILE = "per_module.json"
 SCORES_FILE = "scores.h5"
 SCORING_DIR = "scoring"
 REPORT_FILE = "report.html"
+FINAL_MODEL_FILE = "final_model.safetensors"  # logix run: the fine-tuned model's weights
 TRAINER_DIR = "trainer"  # the Hugging Face Trainer's output_dir of a fine-tuning job
 MODEL_RUN = "model"  # the run directory of a job that logs its model without training (logix extract)
 # a scoring work folder (``sharded_influence``; by default a project's ``scoring/``)
@@ -196,6 +198,10 @@ def report_file(directory: str | Path) -> Path:
 def model_run_dir(project_dir: str | Path) -> Path:
     """The run directory of ``logix extract`` (the model logged as it is) inside a project."""
     return Path(project_dir) / MODEL_RUN
+
+
+def final_model_file(project_dir: str | Path) -> Path:
+    return Path(project_dir) / FINAL_MODEL_FILE
 
 
 def trainer_dir(project_dir: str | Path) -> Path:
