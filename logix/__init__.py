@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the names below load their modules (and torch) on first use
     from logix.config.logger import CaptureConfig, ProjectionConfig, StatisticsConfig, StoreConfig
     from logix.config.root import Config
     from logix.core.statistics import Statistics
+    from logix.integrations.score import score
     from logix.store.reader import Store, load_store
 
 _LAZY = {
@@ -34,7 +35,7 @@ _LAZY = {
     "StoreDtype": "logix.config.choices", "CaptureConfig": "logix.config.logger",
     "ProjectionConfig": "logix.config.logger", "StatisticsConfig": "logix.config.logger",
     "StoreConfig": "logix.config.logger", "Config": "logix.config.root", "Statistics": "logix.core.statistics",
-    "Store": "logix.store.reader", "load_store": "logix.store.reader",
+    "Store": "logix.store.reader", "load_store": "logix.store.reader", "score": "logix.integrations.score",
 }
 
 
@@ -71,5 +72,6 @@ __all__ = [
     "init",
     "load_run_store",
     "load_store",
+    "score",
     "__version__",
 ]
