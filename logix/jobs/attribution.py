@@ -28,6 +28,7 @@ from logix.analysis.records import category_agreement, write_outputs
 from logix.analysis.sharded import sharded_influence
 from logix.capture.run import Run
 from logix.config import Config, resolve_config
+from logix.core.checksum import load_tensors, save_tensors
 from logix.core.distributed import Dist
 from logix.data import (
     PadCollator,
@@ -107,27 +108,32 @@ class JobResult:
 
 
 def _save_weights(model, path: Path) -> None:
-    """The fine-tuned weights (safetensors, tied tensors once), written atomically: what
-    ``logix query --text`` rebuilds the model from (:func:`load_job_model`)."""
-    from safetensors.torch import save_model
-
+    """The fine-tuned weights, checksummed like every tensor file of a project (``logix verify``),
+    written atomically: what ``logix query --text`` rebuilds the model from (:func:`load_job_model`)."""
+    seen, tensors = set(), {}
+    for name, value in model.state_dict().items():  # tied weights: a copy, as safetensors wants
+        ptr = value.untyped_storage().data_ptr()
+        tensors[name] = value.clone() if ptr in seen else value
+        seen.add(ptr)
     tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))
+    save_tensors(tmp, tensors)
     tmp.replace(path)
 
 
 def load_job_model(project_dir: Path, weights: Path | None = None):
     """The model of a ``logix run`` / ``logix extract`` project and its tokenizer: built from its
-    ``job.yaml``, with ``weights`` (a safetensors file of that model) or the project's fine-tuned
-    weights when ``logix run`` saved them (an extract project's model is rebuilt as it was)."""
+    ``job.yaml``, with ``weights`` (a safetensors file of that model's state dict) or the weights
+    ``logix run`` saved (checked against their checksum); an extract project's model is rebuilt as
+    it was built. Returns ``(model, tokenizer, config)``."""
     from safetensors.torch import load_model
 
     config = Config.from_yaml(job_file(project_dir))
     tokenizer = build_tokenizer(config, Path.cwd())
     model = build_model(config, tokenizer)
-    weights = weights or (final_model_file(project_dir) if final_model_file(project_dir).exists() else None)
     if weights is not None:
         load_model(model, str(weights))
+    elif final_model_file(project_dir).exists():
+        model.load_state_dict(load_tensors(final_model_file(project_dir)))
     return model.to(_device()), tokenizer, config
 
 
