@@ -314,8 +314,14 @@ def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_qu
     kind, _, samples = fisher.partition(":")
     stats = {"kfac": True, "ekfac": True, "raw": raw, "raw_joint": raw_joint, "raw_max_dim": RAW_MAX_DIM,
              "fisher": kind, "fisher_samples": int(samples or 1), "fisher_classes": classes}
-    run = logix.init(name, config={"projection": proj, "statistics": stats, "store": {"dtype": store_dtype}},
-                     root=root, overwrite=True)
+    return log_config(root, name, model, loss_fn, n_train, n_query,
+                      {"projection": proj, "statistics": stats, "store": {"dtype": store_dtype}}, batch)
+
+
+def log_config(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_query: int, config: dict,
+               batch: int = 64) -> Path:
+    """:func:`log_run` with any ``logix.init`` config (``{}``: every default)."""
+    run = logix.init(name, config=config, root=root, overwrite=True)
     run.watch(model)
     gen = torch.Generator().manual_seed(0)
     for pass_ in run.plan():
@@ -335,9 +341,10 @@ def log_run(root: Path, name: str, model: nn.Module, loss_fn, n_train: int, n_qu
     return run.dir
 
 
-def score_matrix(run_dir: Path, preconditioner: str, damping: float, tmp: Path) -> np.ndarray:
-    """The full (n_query, n_train) score matrix, through the streaming scorer and its HDF5 output."""
-    cp = load_checkpoint(run_dir, preconditioner, Damping(damping))
+def score_matrix(run_dir: Path, preconditioner: str, damping: float | None, tmp: Path) -> np.ndarray:
+    """The full (n_query, n_train) score matrix, through the streaming scorer and its HDF5 output
+    (``damping`` relative; None: the preconditioner's default)."""
+    cp = load_checkpoint(run_dir, preconditioner, None if damping is None else Damping(damping))
     assert cp.train.ids == list(range(cp.train.n_rows)), "train rows out of order"
     path = tmp / "scores.h5"
     compute_influence(cp, top_k=1, scores_path=path, self_influence=False, progress=False)
