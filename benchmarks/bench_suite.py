@@ -121,6 +121,8 @@ def run_task(name: str, args, tmp: Path) -> dict:
     settings = methods(task) + [(c, cfg, [(pre, d) for d in CANDIDATE_DAMPINGS])
                                 for c, (cfg, pre) in CANDIDATES.items() if c in args.candidates]
     for label, config, scorings in settings:
+        if args.proj_seed and config.get("projection", {}).get("type") != "none":  # the default config too
+            config = {**config, "projection": {**config.get("projection", {}), "seed": args.proj_seed}}
         if task.modules:
             config = {**config, "capture": {**config.get("capture", {}), "modules": list(task.modules)}}
         start = time.perf_counter()
@@ -255,6 +257,7 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=48, help="half-subset retrainings per seed")
     ap.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="candidate default settings")
     ap.add_argument("--no-kron", action="store_true", help="skip kronfluence")
+    ap.add_argument("--proj-seed", type=int, default=0, help="projection.seed of every projected setting")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_suite.json")
     ap.add_argument("--markdown", type=Path, help="print the docs' table from this JSON and exit")
