@@ -204,9 +204,10 @@ def _update_gradient_stats(state: RunState, grads: dict[str, Tensor], keep: Tens
     stats = state.stats
     n_new = float(keep.sum())
     dtype = state.accum_dtype
+    ekfac = cfg.ekfac and not state.current.ekfac_from_rows  # else from the stored rows after the pass
     for name in state.names():
-        g = grads[name][keep].to(dtype) if cfg.ekfac or cfg.raw else None
-        if cfg.ekfac:
+        g = grads[name][keep].to(dtype) if ekfac or cfg.raw else None
+        if ekfac:
             q_a = stats.raw_sum(name, "A_evecs").to(dtype)
             q_s = stats.raw_sum(name, "S_evecs").to(dtype)
             rotated = q_s.T @ g @ q_a

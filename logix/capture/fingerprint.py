@@ -40,7 +40,8 @@ def model_fingerprint(model: nn.Module, sample: int = 4096) -> str:
     """
     digest = hashlib.blake2b(digest_size=16)
     for name, param in model.named_parameters():
-        values = param.detach().flatten()
+        local = getattr(param, "to_local", None)  # an FSDP2 DTensor: this rank's shard (rank 0's is recorded)
+        values = (local() if callable(local) else param).detach().flatten()
         values = values[:: max(1, values.numel() // sample)][:sample]
         digest.update(f"{name}{tuple(param.shape)}".encode())
         digest.update(values.to("cpu", torch.float32).numpy().tobytes())

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
+from logix.capture.corrections import ekfac_from_store
 from logix.capture.ranks import adopt_orphan_states, reduce_statistics
 from logix.capture.spec import PassName, PassSpec, Space
 from logix.capture.state import RunState
-from logix.config import Config, FisherType, ProjectionType
+from logix.config import Config, FisherType, ProjectionType, StoreDtype
 from logix.core.projection import (
     ModuleProjection,
     load_projections,
@@ -25,7 +26,7 @@ from logix.core.projection import (
 )
 from logix.core.statistics import Statistics, eigendecompose
 from logix.errors import PlanError
-from logix.store import Layout
+from logix.store import Layout, Store
 from logix.store.rundir import TRAIN_STORE, projection_file, statistics_dir, statistics_file, store_dir
 
 log = logging.getLogger("logix")
@@ -79,20 +80,25 @@ def plan_specs(config: Config) -> list[PassSpec]:
     raw = st.raw or st.raw_joint
     true_fisher = st.fisher is not FisherType.EMPIRICAL and (st.kfac or st.ekfac or raw)
     pca = config.projection.type.needs_covariance
+    # EK-FAC of the data's labels on per-example rows: A and S in the log pass, then the
+    # corrections from the stored rows in their eigenbasis (the same sums, no pass before)
+    # (rows of at least 8 bits: int4's rounding noise would bias the small corrections upwards)
+    from_rows = (st.ekfac and not true_fisher and not pca and not per_token
+                 and config.store.dtype is not StoreDtype.INT4)
     specs = []
     if pca:
         specs.append(PassSpec(PassName.COVARIANCE, Space.FULL, covariance=True, gradients=False,
                               sample_labels=true_fisher))
-    if not pca and (st.ekfac or (true_fisher and st.kfac)):
+    if not pca and ((st.ekfac and not from_rows) or (true_fisher and st.kfac)):
         specs.append(PassSpec(PassName.KFAC, Space.LOG, covariance=True, gradients=False,
                               sample_labels=true_fisher))
     if true_fisher and (st.ekfac or raw):
         specs.append(PassSpec(PassName.FISHER, Space.LOG, covariance=False, gradients=True, rows=False,
                               sample_labels=True))
-    log_cov = st.kfac and not st.ekfac and not true_fisher
+    log_cov = (st.kfac and not st.ekfac and not true_fisher) or from_rows
     fisher_pass = true_fisher and (st.ekfac or raw)  # counts the examples and their gradient statistics
     specs.append(PassSpec(PassName.LOG, Space.LOG, covariance=log_cov, gradients=True, per_token=per_token,
-                          gradient_stats=not fisher_pass))
+                          gradient_stats=not fisher_pass, ekfac_from_rows=from_rows))
     return specs
 
 
@@ -224,6 +230,9 @@ def _finish_files(state: RunState, spec: PassSpec) -> None:
         st = state.config.statistics
         if st.raw or st.raw_joint or st.kfac or st.ekfac:
             _check_stats(state.stats, PassName.LOG)
+        if spec.ekfac_from_rows:
+            eigendecompose(state.stats, state.names())
+            ekfac_from_store(state.stats, Store(store_dir(state.dir, TRAIN_STORE)), state.accum_dtype)
         state.stats.freeze()
         state.stats.save(_stats_file(state, PassName.LOG))
     state.info.mark_done(spec.name.value)

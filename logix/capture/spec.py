@@ -44,6 +44,8 @@ class PassSpec:
         rows: With ``gradients``: write them as rows of the train store.
         gradient_stats: With ``gradients``: accumulate EK-FAC corrections / raw covariance.
         sample_labels: The loop should use labels sampled from the model (true Fisher).
+        ekfac_from_rows: EK-FAC corrections come from the stored rows once the pass ends (in the
+            eigenbasis of the ``A`` and ``S`` this pass accumulated), not from a pass before it.
     """
 
     name: PassName
@@ -54,6 +56,7 @@ class PassSpec:
     rows: bool = True  # with gradients: write them as rows of the train store
     gradient_stats: bool = True  # with gradients: accumulate EK-FAC corrections / raw covariance
     sample_labels: bool = False  # the loop should use labels sampled from the model (true Fisher)
+    ekfac_from_rows: bool = False  # EK-FAC corrections from the stored rows after the pass
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", PassName(self.name))

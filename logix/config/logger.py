@@ -113,7 +113,9 @@ class StatisticsConfig:
     """
 
     kfac: bool = help_field("Activation (A) and output-gradient (S) covariances per module.", True)
-    ekfac: bool = help_field("EK-FAC eigenvalue corrections (adds a pass in the KFAC eigenbasis).", False)
+    ekfac: bool = help_field(
+        "EK-FAC eigenvalue corrections (from the stored rows after the log pass; own pass with a sampled-label "
+        "Fisher, per-token or int4 rows).", False)
     raw: bool = help_field("Covariance of each module's logged (projected) gradient block.", False)
     raw_joint: bool = help_field(
         "Covariance of the whole logged row (every module's block concatenated): the statistic of the "

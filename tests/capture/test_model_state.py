@@ -144,7 +144,8 @@ def test_hf_causal_lm_mean_loss_with_loss_scale(tmp_path):
     torch.testing.assert_close(own.finalize().get([0, 1, 2]), ref.finalize().get([0, 1, 2]), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("config, passes", [({}, ["log"]), ({"statistics": {"ekfac": True}}, ["kfac", "log"])])
+@pytest.mark.parametrize("config, passes", [({}, ["log"]), ({"statistics": {"ekfac": True}}, ["log"]),
+                                            ({"projection": {"type": "pca"}}, ["covariance", "log"])])
 def test_loop_without_plan_for_one_pass_configs_only(tmp_path, config, passes):
     model = net()
     run = logix.init("p", root=tmp_path, config=config, model=model)
@@ -153,7 +154,7 @@ def test_loop_without_plan_for_one_pass_configs_only(tmp_path, config, passes):
         log_train(run, model)
         assert run.finalize().n_rows == 12
     else:
-        with pytest.raises(PlanError, match=r"needs the passes \['kfac', 'log'\].*run.plan\(\)"):
+        with pytest.raises(PlanError, match=r"needs the passes \['covariance', 'log'\].*run.plan\(\)"):
             log_train(run, model)
 
 
