@@ -35,7 +35,7 @@ def _influence_parts(run_dir, preconditioner, damping, mode, weighting, full_spa
 
 def influence(
     run_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+    preconditioner: PreconditionerType | str = PreconditionerType.AUTO,
     damping: Damping | float | dict | None = None,
     mode: ScoreMode | str = ScoreMode.DOT,
     weighting: CheckpointWeighting | str = CheckpointWeighting.LR,
@@ -131,7 +131,7 @@ def index_run_dir(path: str | Path) -> Path:
     return path / entries[0]["dir"]
 
 
-def index_influence(run_dir: str | Path, preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+def index_influence(run_dir: str | Path, preconditioner: PreconditionerType | str = PreconditionerType.AUTO,
                     damping: Damping | None = None, mode: ScoreMode | str = ScoreMode.DOT, top_k: int = 10,
                     nprobe: int | None = None, rerank: int = 10, queries: Tensor | None = None,
                     query_ids: list | None = None) -> InfluenceResult:

@@ -37,7 +37,7 @@ from logix.store.rundir import (
 
 def load_checkpoint(
     run_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+    preconditioner: PreconditionerType | str = PreconditionerType.AUTO,
     damping: Damping | float | dict | None = None,
     weight: float = 1.0,
     queries: str | Tensor = QUERY_STORE,
@@ -46,7 +46,8 @@ def load_checkpoint(
 
     Args:
         run_dir: The run directory (``logix.init``'s, or one checkpoint of a project).
-        preconditioner: ``identity``, ``raw``, ``raw-joint``, ``kfac`` or ``ekfac``.
+        preconditioner: ``auto`` (the best curvature the run logged: ``ekfac``, else ``kfac``, else
+            ``identity``), ``identity``, ``raw``, ``raw-joint``, ``kfac`` or ``ekfac``.
         damping: A :class:`~logix.config.Damping`, a number (relative damping), or a dict of them
             by module name (``"*"``: every other module); None: the preconditioner's default
             (:func:`~logix.config.default_damping`).
@@ -73,10 +74,20 @@ def load_checkpoint(
         query_rows = logged_queries(run_dir, queries).read_all()
     stats_path = statistics_file(run_dir)
     stats = Statistics.load(stats_path) if stats_path.exists() else None
-    if stats is None and PreconditionerType.parse(preconditioner) is not PreconditionerType.IDENTITY:
+    kind = PreconditionerType.parse(preconditioner, "preconditioner")
+    if stats is None and kind not in (PreconditionerType.IDENTITY, PreconditionerType.AUTO):
         raise StatisticsError(f"{run_dir} has no finalized statistics ({stats_path}).")
-    pre = Preconditioner(preconditioner, stats, train.layout, damping)
+    pre = Preconditioner(kind, stats, train.layout, damping, projected=rows_projected(run_dir))
     return Checkpoint(train, query_rows, pre, weight)
+
+
+def rows_projected(run_dir: str | Path) -> bool:
+    """Whether the run's rows are projected (its ``config.yaml``; True when it has none): full
+    rows (``projection: none``) take another default EK-FAC damping."""
+    path = config_file(run_dir)
+    if not path.exists():
+        return True
+    return resolve_config(path).projection.type is not ProjectionType.NONE
 
 
 def logged_queries(run_dir: str | Path, name: str = QUERY_STORE) -> Store:
@@ -214,7 +225,7 @@ def checkpoint_weights(entries: list[dict], weighting: CheckpointWeighting | str
 
 def load_checkpoints(
     project_dir: str | Path,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+    preconditioner: PreconditionerType | str = PreconditionerType.AUTO,
     damping: Damping | float | dict | None = None,
     weighting: CheckpointWeighting | str = CheckpointWeighting.LR,
 ) -> tuple[list[Checkpoint], list[dict]]:

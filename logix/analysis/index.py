@@ -46,6 +46,7 @@ import torch
 import xxhash
 from torch import Tensor
 
+from logix.analysis.checkpoints import rows_projected
 from logix.analysis.kernels import self_influence_rows
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
@@ -87,9 +88,9 @@ def store_fingerprint(store: Store) -> str:
 def preconditioner_of(run_dir: Path, store: Store, kind: PreconditionerType, damping: Damping | None):
     stats_path = statistics_file(run_dir)
     stats = Statistics.load(stats_path) if stats_path.exists() else None
-    if stats is None and kind is not PreconditionerType.IDENTITY:
+    if stats is None and kind not in (PreconditionerType.IDENTITY, PreconditionerType.AUTO):
         raise StoreError(f"{run_dir} has no finalized statistics ({stats_path}) for the {kind.value} preconditioner.")
-    return Preconditioner(kind, stats, store.layout, damping)
+    return Preconditioner(kind, stats, store.layout, damping, projected=rows_projected(run_dir))
 
 
 def augmented_dim(kind: IndexKind, dim: int) -> int:
@@ -164,7 +165,7 @@ class Index:
     # ---- build ----------------------------------------------------------------------------------
     @classmethod
     def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFSQ8, mode: ScoreMode | str = ScoreMode.DOT,
-              preconditioner: PreconditionerType | str = PreconditionerType.KFAC, damping: Damping | None = None,
+              preconditioner: PreconditionerType | str = PreconditionerType.AUTO, damping: Damping | None = None,
               nlist: int | None = None, m: int | None = None, nbits: int | None = None, hnsw_m: int | None = None,
               train_rows: int | None = None, chunk_rows: int = 8192, seed: int = 0, progress: bool = True) -> Index:
         """Index the train rows of ``run_dir`` in a streaming pass and save it in ``<run>/index/``.
@@ -177,7 +178,6 @@ class Index:
         run_dir = Path(run_dir)
         kind, mode = IndexKind.parse(kind, "kind"), ScoreMode.parse(mode, "mode")
         pre_kind = PreconditionerType.parse(preconditioner, "preconditioner")
-        damping = damping if damping is not None else default_damping(pre_kind)
         store = Store(store_dir(run_dir, TRAIN_STORE))
         n, dim = store.n_rows, store.dim
         if n == 0:
@@ -195,6 +195,8 @@ class Index:
             raise LogixError(f"nbits={params['nbits']} needs at least {2 ** params['nbits']} rows to train on; "
                              f"the store has {n}: lower nbits or use kind flat.")
         pre = preconditioner_of(run_dir, store, pre_kind, damping) if mode in NORMED else None
+        pre_kind = pre.kind if pre is not None else pre_kind  # auto: the kind the run's statistics allow
+        damping = damping if damping is not None else default_damping(pre_kind, rows_projected(run_dir))
         started = time.perf_counter()
         index = _empty_index(faiss, kind, width, params)
         norms: list[Tensor] = []
@@ -268,9 +270,8 @@ class Index:
                 raise LogixError(f"This {self.mode.value} index was built for the {self.meta['preconditioner']} "
                                  f"preconditioner with damping {self.meta['damping']}: rebuild it for other settings.")
             kind, damping = self.meta["preconditioner"], Damping(**self.meta["damping"])
-        kind = PreconditionerType.parse(kind or PreconditionerType.KFAC, "preconditioner")
-        damping = damping if damping is not None else default_damping(kind)
-        key = (kind, damping)
+        kind = PreconditionerType.parse(kind or PreconditionerType.AUTO, "preconditioner")
+        key = (kind, damping)  # damping None: the (resolved) preconditioner's default
         if key not in self._pre:
             self._pre[key] = preconditioner_of(self.run_dir, self.store, kind, damping)
         return self._pre[key]

@@ -175,6 +175,20 @@ for _kind, _builder in (
     register_preconditioner(_kind, _builder)
 
 
+def resolve_kind(kind: PreconditionerType | str, statistics: Statistics | None) -> PreconditionerType:
+    """``kind``, or for ``auto`` the best curvature ``statistics`` hold: ``ekfac`` (corrections
+    logged), else ``kfac`` (factors logged), else ``identity``."""
+    kind = PreconditionerType.parse(kind, "preconditioner")
+    if kind is not PreconditionerType.AUTO:
+        return kind
+    modules = [] if statistics is None else [m for m in statistics.modules if m != JOINT]
+    if modules and all(statistics.has(m, "ekfac") for m in modules):
+        return PreconditionerType.EKFAC
+    if modules and all(statistics.has(m, "A") and statistics.has(m, "S") for m in modules):
+        return PreconditionerType.KFAC
+    return PreconditionerType.IDENTITY
+
+
 def _raw_joint(stats: Statistics, layout: Layout, damping: Damping) -> ModulePreconditioner:
     """``(C + d I)^-1`` over the whole row, ``C`` the covariance of the concatenated rows."""
     if not stats.has(JOINT, "raw"):
@@ -220,10 +234,11 @@ class Preconditioner:
         statistics: Statistics | None,
         layout: Layout,
         damping: Damping | float | dict[str, Damping | float] | None = None,
+        projected: bool = True,
     ) -> None:
-        self.kind = PreconditionerType.parse(kind, "preconditioner")
+        self.kind = resolve_kind(kind, statistics)
         if damping is None:
-            damping = default_damping(self.kind)
+            damping = default_damping(self.kind, projected)
         damping = _checked_damping(damping, layout)
         if self.kind is not PreconditionerType.IDENTITY and statistics is None:
             raise StatisticsError(f"Preconditioner {self.kind.value!r} needs the run's statistics.")

@@ -96,8 +96,9 @@ def cmd_influence(args: argparse.Namespace) -> None:
         ac = dataclasses.replace(ac, preconditioner=args.preconditioner)  # its own default damping
     damping = ac.resolved_damping()
     if args.damping is not None or args.absolute_damping is not None:
-        damping = Damping(damping.value if args.damping is None else args.damping,
-                          damping.relative if args.absolute_damping is None else not args.absolute_damping)
+        base = damping or Damping()
+        damping = Damping(base.value if args.damping is None else args.damping,
+                          base.relative if args.absolute_damping is None else not args.absolute_damping)
     out = args.out or directory
     dist = Dist.current()
     dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
@@ -150,7 +151,7 @@ def _query_texts(args: argparse.Namespace) -> None:
                         config.data.max_length)
     damping = None if args.damping is None else Damping(args.damping)
     result = score(run_dir, [items[i] for i in range(len(items))], model=model,
-                   collator=PadCollator(tokenizer.pad_token_id), preconditioner=args.preconditioner or "kfac",
+                   collator=PadCollator(tokenizer.pad_token_id), preconditioner=args.preconditioner or "auto",
                    damping=damping, mode=args.mode, top_k=args.top_k, nprobe=args.nprobe, rerank=args.rerank)
     texts = _job_texts(project) if args.texts else None
     for q, (qid, text) in enumerate(zip(result.query_ids, args.text)):

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score the queries logged in DIR (a run, or a job / Trainer project "
                        "whose checkpoints combine TracIn-style). Defaults come from DIR/job.yaml.")
     p.add_argument("run_dir", type=Path, help="run, or job / Trainer project directory")
-    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"],
+    p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"],
                    help="curvature the scores are preconditioned with (default: the job's analysis.preconditioner, "
                    "else kfac)")
     p.add_argument("--damping", type=nonnegative_float,
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "codes; hnsw: a graph (default: ivfsq8, 1/4 of the rows' bytes, the best recall measured)")
     p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot",
                    help="the scores whose top-k the index serves (dot and unit serve every preconditioner)")
-    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"], default="kfac",
+    p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"], default="auto",
                    help="for cosine / relative: the preconditioner whose norms the rows are divided by")
     p.add_argument("--damping", type=nonnegative_float, help="for cosine / relative (default: the preconditioner's)")
     p.add_argument("--nlist", type=positive_int, help="inverted lists (default: about 4 sqrt(rows))")
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: DIR's own)")
     p.add_argument("--top-k", type=positive_int, default=10, help="rows per query")
     p.add_argument("--opponents", action="store_true", help="also the k most negative scores")
-    p.add_argument("--preconditioner", choices=["identity", "raw", "raw-joint", "kfac", "ekfac"],
-                   help="dot / unit indexes: the query's preconditioner (default: kfac)")
+    p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"],
+                   help="dot / unit indexes: the query's preconditioner (default: auto, the best the run logged)")
     p.add_argument("--damping", type=nonnegative_float, help="dot / unit indexes: damping (default: the preconditioner's)")
     p.add_argument("--nprobe", type=positive_int, help="ivf*: lists searched per query (default: nlist / 64)")
     p.add_argument("--rerank", type=positive_int, default=10,

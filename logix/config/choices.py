@@ -163,6 +163,7 @@ class PreconditionerType(ChoiceEnum):
     KFAC = "kfac"  # Kronecker factors A, S
     EKFAC = "ekfac"  # KFAC eigenbasis with eigenvalue corrections
     RAW_JOINT = "raw-joint"  # covariance of the whole logged row
+    AUTO = "auto"  # the best curvature the run logged: ekfac, else kfac, else identity
 
 
 class IndexKind(ChoiceEnum):

@@ -68,7 +68,12 @@ DEFAULT_DAMPING = Damping()
 PRECONDITIONER_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType.RAW_JOINT: Damping(3.0)}
 
 
-def default_damping(kind: PreconditionerType | str) -> Damping:
+PROJECTED_EKFAC_DAMPING = Damping(0.01)
+"""EK-FAC on projected rows: relative 0.01 (the five-task suite, benchmarks/bench_suite.py: better than
+0.1 on every task and projection seed; full-dimension rows keep 0.1, which is better there)."""
+
+
+def default_damping(kind: PreconditionerType | str, projected: bool = True) -> Damping:
     """The damping a preconditioner uses when none is given.
 
     Args:
@@ -78,4 +83,7 @@ def default_damping(kind: PreconditionerType | str) -> Damping:
         ``Damping(3.0)`` for ``raw-joint``, :data:`DEFAULT_DAMPING` for every other (chosen on the
         LDS benchmarks, docs/benchmarks.md).
     """
-    return PRECONDITIONER_DAMPINGS.get(PreconditionerType.parse(kind, "preconditioner"), DEFAULT_DAMPING)
+    kind = PreconditionerType.parse(kind, "preconditioner")
+    if kind is PreconditionerType.EKFAC and projected:
+        return PROJECTED_EKFAC_DAMPING
+    return PRECONDITIONER_DAMPINGS.get(kind, DEFAULT_DAMPING)

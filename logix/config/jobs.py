@@ -24,7 +24,7 @@ from logix.config.choices import (
     SelectorHead,
     TrainOn,
 )
-from logix.config.damping import Damping, default_damping
+from logix.config.damping import Damping
 from logix.config.fields import (
     check_types,
     did_you_mean,
@@ -210,11 +210,12 @@ class AnalysisConfig:
     """
 
     enabled: bool = help_field("Score influence of the training rows on the queries after logging.", True)
-    preconditioner: PreconditionerType = help_field("identity | raw | kfac | ekfac | raw-joint.",
-                                                    PreconditionerType.KFAC)
+    preconditioner: PreconditionerType = help_field(
+        "auto (the best curvature the run logged: ekfac, else kfac, else identity) | identity | raw | kfac | "
+        "ekfac | raw-joint.", PreconditionerType.AUTO)
     damping: float | None = help_field(
         "Damping added to the curvature (see `damping_relative`); null: the preconditioner's default "
-        "(relative 0.1; raw-joint: relative 3).", None
+        "(relative 0.1; EK-FAC on projected rows: relative 0.01; raw-joint: relative 3).", None
     )
     damping_relative: bool = help_field("Damping is relative to each module's mean eigenvalue (when `damping` is set).", True)
     mode: ScoreMode = help_field("dot | cosine | relative | unit.", ScoreMode.DOT)
@@ -243,10 +244,11 @@ class AnalysisConfig:
                               f"got analysis.mode={self.mode!r}.")
 
     def resolved_damping(self):
-        """The :class:`~logix.analysis.Damping` to use: ``damping`` / ``damping_relative``, or the
-        preconditioner's default when ``damping`` is null."""
+        """The :class:`~logix.analysis.Damping` to use: ``damping`` / ``damping_relative``, or None
+        when ``damping`` is null (the preconditioner's default, which depends on the kind ``auto``
+        resolves to and on whether the rows are projected)."""
         if self.damping is None:
-            return default_damping(self.preconditioner)
+            return None
         return Damping(float(self.damping), self.damping_relative)
 
 

@@ -35,9 +35,9 @@ class ProjectionConfig:
 
     type: ProjectionType = help_field("random | pca | whitened | none.", ProjectionType.RANDOM)
     rank_in: int = help_field(
-        "k_in: projected size of the (bias-augmented) input activations (capped at each module's size).", 16
+        "k_in: projected size of the (bias-augmented) input activations (capped at each module's size).", 32
     )
-    rank_out: int = help_field("k_out: projected size of the output gradients (capped at each module's size).", 16)
+    rank_out: int = help_field("k_out: projected size of the output gradients (capped at each module's size).", 32)
     ranks: Mapping[str, tuple[int, int]] = help_field(
         "Per-module overrides {glob: [rank_in, rank_out]}; the first matching glob wins.",
         default_factory=dict,
@@ -115,7 +115,7 @@ class StatisticsConfig:
     kfac: bool = help_field("Activation (A) and output-gradient (S) covariances per module.", True)
     ekfac: bool = help_field(
         "EK-FAC eigenvalue corrections (from the stored rows after the log pass; own pass with a sampled-label "
-        "Fisher, per-token or int4 rows).", False)
+        "Fisher, per-token or int4 rows).", True)
     raw: bool = help_field("Covariance of each module's logged (projected) gradient block.", False)
     raw_joint: bool = help_field(
         "Covariance of the whole logged row (every module's block concatenated): the statistic of the "
@@ -177,7 +177,7 @@ class StoreConfig:
 
     dtype: StoreDtype = help_field(
         "Dtype of the stored rows: float32 | float16 | bfloat16, or quantized int8 | int4 (one "
-        "scale per row and module; queries stay float32).", StoreDtype.FLOAT32)
+        "scale per row and module; queries stay float32).", StoreDtype.INT8)
     shard_rows: int = help_field("Rows per shard: a crash loses at most one uncommitted shard.", 1024)
     duplicate_ids: DuplicatePolicy = help_field("error | skip, for an id logged twice.", DuplicatePolicy.ERROR)
     queue_shards: int = help_field("Shards that may wait for the background writer (bounds memory).", 2)

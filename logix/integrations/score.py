@@ -101,7 +101,7 @@ def score(
     collator: Callable | None = None,
     loss_fn: LossFn = summed_loss,
     batch_size: int = 16,
-    preconditioner: PreconditionerType | str = PreconditionerType.KFAC,
+    preconditioner: PreconditionerType | str = PreconditionerType.AUTO,
     damping: Damping | float | None = None,
     mode: ScoreMode | str = ScoreMode.DOT,
     top_k: int = 10,
