@@ -83,19 +83,29 @@ CANDIDATES = {
                              "statistics": {"ekfac": True, "fisher": "true"}}, "ekfac"),
 }
 CANDIDATE_DAMPINGS = (None, 1e-2, 1.0)
+# the defaults before this suite chose them: random k16, KFAC, float32 rows, damping 0.1
+PREVIOUS_DEFAULT = {"projection": {"rank_in": 16, "rank_out": 16}, "statistics": {"ekfac": False},
+                    "store": {"dtype": "float32"}}
+
+
+for _cfg, _pre in CANDIDATES.values():
+    _cfg.setdefault("store", {"dtype": "float32"})
 
 
 def methods(task) -> list[tuple[str, dict, list[tuple[str, float | None]]]]:
     """(label, logix config, [(preconditioner, relative damping)]) of every logix setting on ``task``."""
-    full = {"projection": {"type": "none"}, "capture": {"types": FULL_TYPES}, "statistics": {"ekfac": True}}
+    full = {"projection": {"type": "none"}, "capture": {"types": FULL_TYPES}, "statistics": {"ekfac": True},
+            "store": {"dtype": "float32"}}
     grid = [("ekfac", d) for d in DAMPINGS] + [("kfac", None)]
-    out = [("default", {}, [("kfac", d) for d in CANDIDATE_DAMPINGS]),
+    out = [("default", {}, [("auto", d) for d in CANDIDATE_DAMPINGS]),  # logix.init(p) + influence(p) as shipped
+           ("previous-default", PREVIOUS_DEFAULT, [("kfac", None)]),
            ("none-ekfac", full, grid),
            ("none-ekfac-true", {**full, "statistics": {"ekfac": True, "fisher": "true"}}, grid),
            ("recipe-lm", {"projection": {"type": "whitened", "rank_in": 52, "rank_out": 52},
                           "store": {"dtype": "int4"}, "statistics": {"ekfac": True}}, [("identity", None)])]
     if task.classes:
         out.append(("recipe-clf", {"projection": {"type": "pca", "rank_in": 32, "rank_out": 32},
+                                   "store": {"dtype": "float32"},
                                    "statistics": {"raw_joint": True, "fisher": "expected",
                                                   "fisher_classes": task.classes}}, [("raw-joint", None)]))
     return out
@@ -196,7 +206,8 @@ def print_table(tasks: dict) -> None:
     print(f"{'method':<34}" + "".join(f"{n:>20}" for n in names))
     lines = [("noise ceiling (2 seeds)", lambda t: f"{t['noise_ceiling']:.3f}"),
              ("best full-dim (any damping)", lambda t: f"{t['best_full_dim']:.3f}")]
-    for label, pre, d in [("default", "kfac", "default"), ("none-ekfac", "ekfac", "default"),
+    for label, pre, d in [("default", "auto", "default"), ("previous-default", "kfac", "default"),
+                          ("none-ekfac", "ekfac", "default"),
                           ("none-ekfac-true", "ekfac", "default"), ("kron", "ekfac", "heuristic"),
                           ("kron", "ekfac", 1e-8), ("recipe-clf", "raw-joint", "default"),
                           ("recipe-lm", "identity", "default")]:
@@ -213,8 +224,9 @@ def print_table(tasks: dict) -> None:
 
 
 MARKDOWN_ROWS = [  # (label in the docs, method, preconditioner, damping)
-    ("logix defaults (`logix.init(name)`: random k16, kfac)", "default", "kfac", "default"),
-    ("same, damping 0.01", "default", "kfac", 1e-2),
+    ("**logix defaults** (`logix.init(name)`: random k32, EK-FAC in one pass, int8 rows, damping 0.01)",
+     "default", "auto", "default"),
+    ("previous defaults (random k16, KFAC, float32 rows, damping 0.1)", "previous-default", "kfac", "default"),
     ("`projection: none` + EK-FAC, default damping", "none-ekfac", "ekfac", "default"),
     ("`projection: none` + EK-FAC, `fisher: true`", "none-ekfac-true", "ekfac", "default"),
     ("kronfluence 1.0.1 EK-FAC, damping heuristic", "kron", "ekfac", "heuristic"),
