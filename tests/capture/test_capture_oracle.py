@@ -26,6 +26,7 @@ def _config(projection: str, **extra) -> dict:
     cfg = {
         "projection": {"type": projection, "rank_in": 3, "rank_out": 4, "seed": 7},
         "capture": {"compute_dtype": "float64", "trainable_only": False},
+        "store": {"dtype": "float32"},  # the rows are compared to autograd gradients
     }
     for key, value in extra.items():
         cfg.setdefault(key, {}).update(value)
@@ -233,7 +234,11 @@ def test_float32_model_float32_compute(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     x, y = torch.randn(9, 8), torch.randint(0, 4, (9,))
-    run = logix.init("f32", config={"projection": {"type": "random", "rank_in": 5, "rank_out": 3}}, root=tmp_path)
+    run = logix.init(
+        "f32",
+        config={"projection": {"type": "random", "rank_in": 5, "rank_out": 3}, "store": {"dtype": "float32"}},
+        root=tmp_path,
+    )
     names = run.watch(model)
     for lo in range(0, 9, 3):
         ids = list(range(lo, lo + 3))

@@ -38,7 +38,8 @@ def _ce(model, x, y):
 def _run(tmp_path, model, x, y, projection="none", name="e", **stats):
     cfg = {"projection": {"type": projection, "rank_in": 3, "rank_out": 2, "seed": 3},
            "capture": {"compute_dtype": "float64"},
-           "statistics": {"fisher": "expected", "fisher_classes": C, **stats}}
+           "statistics": {"fisher": "expected", "fisher_classes": C, "ekfac": False, **stats},
+           "store": {"dtype": "float32"}}  # the rows are compared to autograd gradients
     run = logix.init(name, config=cfg, root=tmp_path)
     run.watch(model)
     seen = []
@@ -179,7 +180,8 @@ def test_expected_fisher_config_errors(tmp_path):
         logix.init("a", config={"statistics": {"fisher": "expected"}}, root=tmp_path)
     with pytest.raises(ConfigError, match=r"50257 classes.*fisher: true"):
         logix.init("b", config={"statistics": {"fisher": "expected", "fisher_classes": 50257}}, root=tmp_path)
-    run = logix.init("c", config={"statistics": {"fisher": "expected", "fisher_classes": 4, "raw": True, "kfac": False}},
+    run = logix.init("c", config={"statistics": {"fisher": "expected", "fisher_classes": 4, "raw": True, "kfac": False,
+                                                  "ekfac": False}},
                      root=tmp_path)
     assert run.passes == ["fisher", "log"]
 
@@ -213,7 +215,8 @@ def test_extract_runs_the_expected_fisher_passes(tmp_path):
                 "labels": torch.stack([b["labels"] for b in batch])}
 
     cfg = {"projection": {"type": "none"}, "capture": {"modules": ["head"], "compute_dtype": "float64"},
-           "statistics": {"kfac": False, "raw": True, "fisher": "expected", "fisher_classes": C}}
+           "statistics": {"kfac": False, "ekfac": False, "raw": True, "fisher": "expected", "fisher_classes": C},
+           "store": {"dtype": "float32"}}
     run = logix.init("x", config=cfg, root=tmp_path)
     store = extract(run, model, items, collate, batch_size=4, progress=False)
     assert run.passes == ["fisher", "log"]

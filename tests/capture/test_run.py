@@ -143,7 +143,8 @@ def test_duplicate_ids_error_by_default_and_skip_policy(tmp_path):
             model(x[2:4]).sum().backward()
     assert run.finalize().ids == ["a", "b"]
 
-    run = logix.init("d2", config={"store": {"duplicate_ids": "skip"}, "projection": {"type": "none"}}, root=tmp_path)
+    cfg = {"store": {"duplicate_ids": "skip", "dtype": "float32"}, "projection": {"type": "none"}}  # rows vs autograd
+    run = logix.init("d2", config=cfg, root=tmp_path)
     run.watch(model)
     with run(data_id=["a", "b"]):
         model(x[:2]).sum().backward()
@@ -229,7 +230,8 @@ def test_per_token_rows_equal_token_gradients(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x = torch.randn(3, 5, 3, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    cfg = {"capture": {"per_token": True, "compute_dtype": "float64"}, "projection": {"type": "none"}}
+    cfg = {"capture": {"per_token": True, "compute_dtype": "float64"}, "projection": {"type": "none"},
+           "statistics": {"ekfac": False}, "store": {"dtype": "float32"}}  # one pass; rows vs autograd
     run = logix.init("tok", config=cfg, root=tmp_path)
     run.watch(model)
     with run(data_id=["a", "b", "c"], mask=mask):
@@ -255,8 +257,8 @@ def test_config_strict_loading(tmp_path):
     with pytest.raises(ConfigError) as info:  # every problem in one error
         logix.Config.from_dict({"projection": {"rank_in": -1}, "stor": {}})
     assert "rank_in" in str(info.value) and "Did you mean 'store'" in str(info.value)
-    cfg = logix.Config.from_dict({"projection": {"ranks": {"*.c_fc": [8, 4]}}}, overrides=["projection.rank_in=32"])
-    assert cfg.rank_for("h.0.mlp.c_fc") == (8, 4) and cfg.rank_for("lm_head") == (32, 16)
+    cfg = logix.Config.from_dict({"projection": {"ranks": {"*.c_fc": [8, 4]}}}, overrides=["projection.rank_in=16"])
+    assert cfg.rank_for("h.0.mlp.c_fc") == (8, 4) and cfg.rank_for("lm_head") == (16, 32)  # rank_out: default
     path = tmp_path / "c.yaml"
     cfg.to_yaml(path)
     assert logix.Config.from_yaml(path) == cfg
@@ -269,7 +271,7 @@ def test_per_module_ranks_saved_projections_and_no_statistics(tmp_path):
     model, x = _mlp(), torch.randn(5, 4)
     cfg = {
         "projection": {"rank_in": 2, "rank_out": 3, "ranks": {"2": [4, 1]}},
-        "statistics": {"kfac": False},
+        "statistics": {"kfac": False, "ekfac": False},
     }
     run = logix.init("ranks", config=cfg, root=tmp_path)
     run.watch(model)

@@ -33,7 +33,8 @@ def _run(tmp_path, projection, stats, model, tokens, labels, mask, name="s"):
     cfg = {
         "projection": {"type": projection, "rank_in": 3, "rank_out": 2, "seed": 3},
         "capture": {"compute_dtype": "float64"},
-        "statistics": stats,
+        "statistics": {"ekfac": False, **stats},  # only the statistics a test names
+        "store": {"dtype": "float32"},  # rows and row-based corrections vs float64 oracles
     }
     run = logix.init(name, config=cfg, root=tmp_path)
     run.watch(model, modules=["fc"])
@@ -163,7 +164,8 @@ def test_true_fisher_statistics_use_the_sampled_labels_and_rows_the_real_ones(tm
     sampled = torch.randint(0, 4, labels.shape, generator=torch.Generator().manual_seed(9))
     cfg = {"projection": {"type": projection, "rank_in": 3, "rank_out": 2, "seed": 3},
            "capture": {"compute_dtype": "float64"},
-           "statistics": {"kfac": True, "ekfac": True, "raw": True, "fisher": "true"}}
+           "statistics": {"kfac": True, "ekfac": True, "raw": True, "fisher": "true"},
+           "store": {"dtype": "float32"}}  # the rows are compared to autograd gradients
     run = logix.init("tf", config=cfg, root=tmp_path)
     run.watch(model, modules=["fc"])
     seen = []
@@ -197,10 +199,10 @@ def test_true_fisher_statistics_use_the_sampled_labels_and_rows_the_real_ones(tm
 
 
 def test_true_fisher_kfac_only_adds_one_covariance_pass(tmp_path):
-    cfg = {"statistics": {"kfac": True, "fisher": "true"}}
+    cfg = {"statistics": {"kfac": True, "ekfac": False, "fisher": "true"}}
     assert logix.init("a", config=cfg, root=tmp_path).passes == ["kfac", "log"]
-    assert logix.init("b", config={"statistics": {"kfac": True}}, root=tmp_path).passes == ["log"]
-    cfg = {"statistics": {"kfac": False, "raw": True, "fisher": "true"}}
+    assert logix.init("b", config={"statistics": {"kfac": True, "ekfac": False}}, root=tmp_path).passes == ["log"]
+    cfg = {"statistics": {"kfac": False, "ekfac": False, "raw": True, "fisher": "true"}}
     assert logix.init("c", config=cfg, root=tmp_path).passes == ["fisher", "log"]
 
 

@@ -35,7 +35,8 @@ def _data():
 def _log(tmp_path, model, ranks):
     x, y = _data()
     cfg = {"projection": {"type": "whitened", "ranks": ranks, "whiten_damping": DAMPING},
-           "statistics": {"kfac": True}, "store": {"shard_rows": 16}}
+           "statistics": {"kfac": True, "ekfac": False},
+           "store": {"shard_rows": 16, "dtype": "float32"}}  # rows and scores vs autograd oracles
     run = logix.init("w", config=cfg, root=tmp_path, overwrite=True)
     run.watch(model)
     assert run.passes == ["covariance", "log"]

@@ -22,6 +22,7 @@ from logix.jobs.attribution import AttributionJob
 from logix.store import Layout, ShardWriter, Store
 from logix.store.quant import dequantize, pack_int4, q_max, quantize, unpack_int4
 from logix.store.writer import drop_rows
+from tests.helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
@@ -157,10 +158,19 @@ def test_a_quantized_run_stores_the_quantized_float32_rows_and_scores_them_exact
     assert torch.equal(store.read_all(), torch.from_numpy(dequantize(*quantize(ref, layout, dtype), layout, dtype)))
     queries = quantized.store("queries")
     assert queries.dtype_name == "float32" and torch.equal(queries.read_all(), exact.store("queries").read_all())
-    # statistics are accumulated from the unquantized gradients: identical to the float32 run's
+    # A, S (and their eigenbases) are accumulated from the unquantized gradients: identical to the
+    # float32 run's; the EK-FAC corrections are the second moments of the rows in that eigenbasis,
+    # read back from the stored rows after the log pass (float32, int8: their dequantized values)
+    # or, int4, accumulated from the unquantized gradients in the log pass after a KFAC pass
     a, b = exact.statistics.flat(), quantized.statistics.flat()
     assert a.keys() == b.keys() and any("ekfac" in k for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("ekfac"))
+    assert exact.passes == ["log"] and quantized.passes == (["log"] if dtype == "int8" else ["kfac", "log"])
+    for run, rows in ((exact, ref), (quantized, store.read_all() if dtype == "int8" else ref)):
+        for blk in layout.blocks:
+            g = rows[:, blk.columns].double().reshape(-1, *blk.shape)
+            q_s, q_a = run.statistics.raw_sum(blk.name, "S_evecs"), run.statistics.raw_sum(blk.name, "A_evecs")
+            assert rel_err(run.statistics.mean(blk.name, "ekfac"), ((q_s.T @ g @ q_a) ** 2).mean(0)) < 1e-10
     # scoring streams the dequantized rows: brute force on them (identity), and the same
     # preconditioner over a float32 store holding exactly those rows (ekfac), are the oracles
     deq = store.read_all()
@@ -232,7 +242,7 @@ def test_per_token_rows_quantize_like_per_example_rows(tmp_path):
     for dtype in ("float32", "int4"):
         run = logix.init(dtype, root=tmp_path, config={
             "capture": {"per_token": True}, "projection": {"type": "random", "rank_in": 3, "rank_out": 3},
-            "store": {"dtype": dtype}})
+            "statistics": {"ekfac": False}, "store": {"dtype": dtype}})  # one pass: logs without run.plan()
         run.watch(model)
         with run(data_id=["a", "b", "c"], mask=mask):
             model(x).pow(2).sum().backward()
