@@ -109,10 +109,12 @@ def test_inspect_run_and_store(tmp_path, capsys):
     run.finalize()
     assert main(["inspect", str(run.dir)]) == 0
     out = capsys.readouterr().out
-    assert "store 'train': 3 rows in 1 shards, dtype float32, 10 values per row" in out
+    # the defaults: int8 rows (10 bytes + one float32 scale per module each), EK-FAC statistics
+    assert "store 'train': 3 rows in 1 shards, dtype int8, 10 values per row, 54.0 B" in out
     # ranks are capped at each module's size: (3, 2) for Linear(3, 4), (2, 2) for Linear(4, 2)
     assert "ids: x, y, z" in out and "(3, 2)" in out and "(2, 2)" in out and "finalized: True" in out
-    assert "statistics ['A', 'S', 'examples', 'tokens'] for 2 modules" in out
+    assert "statistics ['A', 'A_evals', 'A_evecs', 'S', 'S_evals', 'S_evecs', 'ekfac', 'examples', 'tokens'] " \
+           "for 2 modules" in out
     assert main(["inspect", str(run.dir / "stores" / "train")]) == 0
 
 

@@ -72,10 +72,10 @@ def test_inspect_json_is_one_object(project, capsys):
     run = described["last_checkpoint"]
     assert run["kind"] == "run" and run["finalized"] is True and run["passes"] == ["log"]
     train = next(s for s in run["row_stores"] if s["name"] == "train")
-    assert train["rows"] == 48 and train["dtype"] == "float32" and train["first_ids"][0] == "capitals-00314"
+    assert train["rows"] == 48 and train["dtype"] == "int8" and train["first_ids"][0] == "capitals-00314"
     assert {"name": "lm_head", "kind": "linear", "shape": [4, 4]} in train["modules"]
     assert train["dim"] == 4 * 4 * len(train["modules"])
-    assert {"A", "S"} <= set(run["statistics"]["keys"])
+    assert {"A", "S", "ekfac"} <= set(run["statistics"]["keys"])  # EK-FAC by default
     # a single store, and the text form still reads the same data
     assert main(["inspect", str(Path(train["path"])), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == train

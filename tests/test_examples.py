@@ -21,7 +21,7 @@ def test_log_gpt2_example(tmp_path, config):
          "--config", str(ROOT / "configs" / config), "--root", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout
-    assert "rows          : 32 in 1 shard(s), dtype float32" in out
+    assert "rows          : 32 in 1 shard(s), dtype int8" in out  # store.dtype: the default, int8
     assert "lm_head" in out and "transformer.h.1.mlp.c_proj" in out
 
 
@@ -94,7 +94,8 @@ def test_lora_influence_example(tmp_path):
     modules = re.findall(r"^  (base_model\.\S+)\s+(\d+) x (\d+)$", out, re.M)
     assert len(modules) == 8, out  # lora_A and lora_B of c_attn and c_fc, in 2 layers
     assert all(".lora_A." in name or ".lora_B." in name for name, *_ in modules)
-    assert "bytes per example: 2048 (512 float32 values); 240 training rows" in out
+    # int8 rows (the default): one byte per value plus one float32 scale per module (8 modules)
+    assert "bytes per example: 544 (512 int8 values); 240 training rows" in out
     blocks = proponent_blocks(out)
     assert len(blocks) == 3 and all(len(b) == 5 for b in blocks)
     share, random = same_category_share(out)

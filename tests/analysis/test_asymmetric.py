@@ -50,7 +50,7 @@ def _log_lm(tmp_path, name, projection="none", rank=4, raw=False):
     proj = {"type": projection} if projection == "none" else {"type": projection, "rank_in": rank,
                                                                "rank_out": rank, "seed": 5}
     cfg = {"projection": proj, "capture": {"compute_dtype": "float64", "types": TYPES},
-           "statistics": {"kfac": True, "ekfac": True, "raw": raw, "raw_max_dim": 4096}}
+           "statistics": {"kfac": True, "ekfac": True, "raw": raw, "raw_max_dim": 4096}, "store": {"dtype": "float32"}}
     run = logix.init(name, config=cfg, root=tmp_path)
     run.watch(model)
     for _ in run.plan():
@@ -148,7 +148,7 @@ def _log_mlp(tmp_path, name, projection):
     if projection == "pca":  # full rank per side: an orthogonal (square) projection
         proj["ranks"] = {"0": [D_IN + 1, HIDDEN], "2": [HIDDEN + 1, C]}
     cfg = {"projection": proj, "capture": {"compute_dtype": "float64"},
-           "statistics": {"kfac": True, "ekfac": True, "raw": True, "raw_joint": True}}
+           "statistics": {"kfac": True, "ekfac": True, "raw": True, "raw_joint": True}, "store": {"dtype": "float32"}}
     run = logix.init(name, config=cfg, root=tmp_path)
     run.watch(model)
     for _ in run.plan():

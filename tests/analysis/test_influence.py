@@ -34,6 +34,7 @@ def _setup(tmp_path, projection="none", stats=None, name="inf", seed=0):
         "projection": {"type": projection, "rank_in": 3, "rank_out": 2},
         "capture": {"compute_dtype": "float64"},
         "statistics": stats or {"kfac": True, "ekfac": True, "raw": True},
+        "store": {"dtype": "float32"},  # the oracles are exact: unquantized rows
     }
     run = logix.init(name, config=cfg, root=tmp_path)
     run.watch(model)
@@ -184,7 +185,7 @@ def test_checkpoints_combine_with_weights(tmp_path):
 
 
 def test_bad_inputs_fail_clearly(tmp_path):
-    run, _, _ = _setup(tmp_path, stats={"kfac": True})
+    run, _, _ = _setup(tmp_path, stats={"kfac": True, "ekfac": False})
     with pytest.raises(logix.LogixError, match="statistics.ekfac=true"):
         load_checkpoint(run.dir, "ekfac")
     with pytest.raises(logix.LogixError, match="statistics.raw=true"):

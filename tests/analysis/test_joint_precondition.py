@@ -27,7 +27,8 @@ def _logged(tmp_path, name="j", raw_max_dim=4096, ranks=(3, 2)):
     y = torch.randint(0, C, (N + NQ,), generator=gen)
     cfg = {"projection": {"type": "random", "rank_in": ranks[0], "rank_out": ranks[1], "seed": 3},
            "capture": {"compute_dtype": "float64"},
-           "statistics": {"kfac": True, "raw": True, "raw_joint": True, "raw_max_dim": raw_max_dim}}
+           "statistics": {"kfac": True, "raw": True, "raw_joint": True, "raw_max_dim": raw_max_dim},
+           "store": {"dtype": "float32"}}  # the oracles read the stored rows: unquantized
     run = logix.init(name, config=cfg, root=tmp_path)
     run.watch(model)
     for lo in range(0, N, 7):
@@ -108,11 +109,20 @@ def test_raw_joint_errors(tmp_path):
 
 
 def test_default_damping_is_per_preconditioner(tmp_path):
-    """Without a damping, raw-joint uses relative 3 and the block preconditioners relative 0.1."""
+    """Without a damping, raw-joint uses relative 3, EK-FAC on projected rows relative 0.01 and the
+    other block preconditioners (EK-FAC on full rows included) relative 0.1."""
     from logix.analysis import default_damping
+    from logix.config import PreconditionerType
 
     run = _logged(tmp_path)
     assert default_damping("raw-joint") == Damping(3.0) and default_damping("raw") == Damping(0.1)
+    assert default_damping("kfac") == Damping(0.1) and default_damping("ekfac") == Damping(0.01)
+    assert default_damping("ekfac", projected=False) == Damping(0.1)
+    auto = load_checkpoint(run.dir).preconditioner  # auto: the run logged EK-FAC corrections (the default)
+    assert auto.kind is PreconditionerType.EKFAC
+    for name in ("0", "2"):
+        d = 0.01 * float(run.statistics.mean(name, "ekfac").mean())  # projected rows: relative 0.01
+        assert abs(auto.damping[name] - d) < 1e-6 * d
     _, q, inv, d = _oracle(run, Damping(3.0))
     cp = load_checkpoint(run.dir, "raw-joint")
     assert abs(cp.preconditioner.damping["0"] - d) < 1e-6 * d
@@ -123,11 +133,18 @@ def test_default_damping_is_per_preconditioner(tmp_path):
 
 
 def test_config_damping_null_means_the_preconditioners_default():
+    """A null analysis.damping resolves to None: the preconditioner picks its own default once its
+    kind (``auto``: the run's best) and whether the rows are projected are known."""
+    from logix.analysis import default_damping
+    from logix.config import AnalysisConfig, PreconditionerType
 
-    from logix.config import AnalysisConfig
-
-    assert AnalysisConfig(preconditioner="raw-joint").resolved_damping() == Damping(3.0, True)
-    assert AnalysisConfig(preconditioner="kfac").resolved_damping() == Damping(0.1, True)
+    assert AnalysisConfig().preconditioner is PreconditionerType.AUTO and AnalysisConfig().damping is None
+    assert AnalysisConfig().resolved_damping() is None
+    for kind in ("raw-joint", "kfac", "ekfac", "identity"):
+        assert AnalysisConfig(preconditioner=kind).resolved_damping() is None
+    assert default_damping("raw-joint") == Damping(3.0, True) and default_damping("kfac") == Damping(0.1, True)
+    assert default_damping("ekfac") == Damping(0.01, True) and default_damping("ekfac", False) == Damping(0.1, True)
+    assert AnalysisConfig(preconditioner="kfac", damping=0.1).resolved_damping() == Damping(0.1, True)
     assert AnalysisConfig(preconditioner="raw-joint", damping=0.5, damping_relative=False).resolved_damping() \
         == Damping(0.5, False)
     with pytest.raises(ConfigError, match="number >= 0 or null"):

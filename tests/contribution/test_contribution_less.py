@@ -30,8 +30,9 @@ from tests.helpers import collate
 
 hf_logging.set_verbosity_error()
 VOCAB = 50
-CONFIG = {"projection": {"rank_in": 3, "rank_out": 2}, "statistics": {"kfac": False},
-          "schedule": {"steps": [2], "at_end": True, "batch_size": 5}}
+# rows compared with explicit Adam steps: unquantized rows; no curvature (LESS needs none)
+CONFIG = {"projection": {"rank_in": 3, "rank_out": 2}, "statistics": {"kfac": False, "ekfac": False},
+          "store": {"dtype": "float32"}, "schedule": {"steps": [2], "at_end": True, "batch_size": 5}}
 
 
 def lora_model(seed: int = 0):
@@ -216,7 +217,8 @@ def test_less_extract_with_pca_or_no_projection(tmp_path, projection):
         model(**collate(TRAIN[start:start + 4])).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    config = {"projection": {"type": projection, "rank_in": 3, "rank_out": 2}, "statistics": {"kfac": False}}
+    config = {"projection": {"type": projection, "rank_in": 3, "rank_out": 2},
+              "statistics": {"kfac": False, "ekfac": False}, "store": {"dtype": "float32"}}
     run = Run("ckpt", config=config, root=tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     less_extract(run, model, TRAIN, collate, optimizer=opt, queries=VAL, batch_size=5, loss_fn=token_mean_loss,

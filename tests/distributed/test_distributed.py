@@ -34,8 +34,8 @@ RANDOM_EKFAC = {"projection": {"type": "random", "rank_in": 3, "rank_out": 4},
                 "statistics": {"kfac": True, "ekfac": True, "raw": True}, "store": {"shard_rows": 4}}
 PCA_EKFAC = {"projection": {"type": "pca", "rank_in": 3, "rank_out": 4},
              "statistics": {"kfac": True, "ekfac": True}, "store": {"shard_rows": 5}}
-CRASH = {"projection": {"type": "random", "rank_in": 3, "rank_out": 4},
-         "statistics": {"kfac": True, "raw": True}, "store": {"shard_rows": 4}}
+CRASH = {"projection": {"type": "random", "rank_in": 3, "rank_out": 4},  # A, S, raw: sums compared to 1e-6
+         "statistics": {"kfac": True, "ekfac": False, "raw": True}, "store": {"shard_rows": 4}}
 
 
 def launch(nproc: int, task: str, root: Path, out: Path, opts: dict, check: bool = True,

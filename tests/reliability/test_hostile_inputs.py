@@ -77,7 +77,7 @@ def _nan_run(tmp_path, nonfinite: str):
     net = model()
     x, y = data(12, 1)
     x[5, 0] = float("nan")  # example ex5 (batch 4..7) has a NaN input: NaN loss, NaN gradient
-    run = logix.init("nan", config={**CONFIG, "statistics": {"kfac": False},
+    run = logix.init("nan", config={**CONFIG, "statistics": {"kfac": False, "ekfac": False},
                                     "capture": {"nonfinite": nonfinite}}, root=tmp_path)
     run.watch(net)
     errors = []
@@ -111,7 +111,7 @@ def test_skip_drops_only_the_nonfinite_examples_and_records_them(tmp_path):
 def test_rows_that_overflow_float16_are_refused(tmp_path):
     net = model()
     x, y = data(4, 1)
-    run = logix.init("f16", config={**CONFIG, "statistics": {"kfac": False}, "store": {"dtype": "float16"}},
+    run = logix.init("f16", config={**CONFIG, "statistics": {"kfac": False, "ekfac": False}, "store": {"dtype": "float16"}},
                      root=tmp_path)
     run.watch(net)
     with pytest.raises(BatchError, match="store.dtype float16"):
@@ -129,7 +129,7 @@ def test_damping_must_be_finite(run_dir):
 def test_ids_that_do_not_match_the_batch_are_refused(tmp_path, n_ids):
     net = model()
     x, y = data(1, 1)
-    run = logix.init("ids", config={**CONFIG, "statistics": {"kfac": False}}, root=tmp_path)
+    run = logix.init("ids", config={**CONFIG, "statistics": {"kfac": False, "ekfac": False}}, root=tmp_path)
     run.watch(net)
     with pytest.raises(BatchError, match=f"data_id has {n_ids} ids"):
         with run(data_id=list(range(n_ids))):
