@@ -377,7 +377,7 @@ class AsymmetricPreconditioner:
 
     def __init__(self, kind, full_statistics: Statistics, full_layout: Layout, projections: dict,
                  layout: Layout, damping: Damping | float | dict[str, Damping | float] | None = None) -> None:
-        self.full = Preconditioner(kind, full_statistics, full_layout, damping)
+        self.full = Preconditioner(kind, full_statistics, full_layout, damping, projected=False)  # full-space rows
         if self.full.kind is PreconditionerType.RAW_JOINT:
             raise StatisticsError(
                 "Asymmetric preconditioning needs a per-module preconditioner (ekfac, kfac, raw, identity); "

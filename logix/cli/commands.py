@@ -84,6 +84,7 @@ def _analysis_defaults(directory: Path) -> AnalysisConfig:
 def cmd_influence(args: argparse.Namespace) -> None:
     from logix.analysis import Damping, influence
     from logix.analysis.records import category_agreement, write_outputs
+    from logix.config.damping import describe_damping
     from logix.core.distributed import Dist
     from logix.store.rundir import influence_file, scores_file, scoring_dir
 
@@ -96,7 +97,9 @@ def cmd_influence(args: argparse.Namespace) -> None:
         ac = dataclasses.replace(ac, preconditioner=args.preconditioner)  # its own default damping
     damping = ac.resolved_damping()
     if args.damping is not None or args.absolute_damping is not None:
-        base = damping or Damping()
+        if damping is None and args.damping is None:
+            raise LogixError("--absolute-damping needs a value: add --damping VALUE (the job's analysis.damping is null).")
+        base = damping or Damping(args.damping)
         damping = Damping(base.value if args.damping is None else args.damping,
                           base.relative if args.absolute_damping is None else not args.absolute_damping)
     out = args.out or directory
@@ -123,7 +126,7 @@ def cmd_influence(args: argparse.Namespace) -> None:
             sys.stdout.writelines(fh)
         sys.stdout.flush()
     print(f"scored {len(result.query_ids)} queries x {len(result.train_ids)} train rows "
-          f"({pre}, damping {damping.value:g}{' relative' if damping.relative else ''}"
+          f"({pre}, damping {describe_damping(damping)}"
           f"{f', {dist.world_size} processes' if dist.active else ''}); wrote {influence_file(out)}", file=messages)
     if parts and result.scores_path is not None:
         print(f"score matrix: {result.scores_path} (a virtual dataset over the parts beside it)", file=messages)

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="run, or job / Trainer project directory")
     p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"],
                    help="curvature the scores are preconditioned with (default: the job's analysis.preconditioner, "
-                   "else kfac)")
+                   "else auto: ekfac, kfac or identity, the best the run logged)")
     p.add_argument("--damping", type=nonnegative_float,
                    help="curvature damping (default: the job's analysis.damping, else the preconditioner's)")
     p.add_argument("--absolute-damping", action="store_true", default=None,

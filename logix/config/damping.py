@@ -73,6 +73,13 @@ PROJECTED_EKFAC_DAMPING = Damping(0.01)
 0.1 on every task and projection seed; full-dimension rows keep 0.1, which is better there)."""
 
 
+def describe_damping(damping: Damping | None) -> str:
+    """``"0.01 relative"``, ``"1e-05"`` (absolute), or for None ``"default"`` (the preconditioner's)."""
+    if damping is None:
+        return "default"
+    return f"{damping.value:g}{' relative' if damping.relative else ''}"
+
+
 def default_damping(kind: PreconditionerType | str, projected: bool = True) -> Damping:
     """The damping a preconditioner uses when none is given.
 

@@ -236,6 +236,7 @@ def _compute_influence(path: Path, top_k: int) -> InfluenceData:
     analysis settings when it has a ``job.yaml`` (else KFAC, ``dot``, relative damping 0.1)."""
     from logix.analysis import influence
     from logix.config import AnalysisConfig, Config
+    from logix.config.damping import describe_damping
 
     ac = Config.from_yaml(job_file(path)).analysis if job_file(path).exists() else AnalysisConfig()
     damping = ac.resolved_damping()
@@ -258,7 +259,7 @@ def _compute_influence(path: Path, top_k: int) -> InfluenceData:
     if result.self_influence is not None:
         data.self_influence = dict(zip(result.train_ids, result.self_influence.tolist()))
     data.notes.append(f"no influence.jsonl: scored here from the run's stores ({ac.preconditioner}, {ac.mode}, "
-                      f"damping {damping.value:g}{' relative' if damping.relative else ''}); "
+                      f"damping {describe_damping(damping)}); "
                       f"`logix influence {path}` writes it.")
     if not train_texts:
         data.notes.append("no job.yaml with data here (a run made with logix.init keeps no texts): examples "
