@@ -15,7 +15,6 @@ from torch import Tensor
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import PreconditionerType, ScoreMode
 from logix.store.chunks import CodedRows
-from logix.store.quant import decode_unscaled
 
 BLOCK_ELEMS = 2**20  # float64 work on rows runs in blocks of this many values (8 MB) ...
 PRE_BLOCK_ELEMS = 2**22  # ... or of this many (32 MB) through a preconditioner: fewer, larger ops
@@ -107,7 +106,27 @@ def score_block(pq: Tensor, rows: Tensor, scratch: Scratch | None = None, key: s
     return out
 
 
-CODED_BLOCK_BYTES = 4 * 2**20  # quantized rows are decoded this many float32 bytes at a time
+CODED_BLOCK_BYTES = 8 * 2**20  # quantized rows are decoded this many float32 bytes at a time
+
+
+def _coded_parts(pq: Tensor, coded: CodedRows):
+    """How ``score_coded`` reads the codes: per part (int8: the codes; int4: the low nibbles, the
+    even columns, then the high ones, the odd columns) the query columns and a decoder, and per
+    block its column range in each part and the code offset (int4 stores ``code + 8``)."""
+    dim = coded.layout.dim
+    if coded.bits == 8:
+        parts = [(pq, dim, lambda c, buf: buf.copy_(c))]
+        spans = [((b.columns,), None) for b in coded.layout.blocks]
+        return parts, spans
+    even, odd = (dim + 1) // 2, dim // 2
+    parts = [(pq[:, 0::2].contiguous(), even, lambda c, buf: buf.copy_(torch.bitwise_and(c[:, :even], 0x0F))),
+             (pq[:, 1::2].contiguous(), odd, lambda c, buf: buf.copy_(torch.bitwise_right_shift(c[:, :odd], 4)))]
+    spans = []
+    for b in coded.layout.blocks:
+        lo, hi = b.columns.start, b.columns.stop
+        spans.append(((slice((lo + 1) // 2, (hi + 1) // 2), slice(lo // 2, hi // 2)),
+                      8.0 * pq[:, lo:hi].sum(1, keepdim=True)))
+    return parts, spans
 
 
 def score_coded(pq: Tensor, coded: CodedRows, scratch: Scratch, key: str = "scores",
@@ -115,31 +134,44 @@ def score_coded(pq: Tensor, coded: CodedRows, scratch: Scratch, key: str = "scor
     """``pq @ rows.T`` (float32 ``pq``; in the scratch buffer ``key + ":gemm"``) of quantized rows
     without their float32 copy, and with ``sq_norms`` every row's squared norm (float64).
 
-    A few rows at a time (``CODED_BLOCK_BYTES``, a cache-sized reused buffer), the codes become
-    their integer values in float32 and each block's GEMM is scaled by the rows' block scales
-    after it: ``score[q, r] = sum_b s[r, b] (pq[q, b] . c[r, b])``. Against decoding every row
-    to float32 first, this saves a write and a read of the whole chunk and the scale pass."""
-    n, dim, n_q = len(coded), coded.layout.dim, pq.shape[0]
+    A few rows at a time (``CODED_BLOCK_BYTES``, cache-sized reused buffers) the stored codes become
+    float32 in contiguous passes (int4: the low and the high nibbles into two halves, matched by the
+    even and the odd query columns, so nothing is interleaved; the ``+ 8`` of the stored nibbles is
+    taken off each block's product as ``8 * sum(pq_block)``), and each block's GEMM is scaled by the
+    rows' block scales after it: ``score[q, r] = sum_b s[r, b] (pq[q, b] . c[r, b])``."""
+    n, n_q = len(coded), pq.shape[0]
     out = scratch.named(key + ":gemm", (n_q, n), torch.float32)
     norms = torch.zeros(n, dtype=torch.float64) if sq_norms else None
     codes, scales = torch.from_numpy(np.asarray(coded.codes)), torch.from_numpy(np.asarray(coded.scales))
-    step = max(16, CODED_BLOCK_BYTES // (4 * dim))
-    blocks = [block.columns for block in coded.layout.blocks]
+    parts, spans = _coded_parts(pq, coded)
+    step = max(16, CODED_BLOCK_BYTES // (4 * coded.layout.dim))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        rows = decode_unscaled(codes[lo:hi], coded.dtype_name, dim, scratch.named("coded:rows", (hi - lo, dim),
-                                                                                    torch.float32))
+        values = [decode(codes[lo:hi], scratch.named(f"coded:{i}", (hi - lo, width), torch.float32))
+                  for i, (_, width, decode) in enumerate(parts)]
         acc = scratch.named("coded:acc", (n_q, hi - lo), torch.float32)
         part = scratch.named("coded:part", (n_q, hi - lo), torch.float32)
-        for b, cols in enumerate(blocks):
+        for b, (cols, offset) in enumerate(spans):
+            target = acc if b == 0 else part
+            for i, c in enumerate(cols):
+                if i == 0:
+                    torch.mm(parts[i][0][:, c], values[i][:, c].T, out=target)
+                else:
+                    target.addmm_(parts[i][0][:, c], values[i][:, c].T)
+            if offset is not None:
+                target.sub_(offset)
             scale = scales[lo:hi, b]
-            torch.mm(pq[:, cols], rows[:, cols].T, out=acc if b == 0 else part)
             if b == 0:
                 acc.mul_(scale[None, :])
             else:
                 acc.addcmul_(part, scale[None, :])
-            if norms is not None:  # integer codes: their squares sum exactly in float32
-                norms[lo:hi] += rows[:, cols].square().sum(1).to(torch.float64) * scale.to(torch.float64) ** 2
+            if norms is not None:  # integer values: their sums are exact in float32
+                sq = sum(values[i][:, c].square().sum(1).to(torch.float64) for i, c in enumerate(cols))
+                if offset is not None:  # sum (u - 8)^2 = sum u^2 - 16 sum u + 64 count
+                    total = sum(values[i][:, c].sum(1).to(torch.float64) for i, c in enumerate(cols))
+                    count = sum(c.stop - c.start for c in cols)
+                    sq = sq - 16.0 * total + 64.0 * count
+                norms[lo:hi] += sq * scale.to(torch.float64) ** 2
         out[:, lo:hi] = acc
     return out, norms
 
