@@ -155,17 +155,6 @@ def read_codes(sources: tuple[Source, Source], lo: int, hi: int, layout: Layout,
         return fh["rows"][lo:hi], fh["scales"][lo:hi]
 
 
-def decode_unscaled(codes: torch.Tensor, dtype: str, dim: int, out: torch.Tensor) -> torch.Tensor:
-    """The integer code values of ``codes`` (int8, or packed int4) as float32 in ``out`` (n x dim):
-    the rows before their block scales."""
-    if QUANT_BITS[dtype] == 8:
-        return out.copy_(codes)
-    even, odd = (dim + 1) // 2, dim // 2
-    out[:, 0::2].copy_(torch.bitwise_and(codes[:, :even], 0x0F)).sub_(8)
-    out[:, 1::2].copy_(torch.bitwise_right_shift(codes[:, :odd], 4)).sub_(8)
-    return out
-
-
 def read_quantized(sources: tuple[Source, Source], lo: int, hi: int, layout: Layout, dtype: str,
                    columns: list[slice] | None, out: np.ndarray) -> np.ndarray:
     """Rows ``lo:hi`` of a quantized shard, dequantized into ``out``: its codes and scales read
