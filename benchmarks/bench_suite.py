@@ -21,6 +21,9 @@ summed query loss). Every method scores the same trained model:
   whose row fits ``raw_max_dim``), ``recipe-lm``: ``configs/lm_influence.yaml`` (whitened 52,
   int4 rows, identity preconditioner);
 * candidate projected settings (``--candidates``): what a default could be;
+* ``logix-ai`` (``--logix-ai SITE``): LogIX 0.1.1 with its defaults, in a subprocess
+  (``suite_logix_ai.py``); ``logix-ai-16`` / ``-raw`` / ``-nolora``: LoGra rank 16, its ``raw``
+  Hessian, no LoGra;
 * ``kron``: kronfluence 1.0.1 EK-FAC (true Fisher, its default) at its default damping (1e-8
   absolute) and its heuristic (``None``: 0.1 x mean eigenvalue, = logix's relative 0.1).
 
@@ -170,6 +173,10 @@ def run_task(name: str, args, tmp: Path) -> dict:
     best_full = max(r["lds"] for r in rows if r["full_dim"])
     for r in rows:
         r["ratio"] = r["lds"] / best_full
+    if args.logix_ai:  # LogIX 0.1.1 in a subprocess (its package is also named logix)
+        from suite_logix_ai import logix_ai_rows
+
+        rows += logix_ai_rows(task, model, tmp, args.logix_ai, [16], masks, outputs, best_full)
     return {"role": "tuning" if name in TUNING else "held-out", "n_train": n, "n_query": task.n_query,
             "n_subsets": args.subsets, "recipe": task.recipe, "noise_ceiling": ceiling, "ground_truth_s": gt_s,
             "best_full_dim": best_full, "rows": rows, "kron_parity": parity if not args.no_kron else None}
@@ -190,7 +197,7 @@ def summary(tasks: dict) -> dict:
     out = {}
     for key in keys:
         ratios = {name: r["ratio"] for name, t in tasks.items() for r in t["rows"]
-                  if (r["method"], r["preconditioner"], str(r["damping"])) == key}
+                  if (r["method"], r["preconditioner"], str(r["damping"])) == key and r["ratio"] is not None}
         if len(ratios) < len(tasks):
             continue
         tune = [v for n, v in ratios.items() if tasks[n]["role"] == "tuning"]
@@ -210,10 +217,10 @@ def print_table(tasks: dict) -> None:
                           ("none-ekfac", "ekfac", "default"),
                           ("none-ekfac-true", "ekfac", "default"), ("kron", "ekfac", "heuristic"),
                           ("kron", "ekfac", 1e-8), ("recipe-clf", "raw-joint", "default"),
-                          ("recipe-lm", "identity", "default")]:
+                          ("recipe-lm", "identity", "default"), ("logix-ai", "kfac", "default")]:
         def cell(t, label=label, pre=pre, d=d):
             r = pick(t["rows"], label, pre, d)
-            if r is None:
+            if r is None or r["lds"] is None:
                 return "-"
             b = "" if r["bytes_per_example"] is None else f" {r['bytes_per_example'] // 1024}K" \
                 if r["bytes_per_example"] >= 10240 else f" {r['bytes_per_example']}B"
@@ -236,6 +243,9 @@ MARKDOWN_ROWS = [  # (label in the docs, method, preconditioner, damping)
     ("random k32 int8 + KFAC, damping 0.01 (one pass, ≤ the default's bytes)", "random32-int8-kfac", "kfac", 1e-2),
     ("random k32 int8 + EK-FAC, damping 0.01", "random32-int8-ekfac", "ekfac", 1e-2),
     ("pca k32 int8 + EK-FAC, damping 0.01", "pca32-int8-ekfac", "ekfac", 1e-2),
+    ("LogIX 0.1.1 (logix-ai), its defaults (LoGra: random LoRA rank 64 per layer, KFAC, damping 0.1 x mean eigenvalue)",
+     "logix-ai", "kfac", "default"),
+    ("LogIX 0.1.1, LoGra rank 16, KFAC", "logix-ai-16", "kfac", "default"),
 ]
 
 
@@ -252,8 +262,8 @@ def markdown(report: dict) -> str:
         cells, ratios = [], []
         for t in tasks.values():
             r = pick(t["rows"], method, pre, d)
-            if r is None:
-                cells.append("-")
+            if r is None or r["lds"] is None:  # not run, or the method cannot run on the task (``error``)
+                cells.append("-" if r is None else "- (fails)")
                 continue
             ratios.append(r["ratio"])
             size = "no rows" if r["bytes_per_example"] is None else f"{r['bytes_per_example']:,} B"
@@ -269,6 +279,8 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=48, help="half-subset retrainings per seed")
     ap.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="candidate default settings")
     ap.add_argument("--no-kron", action="store_true", help="skip kronfluence")
+    ap.add_argument("--logix-ai", type=Path, metavar="SITE",
+                    help="also run LogIX 0.1.1 installed with pip --target SITE (suite_logix_ai.py)")
     ap.add_argument("--proj-seed", type=int, default=0, help="projection.seed of every projected setting")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_suite.json")
