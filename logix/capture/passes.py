@@ -196,6 +196,10 @@ def finish_pass(state: RunState) -> None:
             state.full_stats = reduce_statistics(state.dist, state.full_stats, None, state.accum_dtype)
         else:
             state.stats = reduce_statistics(state.dist, state.stats, state.base, state.accum_dtype)
+    if spec.ekfac_from_rows:  # every rank reads its own rows; the sums are all-reduced
+        _check_stats(state.stats, PassName.LOG)
+        ekfac_from_store(state.stats, Store(store_dir(state.dir, TRAIN_STORE)), state.names(), state.dist,
+                         state.accum_dtype)
     state.dist.on_main(lambda: _finish_files(state, spec))
     if not state.dist.is_main:  # read back what rank 0 derived (eigenbases, PCA projections)
         _read_finished(state, spec)
@@ -230,9 +234,6 @@ def _finish_files(state: RunState, spec: PassSpec) -> None:
         st = state.config.statistics
         if st.raw or st.raw_joint or st.kfac or st.ekfac:
             _check_stats(state.stats, PassName.LOG)
-        if spec.ekfac_from_rows:
-            eigendecompose(state.stats, state.names())
-            ekfac_from_store(state.stats, Store(store_dir(state.dir, TRAIN_STORE)), state.accum_dtype)
         state.stats.freeze()
         state.stats.save(_stats_file(state, PassName.LOG))
     state.info.mark_done(spec.name.value)
