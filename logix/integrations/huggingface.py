@@ -29,7 +29,6 @@ main process alone writes ``checkpoints.json``. See docs/distributed.md.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import time
@@ -39,14 +38,14 @@ from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from logix.capture.run import Run
 from logix.config import Config, IdPolicy, resolve_config
 from logix.core.distributed import Dist
 from logix.integrations.loop import extract
 from logix.integrations.losses import LossFn, summed_loss
-from logix.integrations.trackers import TrackerWriter, capture_summary
+from logix.integrations.trackers import TrackerWriter, calling_trainer, capture_summary
 from logix.store.format import write_json_atomic
 from logix.store.guard import check_project_name, open_directory
 from logix.store.rundir import CHECKPOINTS_FILE, checkpoints_file
@@ -264,19 +263,8 @@ def _calling_trainer_dataset() -> Dataset | None:
     the call stack (the Trainer method that fired the event). None when there is none, or when its
     dataset is not a map-style dataset of a known length (then the dataloader's is used).
     """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(16):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                data = owner.train_dataset
-                return data if isinstance(data, Sized) and not isinstance(data, IterableDataset) else None
-        return None
-    finally:
-        del frame
+    data = getattr(calling_trainer(), "train_dataset", None)
+    return data if isinstance(data, Sized) and not isinstance(data, IterableDataset) else None
 
 
 def _learning_rate(kwargs: dict[str, Any], state: TrainerState) -> float | None:

@@ -145,23 +145,31 @@ def tensorboard_dir(args: Any) -> Path:
     return base / SUBDIR
 
 
-def _trainer_tensorboard_dir() -> str | None:
-    """The ``logging_dir`` of the TensorBoard callback of the Trainer on the call stack, if any."""
+def calling_trainer(depth: int = 24):
+    """The ``transformers.Trainer`` whose method is on the call stack (the one firing a callback
+    event: callbacks are not handed their Trainer), or None."""
     from transformers import Trainer
-    from transformers.integrations import TensorBoardCallback
 
     frame = inspect.currentframe()
     try:
-        for _ in range(24):
+        for _ in range(depth):
             frame = frame.f_back if frame is not None else None
             if frame is None:
                 return None
             owner = frame.f_locals.get("self")
             if isinstance(owner, Trainer):
-                for callback in owner.callback_handler.callbacks:
-                    if isinstance(callback, TensorBoardCallback) and getattr(callback, "logging_dir", None):
-                        return str(callback.logging_dir)
-                return None
+                return owner
         return None
     finally:
         del frame
+
+
+def _trainer_tensorboard_dir() -> str | None:
+    """The ``logging_dir`` of the TensorBoard callback of the Trainer on the call stack, if any."""
+    from transformers.integrations import TensorBoardCallback
+
+    trainer = calling_trainer()
+    for callback in [] if trainer is None else trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and getattr(callback, "logging_dir", None):
+            return str(callback.logging_dir)
+    return None
