@@ -65,3 +65,16 @@ def test_score_through_the_index_and_refusals(logged):
     other = tiny_gpt2(seed=5, dtype=torch.float32)
     with pytest.raises(RunDirectoryError, match="another state of the model"):
         logix.score(run_dir, queries, model=other, collator=collate)
+
+
+def test_bad_inputs_to_score_name_the_problem(logged, tmp_path):
+    run_dir, run, model, queries = logged
+    from logix.analysis import load_checkpoint
+
+    with pytest.raises(logix.LogixError, match=r"Query rows of shape \(2, 3\).*this run's projection"):
+        load_checkpoint(run_dir, queries=torch.zeros(2, 3))
+    unfinished = logix.init("open", root=tmp_path, model=model)
+    with pytest.raises(logix.LogixError, match="not finalized"):
+        logix.score(unfinished, queries, collator=collate)
+    with pytest.raises(logix.LogixError, match=r"3 ids for 6 examples"):
+        logix.score(run, queries, ids=["a", "b", "c"], collator=collate)

@@ -58,3 +58,16 @@ def test_query_text_equals_score_with_the_projects_model(tmp_path, capsys, comma
     save_model(model, str(tmp_path / "other.safetensors"))
     assert main(["query", str(project), "--text", TEXTS[0], "--model", str(tmp_path / "other.safetensors")]) == 1
     assert "another state of the model" in capsys.readouterr().err
+
+
+def test_query_text_and_damping_errors_are_one_line(tmp_path, capsys):
+    run = logix.init("bare", root=tmp_path, config={"store": {"dtype": "float32"}})
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    run.watch(model)
+    with run(data_id=[0, 1]):
+        model(torch.randn(2, 3)).sum().backward()
+    run.finalize()
+    assert main(["query", str(tmp_path / "bare"), "--text", "hello"]) == 1  # a logix.init run: no job.yaml
+    assert "no job.yaml" in capsys.readouterr().err
+    assert main(["influence", str(tmp_path / "bare"), "--absolute-damping"]) == 1
+    assert "--absolute-damping needs a value" in capsys.readouterr().err
