@@ -5,8 +5,10 @@ Two stores, each written through the normal store (``ShardWriter``, checksummed 
 * ``synthetic``: ``--rows`` (default 1,000,000) rows of ``--dim`` (256) float32 values, gradient-like:
   each row is one of 1,024 directions (norms spread over two decades, as per-example gradient norms
   are) plus isotropic noise;
-* ``captured``: ``--captured`` (default 200,000) rows logged by ``logix`` from a small MLP
-  classifier (LoGra k=16 on its two layers, ``store.shard_rows`` 8,192), seeded random data.
+* ``captured``: ``--captured`` (default 1,000,000) rows logged by ``logix`` from a small MLP
+  classifier (LoGra k=16 on its two layers, ``store.shard_rows`` 8,192): fitted to seeded
+  ``make_classification`` data (``cap-class``), and untrained on random data (``cap-rando``, rows
+  without structure: the worst case of an inverted file).
 
 For each store: the exact scan (``compute_influence``, identity preconditioner, top-100), then
 ``logix index`` kinds with their defaults (and the ``nprobe`` / ``rerank`` given), each searched with
@@ -85,20 +87,36 @@ def synthetic_store(run_dir: Path, n: int, dim: int, seed: int = 0) -> Store:
     return Store(store_dir(run_dir))
 
 
-def captured_store(root: Path, n: int, seed: int = 0) -> Store:
-    """Rows logged by logix from a seeded MLP classifier on random data (LoGra k=16)."""
+def captured_store(root: Path, n: int, data: str = "classification", seed: int = 0) -> Store:
+    """Rows logged by logix (LoGra k=16, float32) from a seeded MLP classifier: ``classification``:
+    fitted for 3 epochs to ``sklearn.datasets.make_classification`` data (10 classes, 2 clusters
+    each), its gradients then logged over all ``n`` examples; ``random``: untrained, on random
+    inputs and labels (rows without structure, the worst case of an inverted file)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+    if data == "classification":
+        from sklearn.datasets import make_classification
+
+        xs, ys = make_classification(n_samples=n, n_features=64, n_informative=24, n_classes=10,
+                                     n_clusters_per_class=2, class_sep=1.5, flip_y=0.02, random_state=seed)
+        xs, ys = torch.tensor(xs, dtype=torch.float32), torch.tensor(ys)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(3):
+            for batch in torch.randperm(n, generator=torch.Generator().manual_seed(seed)).split(256):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(xs[batch]), ys[batch]).backward()
+                opt.step()
+    else:
+        gen = torch.Generator().manual_seed(seed + 1)
+        xs, ys = torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)
     run = logix.init("captured", config={"projection": {"type": "random", "rank_in": 16, "rank_out": 16},
-                                         "statistics": {"kfac": False}, "store": {"shard_rows": 8192}},
+                                         "statistics": {"kfac": False},
+                                         "store": {"shard_rows": 8192, "dtype": "float32"}},
                      root=root, overwrite=True)
     run.watch(model)
-    gen = torch.Generator().manual_seed(seed + 1)
     for lo in range(0, n, 1024):
-        m = min(1024, n - lo)
-        x, y = torch.randn(m, 64, generator=gen), torch.randint(0, 10, (m,), generator=gen)
-        with run(data_id=list(range(lo, lo + m))):
-            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        with run(data_id=list(range(lo, min(n, lo + 1024)))):
+            nn.functional.cross_entropy(model(xs[lo : lo + 1024]), ys[lo : lo + 1024], reduction="sum").backward()
     return run.finalize()
 
 
@@ -132,22 +150,24 @@ def bench_store(name: str, run_dir: Path, store: Store, queries: torch.Tensor, s
             index = Index.build(run_dir, kind=s["kind"], mode="dot", preconditioner="identity", progress=False,
                                 **s.get("build", {}))
             build_s = time.perf_counter() - start
-        index.search(queries[:10], 10, "identity", **s.get("search", {}))  # warm-up (maps the file)
-        start = time.perf_counter()
-        hits = index.search(queries, 100, "identity", **s.get("search", {}))
-        search_s = time.perf_counter() - start
-        start = time.perf_counter()
-        hits10 = index.search(queries, 10, "identity", **s.get("search", {}))
-        search10_s = time.perf_counter() - start
-        out.append({"store": name, "kind": s["label"], "rows": store.n_rows, "dim": store.dim, "build_s": build_s,
-                    "params": index.meta["params"], "search": s.get("search", {}),
-                    "search_s": search10_s, "queries_per_s": len(queries) / search10_s,
-                    "search_top100_s": search_s, "speedup_vs_exact": exact_s / search10_s,
-                    "recall@10": recall(hits10.index.numpy(), exact, 10),
-                    "recall@100": recall(hits.index.numpy(), exact, 100),
-                    "bytes_per_row": index.nbytes / store.n_rows, "share_of_rows": index.nbytes / rows_bytes,
-                    "build_peak_mb_above_base": mem.above_base_mb, "index_mb": index.nbytes / 2**20})
-        print(_row(out[-1]), flush=True)
+        for search in s["searches"]:  # one build, searched with each setting
+            index.search(queries[:10], 10, "identity", **search)  # warm-up (maps the file)
+            start = time.perf_counter()
+            hits = index.search(queries, 100, "identity", **search)
+            search_s = time.perf_counter() - start
+            start = time.perf_counter()
+            hits10 = index.search(queries, 10, "identity", **search)
+            search10_s = time.perf_counter() - start
+            label = " ".join([s["kind"]] + [f"{k.replace('rerank', 'rr')}{v}" for k, v in search.items()])
+            out.append({"store": name, "kind": label, "rows": store.n_rows, "dim": store.dim, "build_s": build_s,
+                        "train_s": index.meta.get("train_s", 0.0), "params": index.meta["params"], "search": search,
+                        "search_s": search10_s, "queries_per_s": len(queries) / search10_s,
+                        "search_top100_s": search_s, "speedup_vs_exact": exact_s / search10_s,
+                        "recall@10": recall(hits10.index.numpy(), exact, 10),
+                        "recall@100": recall(hits.index.numpy(), exact, 100),
+                        "bytes_per_row": index.nbytes / store.n_rows, "share_of_rows": index.nbytes / rows_bytes,
+                        "build_peak_mb_above_base": mem.above_base_mb, "index_mb": index.nbytes / 2**20})
+            print(_row(out[-1]), flush=True)
     print(_row(out[0]), flush=True)
     return out
 
@@ -159,45 +179,50 @@ def _row(r: dict) -> str:
 
 
 def extrapolate(results: list[dict], target: int = 100_000_000) -> list[dict]:
-    """Memory, disk and build time at ``target`` rows from the measured per-row figures (build time
-    scales linearly: one add pass plus a fixed-size training set)."""
+    """Memory, disk and build time at ``target`` rows from the measured per-row figures (build time:
+    the fixed-size training set's, plus the add passes scaled linearly)."""
     out = []
     for r in results:
         if r["kind"] == "exact scan":
             continue
         scale = target / r["rows"]
         out.append({"store": r["store"], "kind": r["kind"], "rows": target, "index_gb": r["bytes_per_row"] * target / 1e9,
-                    "rows_gb": r["dim"] * 4 * target / 1e9, "build_h": r["build_s"] * scale / 3600})
+                    "rows_gb": r["dim"] * 4 * target / 1e9,
+                    "build_h": (r["train_s"] + (r["build_s"] - r["train_s"]) * scale) / 3600})
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows (0: none)")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--captured", type=int, default=200_000)
+    parser.add_argument("--captured", type=int, default=1_000_000, help="captured rows per --captured-data")
+    parser.add_argument("--captured-data", nargs="+", default=["classification", "random"],
+                        choices=["classification", "random"], help="the captured stores' data (see captured_store)")
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--hnsw", action="store_true", help="also hnsw (slow to build on 2 cores at 1M rows)")
+    parser.add_argument("--hnsw", action="store_true", help="also hnsw over float32 rows (more memory than the rows)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_index.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     settings = [
-        {"label": "ivfsq8 nprobe16 rr10", "kind": "ivfsq8", "search": {"nprobe": 16, "rerank": 10}},
-        {"label": "ivfpq nprobe16 rr50", "kind": "ivfpq", "search": {"nprobe": 16, "rerank": 50}},
-        {"label": "ivfpq nprobe16 rr100", "kind": "ivfpq", "search": {"nprobe": 16, "rerank": 100}},
+        {"kind": "ivfsq8", "searches": [{"nprobe": 16, "rerank": 10}]},
+        {"kind": "ivfpq", "searches": [{"nprobe": 16, "rerank": 5}, {"nprobe": 16, "rerank": 10},
+                                       {"nprobe": 64, "rerank": 10}]},
+        {"kind": "hnswsq4", "searches": [{"rerank": 10}, {"rerank": 20}]},
     ]
     if args.hnsw:
-        settings.append({"label": "hnsw rr10", "kind": "hnsw", "search": {"rerank": 10}})
+        settings.append({"kind": "hnsw", "searches": [{"rerank": 10}]})
     print(f"{'store':<10}{'kind':<22}{'rows':>10}{'build s':>9}{'B/row':>9}{'share':>8}{'q/s':>10}{'x exact':>8}"
           f"{'R@10':>8}{'R@100':>9}{'peak MB':>9}")
     results = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        run_dir = Path(tmp) / "synthetic"
-        store = synthetic_store(run_dir, args.rows, args.dim)
-        results += bench_store("synthetic", run_dir, store, queries_like(store, args.queries), settings)
-        if args.captured:
-            store = captured_store(Path(tmp), args.captured)
-            results += bench_store("captured", store.directory.parents[1], store,
+        if args.rows:
+            run_dir = Path(tmp) / "synthetic"
+            store = synthetic_store(run_dir, args.rows, args.dim)
+            results += bench_store("synthetic", run_dir, store, queries_like(store, args.queries), settings)
+        for data in args.captured_data if args.captured else []:
+            store = captured_store(Path(tmp) / data, args.captured, data)
+            results += bench_store(f"cap-{data[:5]}", store.directory.parents[1], store,
                                    queries_like(store, min(args.queries, store.n_rows // 10)), settings)
     table = extrapolate(results)
     print("\nextrapolated to 100M rows:")

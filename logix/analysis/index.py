@@ -14,12 +14,13 @@ cosine     ``g / ||g||_H``                 ``H^-1 q / ||q||_H``
 
 so a ``dot`` or ``unit`` index serves every preconditioner and damping (they only change the
 query), while a ``relative`` / ``cosine`` index is built for one (its rows' ``H``-norms). The
-approximate kinds search by Euclidean distance after the usual reduction of maximum inner
-product to nearest neighbours: each vector ``x`` gains a coordinate ``sqrt(M^2 - |x|^2)`` (``M``
-the largest norm, from a first pass) and each query a 0, so that the nearest vectors are those
-of largest inner product (an IVF quantizer on raw inner products misses large-norm rows: recall
-0.39 against 0.98 on the clustered store of the tests). The
-index proposes ``rerank x k`` candidates per query; they are scored exactly against the
+inverted files (``ivf*``) assign rows to lists and probe lists by Euclidean distance after the
+usual reduction of maximum inner product to nearest neighbours: each vector ``x`` gains a
+coordinate ``sqrt(M^2 - |x|^2)`` (``M`` the largest norm, from a first pass) and each query a 0
+(lists of raw inner products miss large-norm rows: recall 0.39 against 0.98 on the clustered
+store of the tests); within the lists the codes are scored by inner product with ``[q, 0]``, the
+score itself, so the norm coordinate's quantization error never enters it. The graphs
+(``hnsw*``) walk by inner product over the rows as they are. The index proposes ``rerank x k`` candidates per query; they are scored exactly against the
 store's rows and the best ``k`` returned, so **every returned score is exact** and only which
 rows are returned is approximate (measured as recall against the exact scan in
 ``benchmarks/bench_index.py``). ``flat`` is the exact scan itself.
@@ -47,7 +48,16 @@ import xxhash
 from torch import Tensor
 
 from logix.analysis.checkpoints import rows_projected
-from logix.analysis.kernels import self_influence_rows
+from logix.analysis.faiss_index import (
+    GRAPHS,
+    INVERTED,
+    augment,
+    augmented_dim,
+    default_params,
+    empty_index,
+    load_faiss,
+)
+from logix.analysis.kernels import TopK, self_influence_rows
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
 from logix.config.damping import Damping, default_damping
@@ -59,6 +69,7 @@ from logix.store.format import fsync_file, write_json_atomic
 from logix.store.integrity import file_digest, size_problem
 from logix.store.reader import Store
 from logix.store.rundir import (
+    QUERY_STORE,
     TRAIN_STORE,
     index_dir,
     index_file,
@@ -69,14 +80,6 @@ from logix.store.rundir import (
 )
 
 NORMED = (ScoreMode.RELATIVE, ScoreMode.COSINE)
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as exc:
-        raise LogixError("The index needs faiss: pip install faiss-cpu (or faiss-gpu where CUDA is).") from exc
-    return faiss
 
 
 def store_fingerprint(store: Store) -> str:
@@ -91,21 +94,6 @@ def preconditioner_of(run_dir: Path, store: Store, kind: PreconditionerType, dam
     if stats is None and kind not in (PreconditionerType.IDENTITY, PreconditionerType.AUTO):
         raise StoreError(f"{run_dir} has no finalized statistics ({stats_path}) for the {kind.value} preconditioner.")
     return Preconditioner(kind, stats, store.layout, damping, projected=rows_projected(run_dir))
-
-
-def augmented_dim(kind: IndexKind, dim: int) -> int:
-    """The indexed width: ``dim`` (flat), else ``dim + 1`` (the norm coordinate) rounded up to 8."""
-    return dim if kind is IndexKind.FLAT else -(-(dim + 1) // 8) * 8
-
-
-def default_params(kind: IndexKind, n: int, dim: int) -> dict[str, int]:
-    """nlist about 4 sqrt(n) (a power of two, 16 to 65,536); PQ with the largest divisor of dim up to
-    dim/4 parts of ``nbits`` = 8 bits (fewer for stores under 256 rows)."""
-    nlist = int(min(65536, max(16, 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1))))))
-    nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
-    m = max(d for d in range(1, max(dim // 4, 1) + 1) if dim % d == 0)
-    nbits = max(1, min(8, int(math.log2(max(n, 2)))))  # 2**nbits centroids per part need as many rows
-    return {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": 32}
 
 
 def index_status(run_dir: str | Path) -> tuple[ScoreMode, bool] | None:
@@ -164,7 +152,7 @@ class Index:
 
     # ---- build ----------------------------------------------------------------------------------
     @classmethod
-    def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFSQ8, mode: ScoreMode | str = ScoreMode.DOT,
+    def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFPQ, mode: ScoreMode | str = ScoreMode.DOT,
               preconditioner: PreconditionerType | str = PreconditionerType.AUTO, damping: Damping | None = None,
               nlist: int | None = None, m: int | None = None, nbits: int | None = None, hnsw_m: int | None = None,
               train_rows: int | None = None, chunk_rows: int = 8192, seed: int = 0, progress: bool = True) -> Index:
@@ -174,7 +162,7 @@ class Index:
         norms); ``nlist`` / ``m`` / ``nbits`` (``ivf*``) and ``hnsw_m`` default to
         :func:`default_params`; ``train_rows`` (``ivf*``): the sampled training set, default
         ``max(40 nlist, 10,000 if PQ)`` rows. Memory: the training sample, one chunk, the index."""
-        faiss = _faiss()
+        faiss = load_faiss()
         run_dir = Path(run_dir)
         kind, mode = IndexKind.parse(kind, "kind"), ScoreMode.parse(mode, "mode")
         pre_kind = PreconditionerType.parse(preconditioner, "preconditioner")
@@ -198,28 +186,33 @@ class Index:
         pre_kind = pre.kind if pre is not None else pre_kind  # auto: the kind the run's statistics allow
         damping = damping if damping is not None else default_damping(pre_kind, rows_projected(run_dir))
         started = time.perf_counter()
-        index = _empty_index(faiss, kind, width, params)
+        train_s = 0.0
+        index = empty_index(faiss, kind, width, params)
         norms: list[Tensor] = []
-        passes = 1 if kind is IndexKind.FLAT else 2
+        passes = 2 if kind in INVERTED else 1
         bar = progress_bar(total=passes * n, desc=f"logix index ({kind.value})", unit="row", enabled=progress)
         top = 0.0
-        if kind is not IndexKind.FLAT:  # pass 1: the largest vector norm (and the rows' H-norms)
+        if passes == 2:  # pass 1: the largest vector norm (and the rows' H-norms)
             for chunk in store.iter_chunks(chunk_rows):
                 top = max(top, float(_vectors(chunk.rows, mode, pre, norms).norm(dim=1).max()))
                 bar.update(chunk.rows.shape[0])
         if not index.is_trained:
-            wanted = train_rows or max(40 * params["nlist"], 10_000 if kind is IndexKind.IVFPQ else 0)
+            wanted = train_rows or (20_000 if kind in GRAPHS else
+                                    max(40 * params["nlist"], 10_000 if kind is IndexKind.IVFPQ else 0))
             pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, wanted), replace=False))
-            index.train(_augment(_vectors(store.take(pick), mode, pre), width, top))
+            train_start = time.perf_counter()
+            index.train(augment(_vectors(store.take(pick), mode, pre), width, top))
+            train_s = time.perf_counter() - train_start
         for chunk in store.iter_chunks(chunk_rows):
-            index.add(_augment(_vectors(chunk.rows, mode, pre, norms if passes == 1 else None), width, top))
+            index.add(augment(_vectors(chunk.rows, mode, pre, norms if passes == 1 else None), width, top))
             bar.update(chunk.rows.shape[0])
         bar.close()
         meta = {"kind": kind.value, "mode": mode.value, "params": params, "rows": n, "dim": dim, "width": width,
                 "max_norm": top,
                 "preconditioner": pre_kind.value if mode in NORMED else None,
                 "damping": {"value": damping.value, "relative": damping.relative} if mode in NORMED else None,
-                "store": store_fingerprint(store), "build_s": round(time.perf_counter() - started, 3)}
+                "store": store_fingerprint(store), "build_s": round(time.perf_counter() - started, 3),
+                "train_s": round(train_s, 3)}
         norm_tensor = torch.cat(norms) if norms else None
         _save(run_dir, faiss, index, meta, norm_tensor)
         return cls.load(run_dir)
@@ -229,7 +222,7 @@ class Index:
     def load(cls, run_dir: str | Path) -> Index:
         """Read ``<run>/index/`` memory-mapped, after checking the file against its hash and the
         store against the fingerprint taken at build (a :class:`StoreError` otherwise)."""
-        faiss = _faiss()
+        faiss = load_faiss()
         run_dir = Path(run_dir)
         meta_path = index_meta_file(run_dir)
         if not meta_path.exists():
@@ -307,6 +300,32 @@ class Index:
         ids = self.store.ids
         return IndexHits(index, scores, [[ids[j] if j >= 0 else None for j in row] for row in index.tolist()])
 
+    def recall(self, queries: Tensor | None = None, k: int = 10, sample: int = 100, preconditioner=None,
+               damping: Damping | None = None, nprobe: int | None = None, rerank: int = 10, seed: int = 0) -> float:
+        """Recall@``k`` of :meth:`search` against the exact scan (one pass over the store) for
+        ``queries``, by default ``sample`` rows drawn from the run's logged queries (else from its
+        train rows): whether this kind suits these rows (inverted files need rows that cluster,
+        graphs rows that do not; both are measured in ``benchmarks/bench_index.py``)."""
+        if queries is None:
+            source = self.store
+            query_dir = store_dir(self.run_dir, QUERY_STORE)
+            if (query_dir / "manifest.json").exists() and Store(query_dir).n_rows:
+                source = Store(query_dir)
+            pick = np.random.default_rng(seed).choice(source.n_rows, size=min(sample, source.n_rows), replace=False)
+            queries = source.take(np.sort(pick))
+        hits = self.search(queries, k, preconditioner, damping, nprobe=nprobe, rerank=rerank)
+        pq = self._queries(queries, self.preconditioner(preconditioner, damping)).to(torch.float32)
+        best = TopK(pq.shape[0], min(k, len(self)), largest=True)
+        for chunk in self.store.iter_chunks():
+            exact = (chunk.rows.to(torch.float32) @ pq.T).T.to(torch.float64)
+            if self.mode is ScoreMode.UNIT:
+                exact /= chunk.rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)[None, :]
+            elif self.mode in NORMED:
+                exact /= self.norms[chunk.start : chunk.start + exact.shape[1]].clamp_min(1e-300)[None, :]
+            best.update(exact, chunk.start)
+        found = [set(row) for row in hits.index.tolist()]
+        return float(np.mean([len(f & set(e)) / len(e) for f, e in zip(found, best.index.tolist())]))
+
     def _queries(self, queries: Tensor, pre: Preconditioner) -> Tensor:
         q = queries.to(torch.float64)
         if self.mode is ScoreMode.UNIT:
@@ -317,11 +336,11 @@ class Index:
         return pq
 
     def _set_search_params(self, nprobe: int | None, wanted: int) -> None:
-        faiss = _faiss()
-        if self.kind in (IndexKind.IVFFLAT, IndexKind.IVFSQ8, IndexKind.IVFPQ):
+        faiss = load_faiss()
+        if self.kind in INVERTED:
             ivf = faiss.extract_index_ivf(self.faiss_index)
             ivf.nprobe = min(ivf.nlist, nprobe or max(1, ivf.nlist // 64))
-        elif self.kind is IndexKind.HNSW:
+        elif self.kind in GRAPHS:
             self.faiss_index.hnsw.efSearch = max(wanted, 64)
 
     def _rerank(self, pq: Tensor, found: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -339,31 +358,6 @@ class Index:
         top, pos = exact.topk(k, dim=1)
         index = found.gather(1, pos).masked_fill(torch.isinf(top), -1)
         return top.masked_fill(torch.isinf(top), math.nan), index
-
-def _empty_index(faiss, kind: IndexKind, width: int, params: dict[str, int]):
-    """Flat: exact inner products; the others: Euclidean distance over augmented vectors."""
-    if kind is IndexKind.FLAT:
-        return faiss.IndexFlatIP(width)
-    if kind is IndexKind.HNSW:
-        return faiss.IndexHNSWFlat(width, params["hnsw_m"])
-    quantizer = faiss.IndexFlatL2(width)  # faiss's Python wrapper keeps it alive with the index
-    if kind is IndexKind.IVFFLAT:
-        return faiss.IndexIVFFlat(quantizer, width, params["nlist"])
-    if kind is IndexKind.IVFSQ8:
-        return faiss.IndexIVFScalarQuantizer(quantizer, width, params["nlist"], faiss.ScalarQuantizer.QT_8bit)
-    return faiss.IndexIVFPQ(quantizer, width, params["nlist"], params["m"], params["nbits"])
-
-
-def _augment(vectors: Tensor, width: int, top: float) -> np.ndarray:
-    """``[x, sqrt(top^2 - |x|^2), 0...]`` (``width`` columns; ``x`` itself when width is its own)."""
-    x = vectors.numpy().astype(np.float32, copy=False)
-    if width == x.shape[1]:
-        return np.ascontiguousarray(x)
-    out = np.zeros((x.shape[0], width), np.float32)
-    out[:, : x.shape[1]] = x
-    out[:, x.shape[1]] = np.sqrt(np.maximum(np.float64(top) ** 2 - (x.astype(np.float64) ** 2).sum(1), 0.0))
-    return out
-
 
 def _vectors(rows: Tensor, mode: ScoreMode, pre: Preconditioner | None, norms: list | None = None) -> Tensor:
     """The indexed vectors of train ``rows`` (float32), collecting their H-norms in ``norms``."""

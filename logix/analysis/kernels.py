@@ -106,7 +106,7 @@ def score_block(pq: Tensor, rows: Tensor, scratch: Scratch | None = None, key: s
     return out
 
 
-CODED_BLOCK_BYTES = 8 * 2**20  # quantized rows are decoded this many float32 bytes at a time
+CODED_BLOCK_BYTES = 32 * 2**20  # quantized rows are decoded this many float32 bytes at a time (L3-sized)
 
 
 def _coded_parts(pq: Tensor, coded: CodedRows):
@@ -115,17 +115,22 @@ def _coded_parts(pq: Tensor, coded: CodedRows):
     block its column range in each part and the code offset (int4 stores ``code + 8``)."""
     dim = coded.layout.dim
     if coded.bits == 8:
-        parts = [(pq, dim, lambda c, buf: buf.copy_(c))]
+        parts = [(pq.T.contiguous(), dim, lambda c, buf, nibbles: buf.copy_(c))]
         spans = [((b.columns,), None) for b in coded.layout.blocks]
         return parts, spans
     even, odd = (dim + 1) // 2, dim // 2
-    parts = [(pq[:, 0::2].contiguous(), even, lambda c, buf: buf.copy_(torch.bitwise_and(c[:, :even], 0x0F))),
-             (pq[:, 1::2].contiguous(), odd, lambda c, buf: buf.copy_(torch.bitwise_right_shift(c[:, :odd], 4)))]
+    def low(c: Tensor, buf: Tensor, nibbles: Tensor) -> Tensor:
+        return buf.copy_(torch.bitwise_and(c[:, :even], 0x0F, out=nibbles[:, :even]))
+
+    def high(c: Tensor, buf: Tensor, nibbles: Tensor) -> Tensor:
+        return buf.copy_(torch.bitwise_right_shift(c[:, :odd], 4, out=nibbles[:, :odd]))
+
+    parts = [(pq[:, 0::2].T.contiguous(), even, low), (pq[:, 1::2].T.contiguous(), odd, high)]
     spans = []
     for b in coded.layout.blocks:
         lo, hi = b.columns.start, b.columns.stop
         spans.append(((slice((lo + 1) // 2, (hi + 1) // 2), slice(lo // 2, hi // 2)),
-                      8.0 * pq[:, lo:hi].sum(1, keepdim=True)))
+                      8.0 * pq[:, lo:hi].sum(1)[None, :]))
     return parts, spans
 
 
@@ -147,24 +152,25 @@ def score_coded(pq: Tensor, coded: CodedRows, scratch: Scratch, key: str = "scor
     step = max(16, CODED_BLOCK_BYTES // (4 * coded.layout.dim))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        values = [decode(codes[lo:hi], scratch.named(f"coded:{i}", (hi - lo, width), torch.float32))
+        nibbles = scratch.named("coded:nibbles", (hi - lo, codes.shape[1]), torch.uint8)
+        values = [decode(codes[lo:hi], scratch.named(f"coded:{i}", (hi - lo, width), torch.float32), nibbles)
                   for i, (_, width, decode) in enumerate(parts)]
-        acc = scratch.named("coded:acc", (n_q, hi - lo), torch.float32)
-        part = scratch.named("coded:part", (n_q, hi - lo), torch.float32)
+        acc = scratch.named("coded:acc", (hi - lo, n_q), torch.float32)
+        part = scratch.named("coded:part", (hi - lo, n_q), torch.float32)
         for b, (cols, offset) in enumerate(spans):
             target = acc if b == 0 else part
-            for i, c in enumerate(cols):
+            for i, c in enumerate(cols):  # rows x query columns: the freshly decoded block is the GEMM's A
                 if i == 0:
-                    torch.mm(parts[i][0][:, c], values[i][:, c].T, out=target)
+                    torch.mm(values[i][:, c], parts[i][0][c], out=target)
                 else:
-                    target.addmm_(parts[i][0][:, c], values[i][:, c].T)
+                    target.addmm_(values[i][:, c], parts[i][0][c])
             if offset is not None:
                 target.sub_(offset)
             scale = scales[lo:hi, b]
             if b == 0:
-                acc.mul_(scale[None, :])
+                acc.mul_(scale[:, None])
             else:
-                acc.addcmul_(part, scale[None, :])
+                acc.addcmul_(part, scale[:, None])
             if norms is not None:  # integer values: their sums are exact in float32
                 sq = sum(values[i][:, c].square().sum(1).to(torch.float64) for i, c in enumerate(cols))
                 if offset is not None:  # sum (u - 8)^2 = sum u^2 - 16 sum u + 64 count
@@ -172,7 +178,7 @@ def score_coded(pq: Tensor, coded: CodedRows, scratch: Scratch, key: str = "scor
                     count = sum(c.stop - c.start for c in cols)
                     sq = sq - 16.0 * total + 64.0 * count
                 norms[lo:hi] += sq * scale.to(torch.float64) ** 2
-        out[:, lo:hi] = acc
+        out[:, lo:hi] = acc.T
     return out, norms
 
 

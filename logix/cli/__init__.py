@@ -8,7 +8,7 @@
     logix contribute CONFIG [key.sub=value ...] score instruction data, fit a selector, select a subset
     logix select --scores F --pool F --by NAME  select the top of a score table and export the subset
     logix report DIR                            a self-contained HTML report of a project or run
-    logix index DIR [--kind ivfsq8 ...]         build an approximate top-k index of DIR's train rows
+    logix index DIR [--kind ivfpq ...]          build an approximate top-k index of DIR's train rows
     logix query DIR [--queries RUN] --top-k K   top-k train rows of logged queries, by the index (JSON lines)
 
 Every command exits 0 on success, and on a user error prints one line ``logix: error: ...``

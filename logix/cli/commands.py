@@ -233,6 +233,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     from logix.analysis import Index, index_run_dir
     from logix.config import Damping
+    from logix.config.choices import IndexKind
 
     run_dir = index_run_dir(args.run_dir)
     index = Index.build(run_dir, kind=args.kind, mode=args.mode, preconditioner=args.preconditioner,
@@ -242,6 +243,15 @@ def cmd_index(args: argparse.Namespace) -> None:
     print(f"indexed {len(index)} rows of {run_dir} ({args.kind}, mode {args.mode}, {index.meta['params']}) in "
           f"{index.meta['build_s']:.1f} s: {index.nbytes / max(len(index), 1):.1f} bytes per row "
           f"({index.nbytes / max(rows_bytes, 1):.3f} of the stored rows)")
+    if args.check and index.kind is not IndexKind.FLAT:
+        got = index.recall(sample=args.check)
+        print(f"recall@10 against the exact scan on {min(args.check, len(index))} sampled query rows "
+              f"(default nprobe, rerank 10): {got:.3f}")
+        if got < 0.9:
+            other = "hnsw" if index.kind.value.startswith("ivf") else "ivfpq"
+            print(f"warning: recall {got:.3f} is low for these rows: try --kind {other} (inverted files suit rows "
+                  "that cluster, graphs rows that do not), or search with a larger --nprobe / --rerank",
+                  file=sys.stderr)
 
 
 def cmd_query(args: argparse.Namespace) -> None:

@@ -42,6 +42,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
 def nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -188,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "`logix influence --use-index` find each query's top proponents without scanning every row "
                        "(candidates are re-scored exactly from the store). Saved in DIR's run/index/.")
     p.add_argument("run_dir", type=Path, help="run, or project with one logged checkpoint")
-    p.add_argument("--kind", choices=["flat", "ivfflat", "ivfsq8", "ivfpq", "hnsw"], default="ivfsq8",
+    p.add_argument("--kind", choices=["flat", "ivfflat", "ivfsq8", "ivfpq", "hnsw", "hnswsq4"], default="ivfpq",
                    help="flat: exact; ivfflat / ivfsq8 / ivfpq: inverted lists of float32 rows / 8-bit rows / PQ "
-                   "codes; hnsw: a graph (default: ivfsq8, 1/4 of the rows' bytes, the best recall measured)")
+                   "codes (default: ivfpq, about 1/13 of the float32 rows' bytes); hnsw / hnswsq4: a graph over "
+                   "float32 / 4-bit rows (the best recall on rows without cluster structure)")
     p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot",
                    help="the scores whose top-k the index serves (dot and unit serve every preconditioner)")
     p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"], default="auto",
@@ -199,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nlist", type=positive_int, help="inverted lists (default: about 4 sqrt(rows))")
     p.add_argument("--m", type=positive_int, help="ivfpq: parts per row, one code each (default: dim / 4)")
     p.add_argument("--nbits", type=positive_int, help="ivfpq: bits per code (default: 8)")
-    p.add_argument("--hnsw-m", type=positive_int, help="hnsw: links per node (default: 32)")
+    p.add_argument("--hnsw-m", type=positive_int, help="hnsw*: links per node (default: 16)")
     p.add_argument("--train-rows", type=positive_int, help="ivf*: rows sampled to train on (default: 40 nlist)")
+    p.add_argument("--check", type=nonnegative_int, default=100, metavar="N",
+                   help="after the build, measure recall@10 against the exact scan on N sampled query rows and warn "
+                   "when it is below 0.9 (0: skip; costs one scan of the store)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser(Command.QUERY.value, help="top-k train rows of logged queries or new texts (JSON lines)",
                        formatter_class=_Formatter, description="For each query row logged in QUERIES (a run "

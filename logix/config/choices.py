@@ -173,7 +173,8 @@ class IndexKind(ChoiceEnum):
     IVFFLAT = "ivfflat"  # inverted lists of float32 vectors: scans nprobe of nlist lists
     IVFSQ8 = "ivfsq8"  # inverted lists of 8-bit scalar-quantized vectors (1 B per value)
     IVFPQ = "ivfpq"  # inverted lists of product-quantized codes (m bytes per row at 8 bits)
-    HNSW = "hnsw"  # a graph over float32 vectors
+    HNSW = "hnsw"  # a graph over float32 vectors, searched by inner product
+    HNSWSQ4 = "hnswsq4"  # the same graph over 4-bit scalar-quantized vectors (half a byte per value)
 
 
 class ScoreMode(ChoiceEnum):

@@ -93,19 +93,22 @@ def _clustered_store(directory: Path, n: int, dim: int, seed: int = 0) -> Store:
     return Store(directory)
 
 
-@pytest.mark.parametrize("kind, share", [("ivfpq", 1 / 8), ("ivfsq8", 0.35)])
-def test_recall_on_a_store_the_index_does_not_scan(tmp_path, kind, share):
-    """20,000 rows, 1/64 of the lists probed, codes at 1/8 (PQ) or 1/4 (SQ8) of the rows' bytes."""
+@pytest.mark.parametrize("kind, share, rerank, want", [("ivfpq", 1 / 8, 10, 0.9), ("ivfsq8", 0.35, 10, 0.9),
+                                                      ("ivfpq", 1 / 8, 2, 0.85)])
+def test_recall_on_a_store_the_index_does_not_scan(tmp_path, kind, share, rerank, want):
+    """20,000 rows, 1/64 of the lists probed, codes at 1/8 (PQ) or 1/4 (SQ8) of the rows' bytes. With
+    only 2k candidates the codes' own ranking matters: scored by inner product (0.89 here), not by
+    distance between augmented vectors (0.60: the norm coordinate's quantization error)."""
     run_dir = tmp_path / "run"
     store = _clustered_store(store_dir(run_dir), 20_000, 128)
     index = Index.build(run_dir, kind=kind, mode="dot", preconditioner="identity", progress=False)
     assert index.nbytes < store.nbytes() * share
     queries = torch.randn(50, 128, generator=torch.Generator().manual_seed(1)) * 3
-    hits = index.search(queries, 10, preconditioner="identity", nprobe=8, rerank=10)
+    hits = index.search(queries, 10, preconditioner="identity", nprobe=8, rerank=rerank)
     cp = Checkpoint(store, queries, Preconditioner("identity", None, store.layout))
     exact = compute_influence(cp, top_k=10, self_influence=False, progress=False)
     recall = np.mean([len(set(h) & set(e)) / 10 for h, e in zip(hits.index.tolist(), exact.top_index.tolist())])
-    assert recall >= 0.9, recall
+    assert recall >= want, recall
     rows = store.read_all().to(torch.float64)
     want = (queries.to(torch.float64) @ rows.T).gather(1, hits.index)  # the scores are exact
     torch.testing.assert_close(hits.scores, want, rtol=1e-5, atol=1e-6)  # float32 dot products, as the scan
@@ -124,3 +127,47 @@ def test_cli_index_query_and_influence_use_index(run_dir, capsys):
     proc = subprocess.run([sys.executable, "-m", "logix.cli", "query", str(run_dir), "--top-k", "0"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def _unclustered_store(directory: Path, n: int, dim: int, seed: int = 0) -> Store:
+    """Isotropic rows with log-normal norms: no cluster structure (as gradients of an untrained model)."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = Layout.build([(f"m{i}", "linear", (4, dim // 16)) for i in range(4)])
+    writer = ShardWriter(directory, layout, "float32", False)
+    writer.set_id_type("int")
+    writer.submit(torch.randn(n, dim, generator=gen) * torch.exp(torch.randn(n, 1, generator=gen)), list(range(n)))
+    writer.close()
+    return Store(directory)
+
+
+def test_graphs_serve_rows_without_clusters_and_recall_says_which_kind_fits(tmp_path):
+    """Inverted lists need rows that cluster; on rows without structure a graph walked by inner
+    product finds the top-k (4-bit codes: 0.4 of the rows' bytes), and ``Index.recall`` (what
+    ``logix index`` reports after a build) measures it against the exact scan."""
+    run_dir = tmp_path / "run"
+    store = _unclustered_store(store_dir(run_dir), 20_000, 128)
+    rows = store.read_all()
+    queries = rows[:50] + 0.3 * torch.randn(50, 128, generator=torch.Generator().manual_seed(1))
+    cp = Checkpoint(store, queries, Preconditioner("identity", None, store.layout))
+    exact = compute_influence(cp, top_k=10, self_influence=False, progress=False).top_index.tolist()
+    measured = {}
+    for kind in ("ivfpq", "hnsw", "hnswsq4"):
+        index = Index.build(run_dir, kind=kind, mode="dot", preconditioner="identity", progress=False)
+        hits = index.search(queries, 10, preconditioner="identity")
+        measured[kind] = np.mean([len(set(h) & set(e)) / 10 for h, e in zip(hits.index.tolist(), exact)])
+        assert index.recall(queries, preconditioner="identity") == pytest.approx(measured[kind])
+        want = (queries.to(torch.float64) @ rows.to(torch.float64).T).gather(1, hits.index)
+        torch.testing.assert_close(hits.scores, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))  # float32 dots
+    assert measured["hnsw"] >= 0.9 and measured["hnswsq4"] >= 0.9 and measured["ivfpq"] < 0.5, measured
+    assert index.nbytes < 0.5 * store.nbytes()  # hnswsq4
+
+
+def test_cli_index_reports_recall_and_warns_when_low(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _unclustered_store(store_dir(run_dir), 5_000, 64)
+    assert main(["index", str(run_dir), "--kind", "ivfpq", "--quiet", "--check", "50"]) == 0
+    out = capsys.readouterr()
+    assert "recall@10 against the exact scan on 50 sampled query rows" in out.out
+    assert "try --kind hnsw" in out.err
+    assert main(["index", str(run_dir), "--kind", "hnsw", "--quiet", "--check", "50"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""The faiss side of the index: which faiss index each kind is, its default parameters, and the
+augmented vectors the inverted files are built from."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from torch import Tensor
+
+from logix.config.choices import IndexKind
+from logix.errors import LogixError
+
+
+def load_faiss():
+    """The faiss module, or a LogixError naming the package to install."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise LogixError("The index needs faiss: pip install faiss-cpu (or faiss-gpu where CUDA is).") from exc
+    return faiss
+
+
+GRAPHS = (IndexKind.HNSW, IndexKind.HNSWSQ4)
+INVERTED = (IndexKind.IVFFLAT, IndexKind.IVFSQ8, IndexKind.IVFPQ)
+
+
+def augmented_dim(kind: IndexKind, dim: int) -> int:
+    """The indexed width: ``dim`` (flat, graphs: the rows themselves), else ``dim + 1`` (the norm
+    coordinate of the inverted files) rounded up to 8."""
+    return -(-(dim + 1) // 8) * 8 if kind in INVERTED else dim
+
+
+def default_params(kind: IndexKind, n: int, dim: int) -> dict[str, int]:
+    """nlist about 4 sqrt(n) (a power of two, 16 to 65,536); PQ with the largest divisor of dim up to
+    dim/4 parts of ``nbits`` = 8 bits (fewer for stores under 256 rows)."""
+    nlist = int(min(65536, max(16, 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1))))))
+    nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
+    m = max(d for d in range(1, max(dim // 4, 1) + 1) if dim % d == 0)
+    nbits = max(1, min(8, int(math.log2(max(n, 2)))))  # 2**nbits centroids per part need as many rows
+    return {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": 16}
+
+
+def empty_index(faiss, kind: IndexKind, width: int, params: dict[str, int]):
+    """Flat: exact inner products; graphs: a walk by inner product over the rows themselves;
+    inverted files: lists by Euclidean distance over augmented vectors, codes scored by inner product."""
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind is IndexKind.FLAT:
+        return faiss.IndexFlatIP(width)
+    if kind is IndexKind.HNSW:  # a graph on inner products finds large-norm rows well (unlike augmented L2)
+        return faiss.IndexHNSWFlat(width, params["hnsw_m"], ip)
+    if kind is IndexKind.HNSWSQ4:
+        return faiss.IndexHNSWSQ(width, faiss.ScalarQuantizer.QT_4bit, params["hnsw_m"], ip)
+    # Inverted files: rows are assigned to lists (and queries probe lists) by Euclidean distance over
+    # the augmented vectors, but the codes are scored by inner product with the query's ``[q, 0]``,
+    # i.e. ``<q, x>`` itself: the norm coordinate's (large) quantization error never enters a score.
+    quantizer = faiss.IndexFlatL2(width)  # faiss's Python wrapper keeps it alive with the index
+    if kind is IndexKind.IVFFLAT:
+        index = faiss.IndexIVFFlat(quantizer, width, params["nlist"], ip)
+    elif kind is IndexKind.IVFSQ8:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, width, params["nlist"], faiss.ScalarQuantizer.QT_8bit, ip)
+        index.by_residual = False  # faiss's SQ scanner would start each list's scores from the L2 coarse distance
+    else:
+        index = faiss.IndexIVFPQ(quantizer, width, params["nlist"], params["m"], params["nbits"], ip)
+    index.cp.spherical = False  # plain k-means on the augmented vectors (faiss's IP default is spherical)
+    return index
+
+
+def augment(vectors: Tensor, width: int, top: float) -> np.ndarray:
+    """``[x, sqrt(top^2 - |x|^2), 0...]`` (``width`` columns; ``x`` itself when width is its own)."""
+    x = vectors.numpy().astype(np.float32, copy=False)
+    if width == x.shape[1]:
+        return np.ascontiguousarray(x)
+    out = np.zeros((x.shape[0], width), np.float32)
+    out[:, : x.shape[1]] = x
+    out[:, x.shape[1]] = np.sqrt(np.maximum(np.float64(top) ** 2 - (x.astype(np.float64) ** 2).sum(1), 0.0))
+    return out
