@@ -147,8 +147,8 @@ def bench_store(name: str, run_dir: Path, store: Store, queries: torch.Tensor, s
     for s in settings:
         with PeakRSS() as mem:
             start = time.perf_counter()
-            index = Index.build(run_dir, kind=s["kind"], mode="dot", preconditioner="identity", progress=False,
-                                **s.get("build", {}))
+            build = {k: store.dim // 4 if v == "dim/4" else v for k, v in s.get("build", {}).items()}
+            index = Index.build(run_dir, kind=s["kind"], mode="dot", preconditioner="identity", progress=False, **build)
             build_s = time.perf_counter() - start
         for search in s["searches"]:  # one build, searched with each setting
             index.search(queries[:10], 10, "identity", **search)  # warm-up (maps the file)
@@ -158,9 +158,11 @@ def bench_store(name: str, run_dir: Path, store: Store, queries: torch.Tensor, s
             start = time.perf_counter()
             hits10 = index.search(queries, 10, "identity", **search)
             search10_s = time.perf_counter() - start
-            label = " ".join([s["kind"]] + [f"{k.replace('rerank', 'rr')}{v}" for k, v in search.items()])
+            label = " ".join([s["kind"]] + [f"{k}{v}" for k, v in build.items()]
+                             + [f"{k.replace('rerank', 'rr')}{v}" for k, v in search.items()])
             out.append({"store": name, "kind": label, "rows": store.n_rows, "dim": store.dim, "build_s": build_s,
-                        "train_s": index.meta.get("train_s", 0.0), "params": index.meta["params"], "search": search,
+                        "train_s": index.meta.get("train_s", 0.0), "params": index.meta["params"], "build": build,
+                        "search": search,
                         "search_s": search10_s, "queries_per_s": len(queries) / search10_s,
                         "search_top100_s": search_s, "speedup_vs_exact": exact_s / search10_s,
                         "recall@10": recall(hits10.index.numpy(), exact, 10),
@@ -173,7 +175,7 @@ def bench_store(name: str, run_dir: Path, store: Store, queries: torch.Tensor, s
 
 
 def _row(r: dict) -> str:
-    return (f"{r['store']:<10}{r['kind']:<22}{r['rows']:>10,}{r.get('build_s', 0):>9.1f}{r['bytes_per_row']:>9.1f}"
+    return (f"{r['store']:<10}{r['kind']:<28}{r['rows']:>10,}{r.get('build_s', 0):>9.1f}{r['bytes_per_row']:>9.1f}"
             f"{r['share_of_rows']:>8.3f}{r['queries_per_s']:>10.0f}{r.get('speedup_vs_exact', 1):>8.1f}"
             f"{r['recall@10']:>8.3f}{r['recall@100']:>9.3f}{r.get('build_peak_mb_above_base', 0):>9.0f}")
 
@@ -209,10 +211,11 @@ def main() -> None:
         {"kind": "ivfpq", "searches": [{"nprobe": 16, "rerank": 5}, {"nprobe": 16, "rerank": 10},
                                        {"nprobe": 64, "rerank": 10}]},
         {"kind": "hnswsq4", "searches": [{"rerank": 10}, {"rerank": 20}]},
+        {"kind": "hnswsq4", "build": {"reduce": "dim/4"}, "searches": [{"rerank": 10}, {"rerank": 20}]},
     ]
     if args.hnsw:
         settings.append({"kind": "hnsw", "searches": [{"rerank": 10}]})
-    print(f"{'store':<10}{'kind':<22}{'rows':>10}{'build s':>9}{'B/row':>9}{'share':>8}{'q/s':>10}{'x exact':>8}"
+    print(f"{'store':<10}{'kind':<28}{'rows':>10}{'build s':>9}{'B/row':>9}{'share':>8}{'q/s':>10}{'x exact':>8}"
           f"{'R@10':>8}{'R@100':>9}{'peak MB':>9}")
     results = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
@@ -227,7 +230,7 @@ def main() -> None:
     table = extrapolate(results)
     print("\nextrapolated to 100M rows:")
     for r in table:
-        print(f"  {r['store']:<10}{r['kind']:<22} index {r['index_gb']:.1f} GB (float32 rows {r['rows_gb']:.0f} GB), "
+        print(f"  {r['store']:<10}{r['kind']:<28} index {r['index_gb']:.1f} GB (float32 rows {r['rows_gb']:.0f} GB), "
               f"build {r['build_h']:.1f} h on this machine")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "extrapolated": table, "args": vars(args) | {"out": str(args.out)},

@@ -3,13 +3,24 @@ augmented vectors the inverted files are built from."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+import xxhash
 from torch import Tensor
 
 from logix.config.choices import IndexKind
+from logix.core.checksum import save_tensors
 from logix.errors import LogixError
+from logix.store.format import fsync_file, write_json_atomic
+from logix.store.integrity import file_digest
+from logix.store.reader import Store
+from logix.store.rundir import index_dir, index_file, index_meta_file, index_norms_file
 
 
 def load_faiss():
@@ -75,3 +86,36 @@ def augment(vectors: Tensor, width: int, top: float) -> np.ndarray:
     out[:, : x.shape[1]] = x
     out[:, x.shape[1]] = np.sqrt(np.maximum(np.float64(top) ** 2 - (x.astype(np.float64) ** 2).sum(1), 0.0))
     return out
+
+
+def store_fingerprint(store: Store) -> str:
+    """xxh3-128 of the store's committed shards (names, rows, checksums): changes with any commit."""
+    entries = [[s["file"], s["rows"], s.get("xxh3_meta"), s.get("xxh3_data")] for s in store.manifest["shards"]]
+    return xxhash.xxh3_128(json.dumps(entries).encode()).hexdigest()
+
+
+def leading_basis(sample: Tensor, r: int) -> Tensor:
+    """The ``r`` leading eigenvectors (``(dim, r)`` float64) of the sample's uncentered second
+    moment: inner products (not distances from a mean) are what the index must keep."""
+    values, vectors = torch.linalg.eigh(sample.to(torch.float64).T @ sample.to(torch.float64))
+    return vectors[:, values.argsort(descending=True)[:r]].contiguous()
+
+
+def save_index(run_dir: Path, faiss, index, meta: dict[str, Any], extras: dict[str, Tensor]) -> None:
+    """Write the index, its extras and last ``index.json`` (which names the index file) atomically."""
+    folder = index_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = index_file(run_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    if extras:  # the rows' H-norms (relative / cosine), the reduced basis
+        extras_tmp = index_norms_file(run_dir).with_name(f".{index_norms_file(run_dir).name}.tmp")
+        save_tensors(extras_tmp, extras)
+        fsync_file(extras_tmp)
+        os.replace(extras_tmp, index_norms_file(run_dir))
+    else:
+        index_norms_file(run_dir).unlink(missing_ok=True)  # not one of an earlier build
+    meta = {**meta, "file": {k: v for k, v in file_digest(path).items()}}
+    write_json_atomic(index_meta_file(run_dir), meta)  # last: the index exists once this names it

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 from torch import Tensor
 
 from logix.analysis.checkpoints import rows_projected
@@ -55,23 +53,24 @@ from logix.analysis.faiss_index import (
     augmented_dim,
     default_params,
     empty_index,
+    leading_basis,
     load_faiss,
+    save_index,
+    store_fingerprint,
 )
 from logix.analysis.kernels import TopK, self_influence_rows
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
 from logix.config.damping import Damping, default_damping
-from logix.core.checksum import load_tensors, save_tensors
+from logix.core.checksum import load_tensors
 from logix.core.progress import progress_bar
 from logix.core.statistics import Statistics
 from logix.errors import LogixError, StoreError
-from logix.store.format import fsync_file, write_json_atomic
 from logix.store.integrity import file_digest, size_problem
 from logix.store.reader import Store
 from logix.store.rundir import (
     QUERY_STORE,
     TRAIN_STORE,
-    index_dir,
     index_file,
     index_meta_file,
     index_norms_file,
@@ -80,12 +79,6 @@ from logix.store.rundir import (
 )
 
 NORMED = (ScoreMode.RELATIVE, ScoreMode.COSINE)
-
-
-def store_fingerprint(store: Store) -> str:
-    """xxh3-128 of the store's committed shards (names, rows, checksums): changes with any commit."""
-    entries = [[s["file"], s["rows"], s.get("xxh3_meta"), s.get("xxh3_data")] for s in store.manifest["shards"]]
-    return xxhash.xxh3_128(json.dumps(entries).encode()).hexdigest()
 
 
 def preconditioner_of(run_dir: Path, store: Store, kind: PreconditionerType, damping: Damping | None):
@@ -145,6 +138,7 @@ class Index:
         self.faiss_index = index
         self.meta = meta
         self.norms = norms
+        self.basis: Tensor | None = None  # (dim, reduce) float64 of a reduced index
         self.mode = ScoreMode.parse(meta["mode"], "mode")
         self.kind = IndexKind.parse(meta["kind"], "kind")
         self.store = Store(store_dir(run_dir, TRAIN_STORE))
@@ -155,13 +149,18 @@ class Index:
     def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.IVFPQ, mode: ScoreMode | str = ScoreMode.DOT,
               preconditioner: PreconditionerType | str = PreconditionerType.AUTO, damping: Damping | None = None,
               nlist: int | None = None, m: int | None = None, nbits: int | None = None, hnsw_m: int | None = None,
-              train_rows: int | None = None, chunk_rows: int = 8192, seed: int = 0, progress: bool = True) -> Index:
+              train_rows: int | None = None, reduce: int | None = None, chunk_rows: int = 8192, seed: int = 0,
+              progress: bool = True) -> Index:
         """Index the train rows of ``run_dir`` in a streaming pass and save it in ``<run>/index/``.
 
         ``preconditioner`` / ``damping`` matter for ``relative`` / ``cosine`` only (the rows'
         norms); ``nlist`` / ``m`` / ``nbits`` (``ivf*``) and ``hnsw_m`` default to
-        :func:`default_params`; ``train_rows`` (``ivf*``): the sampled training set, default
-        ``max(40 nlist, 10,000 if PQ)`` rows. Memory: the training sample, one chunk, the index."""
+        :func:`default_params`; ``train_rows``: the sampled training set, default
+        ``max(40 nlist, 10,000 if PQ)`` rows (``ivf*``), 20,000 (graphs, ``reduce``). ``reduce``: index
+        the rows' coordinates on the ``reduce`` leading eigenvectors of their (uncentered) second
+        moment, estimated on the training set, so that inner products there approximate the scores
+        (candidates are still re-scored exactly): fewer bytes per row where the rows' energy is
+        concentrated. Memory: the training sample, one chunk, the index."""
         faiss = load_faiss()
         run_dir = Path(run_dir)
         kind, mode = IndexKind.parse(kind, "kind"), ScoreMode.parse(mode, "mode")
@@ -170,7 +169,10 @@ class Index:
         n, dim = store.n_rows, store.dim
         if n == 0:
             raise StoreError(f"{run_dir} has no train rows to index.")
-        width = augmented_dim(kind, dim)
+        if reduce is not None and (kind is IndexKind.FLAT or not 1 <= reduce < dim):
+            raise LogixError(f"reduce={reduce} must be between 1 and the rows' {dim} values (exclusive), and the "
+                             "kind approximate (flat is the exact scan).")
+        width = augmented_dim(kind, reduce or dim)
         params = {**default_params(kind, n, width), **{k: v for k, v in
                   {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": hnsw_m}.items() if v is not None}}
         for key, value in params.items():
@@ -191,30 +193,44 @@ class Index:
         norms: list[Tensor] = []
         passes = 2 if kind in INVERTED else 1
         bar = progress_bar(total=passes * n, desc=f"logix index ({kind.value})", unit="row", enabled=progress)
-        top = 0.0
-        if passes == 2:  # pass 1: the largest vector norm (and the rows' H-norms)
-            for chunk in store.iter_chunks(chunk_rows):
-                top = max(top, float(_vectors(chunk.rows, mode, pre, norms).norm(dim=1).max()))
-                bar.update(chunk.rows.shape[0])
-        if not index.is_trained:
-            wanted = train_rows or (20_000 if kind in GRAPHS else
+        top, sample, basis = 0.0, None, None
+        if not index.is_trained or reduce:
+            wanted = train_rows or (20_000 if kind in GRAPHS or kind is IndexKind.FLAT else
                                     max(40 * params["nlist"], 10_000 if kind is IndexKind.IVFPQ else 0))
             pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, wanted), replace=False))
+            sample = _vectors(store.take(pick), mode, pre)
+        if reduce:
+            basis = leading_basis(sample, reduce)
+            sample = sample @ basis.to(torch.float32)
+
+        def vectors(rows: Tensor, collect: list | None) -> Tensor:
+            out = _vectors(rows, mode, pre, collect)
+            return out if basis is None else out @ basis.to(torch.float32)
+
+        if passes == 2:  # pass 1: the largest vector norm (and the rows' H-norms)
+            for chunk in store.iter_chunks(chunk_rows):
+                top = max(top, float(vectors(chunk.rows, norms).norm(dim=1).max()))
+                bar.update(chunk.rows.shape[0])
+        if not index.is_trained:
             train_start = time.perf_counter()
-            index.train(augment(_vectors(store.take(pick), mode, pre), width, top))
+            index.train(augment(sample, width, top))
             train_s = time.perf_counter() - train_start
+        del sample
         for chunk in store.iter_chunks(chunk_rows):
-            index.add(augment(_vectors(chunk.rows, mode, pre, norms if passes == 1 else None), width, top))
+            index.add(augment(vectors(chunk.rows, norms if passes == 1 else None), width, top))
             bar.update(chunk.rows.shape[0])
         bar.close()
         meta = {"kind": kind.value, "mode": mode.value, "params": params, "rows": n, "dim": dim, "width": width,
+                "reduce": reduce,
                 "max_norm": top,
                 "preconditioner": pre_kind.value if mode in NORMED else None,
                 "damping": {"value": damping.value, "relative": damping.relative} if mode in NORMED else None,
                 "store": store_fingerprint(store), "build_s": round(time.perf_counter() - started, 3),
                 "train_s": round(train_s, 3)}
-        norm_tensor = torch.cat(norms) if norms else None
-        _save(run_dir, faiss, index, meta, norm_tensor)
+        extras = {"norms": torch.cat(norms).to(torch.float64)} if norms else {}
+        if basis is not None:
+            extras["basis"] = basis
+        save_index(run_dir, faiss, index, meta, extras)
         return cls.load(run_dir)
 
     # ---- load -----------------------------------------------------------------------------------
@@ -242,8 +258,15 @@ class Index:
         if store_fingerprint(store) != meta["store"]:
             raise StoreError(f"The index of {run_dir} is stale: the train store changed after it was built. "
                              f"Rebuild it with `logix index {run_dir}`.")
-        norms = load_tensors(index_norms_file(run_dir))["norms"] if meta["mode"] in [m.value for m in NORMED] else None
-        return cls(run_dir, faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), meta, norms)
+        extras = load_tensors(index_norms_file(run_dir)) if index_norms_file(run_dir).exists() else {}
+        if (meta["mode"] in [m.value for m in NORMED] and "norms" not in extras) or (
+                meta.get("reduce") and "basis" not in extras):
+            raise StoreError(f"{index_norms_file(run_dir)} is missing or lacks the rows' norms / the reduced basis "
+                             f"this index needs. Rebuild the index with `logix index {run_dir}`.")
+        index = cls(run_dir, faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), meta,
+                    extras.get("norms"))
+        index.basis = extras.get("basis")
+        return index
 
     @property
     def nbytes(self) -> int:
@@ -287,8 +310,9 @@ class Index:
             pq = -pq
         self._set_search_params(nprobe, k * rerank)
         candidates = min(len(self), k * rerank)
+        reduced = pq if self.basis is None else pq @ self.basis
         query = np.zeros((pq.shape[0], self.meta["width"]), np.float32)  # the norm coordinate and padding: 0
-        query[:, : pq.shape[1]] = pq.numpy()
+        query[:, : reduced.shape[1]] = reduced.numpy()
         _, found = self.faiss_index.search(query, candidates)
         found = torch.from_numpy(found)
         scores, index = [], []
@@ -370,21 +394,3 @@ def _vectors(rows: Tensor, mode: ScoreMode, pre: Preconditioner | None, norms: l
             norms.append(norm)
         return (rows.to(torch.float64) / norm.clamp_min(1e-300)[:, None]).to(torch.float32)
     return rows
-
-
-def _save(run_dir: Path, faiss, index, meta: dict[str, Any], norms: Tensor | None) -> None:
-    folder = index_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = index_file(run_dir)
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    if norms is not None:
-        norms_tmp = index_norms_file(run_dir).with_name(f".{index_norms_file(run_dir).name}.tmp")
-        save_tensors(norms_tmp, {"norms": norms.to(torch.float64)})
-        fsync_file(norms_tmp)
-        os.replace(norms_tmp, index_norms_file(run_dir))
-    meta = {**meta, "file": {k: v for k, v in file_digest(path).items()}}
-    write_json_atomic(index_meta_file(run_dir), meta)  # last: the index exists once this names it
-

@@ -238,7 +238,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     run_dir = index_run_dir(args.run_dir)
     index = Index.build(run_dir, kind=args.kind, mode=args.mode, preconditioner=args.preconditioner,
                         damping=None if args.damping is None else Damping(args.damping), nlist=args.nlist, m=args.m,
-                        nbits=args.nbits, hnsw_m=args.hnsw_m, train_rows=args.train_rows, progress=not args.quiet)
+                        nbits=args.nbits, hnsw_m=args.hnsw_m, train_rows=args.train_rows, reduce=args.reduce,
+                        progress=not args.quiet)
     rows_bytes = index.store.nbytes()
     print(f"indexed {len(index)} rows of {run_dir} ({args.kind}, mode {args.mode}, {index.meta['params']}) in "
           f"{index.meta['build_s']:.1f} s: {index.nbytes / max(len(index), 1):.1f} bytes per row "

@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbits", type=positive_int, help="ivfpq: bits per code (default: 8)")
     p.add_argument("--hnsw-m", type=positive_int, help="hnsw*: links per node (default: 16)")
     p.add_argument("--train-rows", type=positive_int, help="ivf*: rows sampled to train on (default: 40 nlist)")
+    p.add_argument("--reduce", type=positive_int, metavar="R",
+                   help="index the rows' coordinates on their R leading eigenvectors (fewer bytes per row; "
+                   "candidates are still re-scored exactly); default: all values")
     p.add_argument("--check", type=nonnegative_int, default=100, metavar="N",
                    help="after the build, measure recall@10 against the exact scan on N sampled query rows and warn "
                    "when it is below 0.9 (0: skip; costs one scan of the store)")
