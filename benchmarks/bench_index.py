@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--captured-data", nargs="+", default=["classification", "random"],
                         choices=["classification", "random"], help="the captured stores' data (see captured_store)")
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--kinds", nargs="+", help="only these index kinds (default: all)")
     parser.add_argument("--hnsw", action="store_true", help="also hnsw over float32 rows (more memory than the rows)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_index.json")
     args = parser.parse_args()
@@ -215,6 +216,7 @@ def main() -> None:
     ]
     if args.hnsw:
         settings.append({"kind": "hnsw", "searches": [{"rerank": 10}]})
+    settings = [s for s in settings if s["kind"] in (args.kinds or [s["kind"]])]
     print(f"{'store':<10}{'kind':<28}{'rows':>10}{'build s':>9}{'B/row':>9}{'share':>8}{'q/s':>10}{'x exact':>8}"
           f"{'R@10':>8}{'R@100':>9}{'peak MB':>9}")
     results = []

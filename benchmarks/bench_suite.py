@@ -84,8 +84,12 @@ CANDIDATES = {
                          "store": {"dtype": "int8"}}, "identity"),
     "random32-ekfac-true": ({"projection": {"type": "random", "rank_in": 32, "rank_out": 32},
                              "statistics": {"ekfac": True, "fisher": "true"}}, "ekfac"),
+    "random48-int8-ekfac": ({"projection": {"type": "random", "rank_in": 48, "rank_out": 48},
+                             "store": {"dtype": "int8"}, "statistics": {"ekfac": True}}, "ekfac"),
+    "random64-int8-ekfac": ({"projection": {"type": "random", "rank_in": 64, "rank_out": 64},
+                             "store": {"dtype": "int8"}, "statistics": {"ekfac": True}}, "ekfac"),
 }
-CANDIDATE_DAMPINGS = (None, 1e-2, 1.0)
+CANDIDATE_DAMPINGS = (None, 1e-3, 3e-3, 1e-2, 3e-2, 1.0)
 # the defaults before this suite chose them: random k16, KFAC, float32 rows, damping 0.1
 PREVIOUS_DEFAULT = {"projection": {"rank_in": 16, "rank_out": 16}, "statistics": {"ekfac": False},
                     "store": {"dtype": "float32"}}

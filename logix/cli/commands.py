@@ -241,15 +241,19 @@ def cmd_index(args: argparse.Namespace) -> None:
                         nbits=args.nbits, hnsw_m=args.hnsw_m, train_rows=args.train_rows, reduce=args.reduce,
                         progress=not args.quiet)
     rows_bytes = index.store.nbytes()
-    print(f"indexed {len(index)} rows of {run_dir} ({args.kind}, mode {args.mode}, {index.meta['params']}) in "
-          f"{index.meta['build_s']:.1f} s: {index.nbytes / max(len(index), 1):.1f} bytes per row "
-          f"({index.nbytes / max(rows_bytes, 1):.3f} of the stored rows)")
+    reduced = f", reduced to {index.meta['reduce']} coordinates" if index.meta.get("reduce") else ""
+    print(f"indexed {len(index)} rows of {run_dir} ({index.kind.value}{reduced}, mode {args.mode}, "
+          f"{index.meta['params']}) in {index.meta['build_s']:.1f} s: {index.nbytes / max(len(index), 1):.1f} bytes "
+          f"per row ({index.nbytes / max(rows_bytes, 1):.3f} of the stored rows)")
+    if "choice" in index.meta:
+        tried = ", ".join(f"{k} {v:.3f}" for k, v in index.meta["choice"]["recall@10"].items())
+        print(f"auto: recall@10 on {index.meta['choice']['sample']} sampled query rows: {tried}; kept {index.kind.value}")
     if args.check and index.kind is not IndexKind.FLAT:
         got = index.recall(sample=args.check)
         print(f"recall@10 against the exact scan on {min(args.check, len(index))} sampled query rows "
               f"(default nprobe, rerank 10): {got:.3f}")
         if got < 0.9:
-            other = "hnsw" if index.kind.value.startswith("ivf") else "ivfpq"
+            other = "hnswsq4" if index.kind.value.startswith("ivf") else "ivfpq"
             print(f"warning: recall {got:.3f} is low for these rows: try --kind {other} (inverted files suit rows "
                   "that cluster, graphs rows that do not), or search with a larger --nprobe / --rerank",
                   file=sys.stderr)

@@ -192,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "`logix influence --use-index` find each query's top proponents without scanning every row "
                        "(candidates are re-scored exactly from the store). Saved in DIR's run/index/.")
     p.add_argument("run_dir", type=Path, help="run, or project with one logged checkpoint")
-    p.add_argument("--kind", choices=["flat", "ivfflat", "ivfsq8", "ivfpq", "hnsw", "hnswsq4"], default="ivfpq",
-                   help="flat: exact; ivfflat / ivfsq8 / ivfpq: inverted lists of float32 rows / 8-bit rows / PQ "
-                   "codes (default: ivfpq, about 1/13 of the float32 rows' bytes); hnsw / hnswsq4: a graph over "
-                   "float32 / 4-bit rows (the best recall on rows without cluster structure)")
+    p.add_argument("--kind", choices=["auto", "flat", "ivfflat", "ivfsq8", "ivfpq", "hnsw", "hnswsq4"],
+                   default="auto", help="flat: exact; ivfflat / ivfsq8 / ivfpq: inverted lists of float32 rows / 8-bit "
+                   "rows / PQ codes (about 1/13 of float32 rows' bytes); hnsw / hnswsq4: a graph over float32 / 4-bit "
+                   "rows (for rows without cluster structure); auto: ivfpq, or hnswsq4 over dim/4 leading coordinates "
+                   "when ivfpq's recall@10 on 100 sampled query rows is under 0.9")
     p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot",
                    help="the scores whose top-k the index serves (dot and unit serve every preconditioner)")
     p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"], default="auto",

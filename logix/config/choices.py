@@ -169,6 +169,7 @@ class PreconditionerType(ChoiceEnum):
 class IndexKind(ChoiceEnum):
     """The faiss index behind approximate top-k (``logix index --kind``)."""
 
+    AUTO = "auto"  # ivfpq, or hnswsq4 (reduced) where ivfpq's measured recall@10 is under 0.9
     FLAT = "flat"  # exact inner products over float32 vectors (4 B per value)
     IVFFLAT = "ivfflat"  # inverted lists of float32 vectors: scans nprobe of nlist lists
     IVFSQ8 = "ivfsq8"  # inverted lists of 8-bit scalar-quantized vectors (1 B per value)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from logix.analysis.api import index_influence, index_run_dir
 from logix.analysis.checkpoints import load_checkpoint
-from logix.analysis.index import index_status
+from logix.analysis.faiss_index import index_status
 from logix.analysis.influence import InfluenceResult, compute_influence
 from logix.capture.run import Run
 from logix.config import Config, IdPolicy, PreconditionerType, ScoreMode

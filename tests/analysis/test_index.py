@@ -185,6 +185,9 @@ def test_reduced_index_keeps_recall_in_fewer_bytes_and_checks_its_basis(tmp_path
     rows = (torch.randn(20_000, 16, generator=gen) * torch.exp(torch.randn(20_000, 1, generator=gen))) @ mix.T
     writer.submit(rows + 0.01 * torch.randn(20_000, 128, generator=gen), list(range(20_000)))
     writer.close()
+    from logix.analysis.faiss_index import energy_rank
+
+    assert energy_rank(Store(store_dir(run_dir)), 0.8) <= 16 < energy_rank(Store(store_dir(run_dir)), 0.99999)
     full = Index.build(run_dir, kind="hnsw", mode="dot", preconditioner="identity", progress=False)
     full_bytes, full_recall = full.nbytes, full.recall(preconditioner="identity")
     reduced = Index.build(run_dir, kind="hnsw", mode="dot", preconditioner="identity", reduce=16, progress=False)
@@ -199,3 +202,21 @@ def test_reduced_index_keeps_recall_in_fewer_bytes_and_checks_its_basis(tmp_path
         Index.load(run_dir)
     with pytest.raises(LogixError, match="reduce=128 must be between"):
         Index.build(run_dir, kind="ivfpq", reduce=128, progress=False)
+
+
+def test_auto_keeps_ivfpq_on_clustered_rows_and_switches_to_a_reduced_graph_otherwise(tmp_path):
+    """``kind="auto"`` (the default) measures ivfpq's recall@10 on sampled rows and, under 0.9,
+    builds the 4-bit graph instead (over all coordinates of these isotropic rows: their 80 % of
+    energy needs more than half of them), recording both recalls."""
+    clustered = tmp_path / "clustered"
+    _clustered_store(store_dir(clustered), 20_000, 128)
+    index = Index.build(clustered, mode="dot", preconditioner="identity", progress=False)
+    assert index.kind.value == "ivfpq" and list(index.meta["choice"]["recall@10"]) == ["ivfpq"]
+    assert index.meta["choice"]["recall@10"]["ivfpq"] >= 0.9
+    plain = tmp_path / "plain"
+    _unclustered_store(store_dir(plain), 20_000, 128)
+    index = Index.build(plain, mode="dot", preconditioner="identity", progress=False)
+    measured = index.meta["choice"]["recall@10"]
+    assert index.kind.value == "hnswsq4" and index.meta["reduce"] is None
+    assert measured["ivfpq"] < 0.9 <= measured["hnswsq4"], measured
+    assert Index.load(plain).meta["choice"] == index.meta["choice"]  # recorded in index.json
