@@ -76,7 +76,7 @@ def child(work: Path, ranks: list[int]) -> None:
     out = {"logix_file": logix_file}
 
     def one(key, rank, hessian):
-        torch.manual_seed(0)
+        torch.manual_seed(int(os.environ.get("SUITE_LOGIX_AI_SEED", "0")))  # its LoRA projections' draw
         model = torch.load(work / "model.pt", weights_only=False).eval()
         start = time.perf_counter()
         run = LogIX(f"{data['name']}-{key}")
@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--site", type=Path, default=Path("/tmp/logixai/site"), help="LogIX 0.1.1's --target install")
     ap.add_argument("--tasks", nargs="+", default=["mlp", "cnn", "text", "lm", "lora"])
     ap.add_argument("--rank", nargs="*", type=int, default=[16], help="LoGra ranks besides the default (64)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="random LoRA draws: seed 0's rows replace the report's; other seeds' LDS is added to "
+                    "each row as lds_by_seed (its projections are random, as logix's are)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_suite.json")
     args = ap.parse_args()
@@ -199,9 +202,16 @@ def main() -> None:
 
         masks, outputs, _ = ground_truth(f"suite-{name}", task.recipe, train_out, task.n_train, t["n_subsets"])
         t["rows"] = [r for r in t["rows"] if not r["method"].startswith("logix-ai")]
-        with tempfile.TemporaryDirectory() as tmp:
-            t["rows"] += logix_ai_rows(task, model, Path(tmp), args.site, args.rank, masks, outputs,
-                                       t["best_full_dim"])
+        by_seed = []
+        for seed in range(args.seeds):
+            os.environ["SUITE_LOGIX_AI_SEED"] = str(seed)
+            with tempfile.TemporaryDirectory() as tmp:
+                by_seed.append(logix_ai_rows(task, model, Path(tmp), args.site, args.rank, masks, outputs,
+                                             t["best_full_dim"]))
+        for i, row in enumerate(by_seed[0]):
+            if args.seeds > 1:
+                row["lds_by_seed"] = [rows[i]["lds"] for rows in by_seed]
+        t["rows"] += by_seed[0]
         args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
