@@ -84,6 +84,9 @@ CANDIDATES = {
                          "store": {"dtype": "int8"}}, "identity"),
     "random32-ekfac-true": ({"projection": {"type": "random", "rank_in": 32, "rank_out": 32},
                              "statistics": {"ekfac": True, "fisher": "true"}}, "ekfac"),
+    # the LM preset (configs/lm_influence.yaml: whitened 52, int4) at <= 1/16 of the full row's bytes
+    "whitened44-int4": ({"projection": {"type": "whitened", "rank_in": 44, "rank_out": 44},
+                         "store": {"dtype": "int4"}, "statistics": {"ekfac": True}}, "identity"),
     "random48-int8-ekfac": ({"projection": {"type": "random", "rank_in": 48, "rank_out": 48},
                              "store": {"dtype": "int8"}, "statistics": {"ekfac": True}}, "ekfac"),
     "random64-int8-ekfac": ({"projection": {"type": "random", "rank_in": 64, "rank_out": 64},
