@@ -15,7 +15,7 @@ import xxhash
 from torch import Tensor
 
 from logix.analysis.checkpoints import rows_projected
-from logix.analysis.kernels import self_influence_rows
+from logix.analysis.kernels import TopK, self_influence_rows
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
 from logix.config.damping import Damping
@@ -90,6 +90,38 @@ def empty_index(faiss, kind: IndexKind, width: int, params: dict[str, int]):
         index = faiss.IndexIVFPQ(quantizer, width, params["nlist"], params["m"], params["nbits"], ip)
     index.cp.spherical = False  # plain k-means on the augmented vectors (faiss's IP default is spherical)
     return index
+
+
+def gpus_for(faiss, gpu: bool | None) -> int:
+    """How many GPUs the lists' k-means runs on: faiss's count (0 with faiss-cpu) unless ``gpu`` is
+    False; ``gpu=True`` without one is an error naming the package."""
+    count = int(getattr(faiss, "get_num_gpus", lambda: 0)()) if gpu is not False else 0
+    if gpu and count == 0:
+        raise LogixError("gpu=True, but faiss sees no GPU: install faiss-gpu (the CUDA build) on a machine with "
+                         "one, or build on the CPU (gpu=None / False).")
+    return count
+
+
+def train_lists(faiss, index, vectors: np.ndarray, nlist: int, seed: int, gpus: int) -> None:
+    """The inverted lists' centroids: plain (not spherical) k-means of the augmented ``vectors``,
+    on ``gpus`` GPUs when there are any, put in the index's quantizer; faiss's own ``train`` then
+    finds the lists trained and trains only the codes (PQ / SQ) on the CPU."""
+    kmeans = faiss.Kmeans(vectors.shape[1], nlist, niter=25, seed=seed, spherical=False, gpu=gpus or False)
+    kmeans.train(vectors)
+    faiss.extract_index_ivf(index).quantizer.add(kmeans.centroids)
+
+
+def exact_top(store: Store, pq: Tensor, mode: ScoreMode, norms: Tensor | None, k: int) -> Tensor:
+    """The exact top-``k`` rows (positions) of each transformed query ``pq`` by one scan of the store."""
+    best = TopK(pq.shape[0], k, largest=True)
+    for chunk in store.iter_chunks():
+        exact = (chunk.rows.to(torch.float32) @ pq.T).T.to(torch.float64)
+        if mode is ScoreMode.UNIT:
+            exact /= chunk.rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)[None, :]
+        elif mode in NORMED:
+            exact /= norms[chunk.start : chunk.start + exact.shape[1]].clamp_min(1e-300)[None, :]
+        best.update(exact, chunk.start)
+    return best.index
 
 
 def augment(vectors: Tensor, width: int, top: float) -> np.ndarray:

@@ -55,14 +55,16 @@ from logix.analysis.faiss_index import (
     default_params,
     empty_index,
     energy_rank,
+    exact_top,
+    gpus_for,
     index_vectors,
     leading_basis,
     load_faiss,
     preconditioner_of,
     save_index,
     store_fingerprint,
+    train_lists,
 )
-from logix.analysis.kernels import TopK
 from logix.analysis.precondition import Preconditioner
 from logix.config.choices import IndexKind, PreconditionerType, ScoreMode
 from logix.config.damping import Damping, default_damping
@@ -163,7 +165,7 @@ class Index:
                    preconditioner: PreconditionerType | str = PreconditionerType.AUTO, damping: Damping | None = None,
                    nlist: int | None = None, m: int | None = None, nbits: int | None = None,
                    hnsw_m: int | None = None, train_rows: int | None = None, reduce: int | None = None,
-                   chunk_rows: int = 8192, seed: int = 0, progress: bool = True) -> Index:
+                   chunk_rows: int = 8192, seed: int = 0, gpu: bool | None = None, progress: bool = True) -> Index:
         """Index the train rows of ``run_dir`` as ``kind`` in streaming passes; save it in ``<run>/index/``.
 
         ``preconditioner`` / ``damping`` matter for ``relative`` / ``cosine`` only (the rows'
@@ -173,7 +175,8 @@ class Index:
         the rows' coordinates on the ``reduce`` leading eigenvectors of their (uncentered) second
         moment, estimated on the training set, so that inner products there approximate the scores
         (candidates are still re-scored exactly): fewer bytes per row where the rows' energy is
-        concentrated. Memory: the training sample, one chunk, the index."""
+        concentrated. ``gpu``: the lists' k-means on the GPUs faiss sees (None: when it sees any;
+        the graphs and the codes train on the CPU). Memory: the training sample, one chunk, the index."""
         faiss = load_faiss()
         run_dir = Path(run_dir)
         kind, mode = IndexKind.parse(kind, "kind"), ScoreMode.parse(mode, "mode")
@@ -228,7 +231,10 @@ class Index:
                 bar.update(chunk.rows.shape[0])
         if not index.is_trained:
             train_start = time.perf_counter()
-            index.train(augment(sample, width, top))
+            augmented = augment(sample, width, top)
+            if kind in INVERTED:
+                train_lists(faiss, index, augmented, params["nlist"], seed, gpus_for(faiss, gpu))
+            index.train(augmented)
             train_s = time.perf_counter() - train_start
         del sample
         for chunk in store.iter_chunks(chunk_rows):
@@ -354,16 +360,9 @@ class Index:
             queries = source.take(np.sort(pick))
         hits = self.search(queries, k, preconditioner, damping, nprobe=nprobe, rerank=rerank)
         pq = self._queries(queries, self.preconditioner(preconditioner, damping)).to(torch.float32)
-        best = TopK(pq.shape[0], min(k, len(self)), largest=True)
-        for chunk in self.store.iter_chunks():
-            exact = (chunk.rows.to(torch.float32) @ pq.T).T.to(torch.float64)
-            if self.mode is ScoreMode.UNIT:
-                exact /= chunk.rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)[None, :]
-            elif self.mode in NORMED:
-                exact /= self.norms[chunk.start : chunk.start + exact.shape[1]].clamp_min(1e-300)[None, :]
-            best.update(exact, chunk.start)
+        best = exact_top(self.store, pq, self.mode, self.norms, min(k, len(self)))
         found = [set(row) for row in hits.index.tolist()]
-        return float(np.mean([len(f & set(e)) / len(e) for f, e in zip(found, best.index.tolist())]))
+        return float(np.mean([len(f & set(e)) / len(e) for f, e in zip(found, best.tolist())]))
 
     def _queries(self, queries: Tensor, pre: Preconditioner) -> Tensor:
         q = queries.to(torch.float64)

@@ -239,6 +239,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     index = Index.build(run_dir, kind=args.kind, mode=args.mode, preconditioner=args.preconditioner,
                         damping=None if args.damping is None else Damping(args.damping), nlist=args.nlist, m=args.m,
                         nbits=args.nbits, hnsw_m=args.hnsw_m, train_rows=args.train_rows, reduce=args.reduce,
+                        gpu=True if args.gpu else None,
                         progress=not args.quiet)
     rows_bytes = index.store.nbytes()
     reduced = f", reduced to {index.meta['reduce']} coordinates" if index.meta.get("reduce") else ""

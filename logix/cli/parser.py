@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce", type=positive_int, metavar="R",
                    help="index the rows' coordinates on their R leading eigenvectors (fewer bytes per row; "
                    "candidates are still re-scored exactly); default: all values")
+    p.add_argument("--gpu", action="store_true",
+                   help="require a GPU for the lists' k-means (faiss-gpu); by default one is used when faiss sees it")
     p.add_argument("--check", type=nonnegative_int, default=100, metavar="N",
                    help="after the build, measure recall@10 against the exact scan on N sampled query rows and warn "
                    "when it is below 0.9 (0: skip; costs one scan of the store)")

@@ -220,3 +220,28 @@ def test_auto_keeps_ivfpq_on_clustered_rows_and_switches_to_a_reduced_graph_othe
     assert index.kind.value == "hnswsq4" and index.meta["reduce"] is None
     assert measured["ivfpq"] < 0.9 <= measured["hnswsq4"], measured
     assert Index.load(plain).meta["choice"] == index.meta["choice"]  # recorded in index.json
+
+
+def test_the_lists_k_means_goes_to_the_gpus_faiss_sees(tmp_path, monkeypatch):
+    """faiss-gpu's count of GPUs decides where the lists' k-means runs (here faked: faiss-cpu sees
+    none); gpu=False keeps it on the CPU; gpu=True without a GPU names the package to install."""
+    import faiss
+
+    run_dir = tmp_path / "run"
+    store = _clustered_store(store_dir(run_dir), 5_000, 64)
+    asked = []
+    real = faiss.Kmeans
+
+    def kmeans(*args, gpu=False, **kw):
+        asked.append(gpu)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(faiss, "Kmeans", kmeans)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    index = Index.build(run_dir, kind="ivfpq", mode="dot", preconditioner="identity", progress=False)
+    Index.build(run_dir, kind="ivfflat", mode="dot", preconditioner="identity", gpu=False, progress=False)
+    assert asked == [2, False]
+    assert len(index) == store.n_rows and index.recall(preconditioner="identity", sample=50) >= 0.9
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    with pytest.raises(LogixError, match="install faiss-gpu"):
+        Index.build(run_dir, kind="ivfpq", gpu=True, progress=False)
