@@ -106,7 +106,7 @@ def train_lists(faiss, index, vectors: np.ndarray, nlist: int, seed: int, gpus: 
     """The inverted lists' centroids: plain (not spherical) k-means of the augmented ``vectors``,
     on ``gpus`` GPUs when there are any, put in the index's quantizer; faiss's own ``train`` then
     finds the lists trained and trains only the codes (PQ / SQ) on the CPU."""
-    kmeans = faiss.Kmeans(vectors.shape[1], nlist, niter=25, seed=seed, spherical=False, gpu=gpus or False)
+    kmeans = faiss.Kmeans(vectors.shape[1], nlist, niter=10, seed=seed, spherical=False, gpu=gpus or False)  # faiss IVF's own 10
     kmeans.train(vectors)
     faiss.extract_index_ivf(index).quantizer.add(kmeans.centroids)
 
