@@ -62,7 +62,7 @@ def default_params(kind: IndexKind, n: int, dim: int) -> dict[str, int]:
     nlist = int(min(65536, max(16, 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1))))))
     nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
     m = max(d for d in range(1, max(dim // 4, 1) + 1) if dim % d == 0)
-    nbits = max(1, min(8, int(math.log2(max(n, 2)))))  # 2**nbits centroids per part need as many rows
+    nbits = max(1, min(8, int(math.log2(max(n / 39, 2)))))  # faiss wants >= 39 training rows per centroid
     return {"nlist": nlist, "m": m, "nbits": nbits, "hnsw_m": 16}
 
 

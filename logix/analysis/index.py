@@ -84,6 +84,7 @@ from logix.store.rundir import (
 )
 
 AUTO_SAMPLE, AUTO_RECALL = 100, 0.9  # kind auto: query rows sampled to measure recall@10, and the bar
+AUTO_FLAT_BYTES = 2**30  # kind auto: neither approximate kind recalls 0.9 -> the exact scan when rows fit this
 AUTO_ENERGY = 0.8  # kind auto's graph: the leading coordinates holding this share of the rows' energy
 
 
@@ -134,13 +135,11 @@ class Index:
     # ---- build ----------------------------------------------------------------------------------
     @classmethod
     def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.AUTO, **options: Any) -> Index:
-        """Index the train rows of ``run_dir`` (options: those of :meth:`build_kind`). ``auto``: an
-        ``ivfpq`` index (1/13 of float32 rows' bytes; inverted lists suit rows that cluster), kept when
-        its recall@10 against the exact scan on 100 sampled query rows (:meth:`recall`) is at least 0.9;
-        otherwise an ``hnswsq4`` graph (rows without cluster structure) over the rows' leading
-        coordinates that hold 80 % of their energy when those are at most half of them (as for
-        per-example gradients; all coordinates otherwise), kept if it recalls more. The measured
-        recalls are in ``meta["choice"]``."""
+        """Index the train rows of ``run_dir`` (options: those of :meth:`build_kind`). ``auto``: ``ivfpq``
+        (inverted lists suit rows that cluster) if its recall@10 on 100 sampled query rows
+        (:meth:`recall`) is >= 0.9, else ``hnswsq4`` (rows without clusters; over the leading
+        coordinates holding 80 % of the energy when those are at most half) if it recalls more, else
+        ``flat`` when neither reaches 0.9 and the float32 rows fit 1 GiB. Recalls: ``meta["choice"]``."""
         kind = IndexKind.parse(kind, "kind")
         if kind is not IndexKind.AUTO:
             return cls.build_kind(run_dir, kind, **options)
@@ -153,7 +152,10 @@ class Index:
                 graph_options["reduce"] = rank if rank <= index.meta["dim"] // 2 else None
             index = cls.build_kind(run_dir, IndexKind.HNSWSQ4, **graph_options)
             measured["hnswsq4"] = index.recall(sample=AUTO_SAMPLE)
-            if measured["hnswsq4"] < measured["ivfpq"]:
+            if max(measured.values()) < AUTO_RECALL and index.store.n_rows * index.meta["dim"] * 4 <= AUTO_FLAT_BYTES:
+                flat = ("mode", "preconditioner", "damping", "progress")
+                index = cls.build_kind(run_dir, IndexKind.FLAT, **{k: v for k, v in options.items() if k in flat})
+            elif measured["hnswsq4"] < measured["ivfpq"]:
                 index = cls.build_kind(run_dir, IndexKind.IVFPQ, **options)
         index.meta["choice"] = {"recall@10": measured, "sample": AUTO_SAMPLE, "threshold": AUTO_RECALL}
         write_json_atomic(index_meta_file(run_dir), index.meta)

@@ -253,7 +253,11 @@ def cmd_index(args: argparse.Namespace) -> None:
         got = index.recall(sample=args.check)
         print(f"recall@10 against the exact scan on {min(args.check, len(index))} sampled query rows "
               f"(default nprobe, rerank 10): {got:.3f}")
-        if got < 0.9:
+        tried = index.meta.get("choice", {}).get("recall@10", {})
+        if got < 0.9 and len(tried) > 1:
+            print(f"warning: neither inverted lists nor a graph reach recall 0.9 on these rows ({tried}); "
+                  "query with a larger --rerank, or build --kind flat (exact)", file=sys.stderr)
+        elif got < 0.9:
             other = "hnswsq4" if index.kind.value.startswith("ivf") else "ivfpq"
             print(f"warning: recall {got:.3f} is low for these rows: try --kind {other} (inverted files suit rows "
                   "that cluster, graphs rows that do not), or search with a larger --nprobe / --rerank",

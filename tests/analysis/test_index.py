@@ -245,3 +245,17 @@ def test_the_lists_k_means_goes_to_the_gpus_faiss_sees(tmp_path, monkeypatch):
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
     with pytest.raises(LogixError, match="install faiss-gpu"):
         Index.build(run_dir, kind="ivfpq", gpu=True, progress=False)
+
+
+def test_auto_falls_back_to_the_exact_scan_on_a_small_store_neither_kind_serves(tmp_path, monkeypatch, capfd):
+    """Neither approximate kind reaching 0.9 (faked here) on rows that fit 1 GiB: ``auto`` keeps the
+    exact scan, records both recalls, and faiss is not asked for more centroids than the rows train
+    (PQ codes of 2**nbits centroids need 39 rows each: no warnings on a 3,000-row store)."""
+    run_dir = tmp_path / "run"
+    _clustered_store(store_dir(run_dir), 3_000, 64)
+    index = Index.build(run_dir, kind="ivfpq", mode="dot", preconditioner="identity", progress=False)
+    assert 2 ** index.meta["params"]["nbits"] * 39 <= 3_000
+    assert "please provide at least" not in capfd.readouterr().err
+    monkeypatch.setattr(Index, "recall", lambda self, **kw: {"ivfpq": 0.5, "hnswsq4": 0.6}[self.kind.value])
+    index = Index.build(run_dir, mode="dot", preconditioner="identity", progress=False)
+    assert index.kind.value == "flat" and index.meta["choice"]["recall@10"] == {"ivfpq": 0.5, "hnswsq4": 0.6}
