@@ -148,15 +148,6 @@ def leading_basis(sample: Tensor, r: int) -> Tensor:
     return vectors[:, values.argsort(descending=True)[:r]].contiguous()
 
 
-def energy_rank(store: Store, fraction: float, sample: int = 20_000, seed: int = 0) -> int:
-    """The fewest leading eigen-coordinates of the rows' uncentered second moment (estimated on
-    ``sample`` rows) that hold ``fraction`` of the rows' energy."""
-    pick = np.sort(np.random.default_rng(seed).choice(store.n_rows, min(store.n_rows, sample), replace=False))
-    rows = store.take(pick).to(torch.float64)
-    values = torch.linalg.eigvalsh(rows.T @ rows).flip(0).clamp_min(0)
-    return int((values.cumsum(0) < fraction * values.sum()).sum()) + 1
-
-
 def save_index(run_dir: Path, faiss, index, meta: dict[str, Any], extras: dict[str, Tensor]) -> None:
     """Write the index, its extras and last ``index.json`` (which names the index file) atomically."""
     folder = index_dir(run_dir)

@@ -54,7 +54,6 @@ from logix.analysis.faiss_index import (
     augmented_dim,
     default_params,
     empty_index,
-    energy_rank,
     exact_top,
     gpus_for,
     index_vectors,
@@ -85,7 +84,6 @@ from logix.store.rundir import (
 
 AUTO_SAMPLE, AUTO_RECALL = 100, 0.9  # kind auto: query rows sampled to measure recall@10, and the bar
 AUTO_FLAT_BYTES = 2**30  # kind auto: neither approximate kind recalls 0.9 -> the exact scan when rows fit this
-AUTO_ENERGY = 0.8  # kind auto's graph: the leading coordinates holding this share of the rows' energy
 
 
 @dataclass
@@ -137,8 +135,8 @@ class Index:
     def build(cls, run_dir: str | Path, kind: IndexKind | str = IndexKind.AUTO, **options: Any) -> Index:
         """Index the train rows of ``run_dir`` (options: those of :meth:`build_kind`). ``auto``: ``ivfpq``
         (inverted lists suit rows that cluster) if its recall@10 on 100 sampled query rows
-        (:meth:`recall`) is >= 0.9, else ``hnswsq4`` (rows without clusters; over the leading
-        coordinates holding 80 % of the energy when those are at most half) if it recalls more, else
+        (:meth:`recall`) is >= 0.9, else ``hnswsq4`` (rows without clusters; all coordinates, unless
+        ``reduce`` is given) if it recalls more, else
         ``flat`` when neither reaches 0.9 and the float32 rows fit 1 GiB. Recalls: ``meta["choice"]``."""
         kind = IndexKind.parse(kind, "kind")
         if kind is not IndexKind.AUTO:
@@ -147,9 +145,6 @@ class Index:
         measured = {"ivfpq": index.recall(sample=AUTO_SAMPLE)}
         if measured["ivfpq"] < AUTO_RECALL:
             graph_options = {k: v for k, v in options.items() if k not in ("nlist", "m", "nbits")}
-            if graph_options.get("reduce") is None:
-                rank = energy_rank(index.store, AUTO_ENERGY)
-                graph_options["reduce"] = rank if rank <= index.meta["dim"] // 2 else None
             index = cls.build_kind(run_dir, IndexKind.HNSWSQ4, **graph_options)
             measured["hnswsq4"] = index.recall(sample=AUTO_SAMPLE)
             if max(measured.values()) < AUTO_RECALL and index.store.n_rows * index.meta["dim"] * 4 <= AUTO_FLAT_BYTES:
