@@ -111,15 +111,24 @@ def train_lists(faiss, index, vectors: np.ndarray, nlist: int, seed: int, gpus: 
     faiss.extract_index_ivf(index).quantizer.add(kmeans.centroids)
 
 
+def row_divisors(mode: ScoreMode, rows: Tensor, norms: Tensor | None) -> Tensor | None:
+    """What each row's dot product with a transformed query is divided by to be its score in
+    ``mode`` (``rows``' own norms for unit, their stored ``H``-norms ``norms`` for relative /
+    cosine; None for dot)."""
+    if mode is ScoreMode.UNIT:
+        return rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)
+    return norms.clamp_min(1e-300) if mode in NORMED else None
+
+
 def exact_top(store: Store, pq: Tensor, mode: ScoreMode, norms: Tensor | None, k: int) -> Tensor:
     """The exact top-``k`` rows (positions) of each transformed query ``pq`` by one scan of the store."""
     best = TopK(pq.shape[0], k, largest=True)
     for chunk in store.iter_chunks():
         exact = (chunk.rows.to(torch.float32) @ pq.T).T.to(torch.float64)
-        if mode is ScoreMode.UNIT:
-            exact /= chunk.rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)[None, :]
-        elif mode in NORMED:
-            exact /= norms[chunk.start : chunk.start + exact.shape[1]].clamp_min(1e-300)[None, :]
+        span = None if norms is None else norms[chunk.start : chunk.start + exact.shape[1]]
+        divisors = row_divisors(mode, chunk.rows, span)
+        if divisors is not None:
+            exact /= divisors[None, :]
         best.update(exact, chunk.start)
     return best.index
 

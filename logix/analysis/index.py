@@ -60,6 +60,7 @@ from logix.analysis.faiss_index import (
     leading_basis,
     load_faiss,
     preconditioner_of,
+    row_divisors,
     save_index,
     store_fingerprint,
     train_lists,
@@ -385,10 +386,9 @@ class Index:
         unique, where = torch.unique(found.clamp_min(0), return_inverse=True)
         rows = self.store.take(unique.numpy()).to(torch.float32)
         exact = torch.bmm(rows[where], pq.to(torch.float32).unsqueeze(2)).squeeze(2).to(torch.float64)
-        if self.mode is ScoreMode.UNIT:
-            exact /= rows.to(torch.float64).norm(dim=1).clamp_min(1e-30)[where]
-        elif self.mode in NORMED:
-            exact /= self.norms[unique].clamp_min(1e-300)[where]
+        divisors = row_divisors(self.mode, rows, None if self.norms is None else self.norms[unique])
+        if divisors is not None:
+            exact /= divisors[where]
         exact = exact.masked_fill(~valid, -math.inf)
         top, pos = exact.topk(k, dim=1)
         index = found.gather(1, pos).masked_fill(torch.isinf(top), -1)

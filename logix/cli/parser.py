@@ -32,18 +32,22 @@ class Command(str, enum.Enum):
 
 
 # ---- option values: checked by argparse, so a bad one is one line and exit code 2 ---------------
-def positive_int(text: str) -> int:
+def _integer(text: str, least: int, wanted: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
     return value
 
 
+def positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
 def nonnegative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
+    return _integer(text, 0, "an integer >= 0")
 
 
 def nonnegative_float(text: str) -> float:

@@ -255,3 +255,17 @@ def test_auto_falls_back_to_the_exact_scan_on_a_small_store_neither_kind_serves(
     monkeypatch.setattr(Index, "recall", lambda self, **kw: {"ivfpq": 0.5, "hnswsq4": 0.6}[self.kind.value])
     index = Index.build(run_dir, mode="dot", preconditioner="identity", progress=False)
     assert index.kind.value == "flat" and index.meta["choice"]["recall@10"] == {"ivfpq": 0.5, "hnswsq4": 0.6}
+
+
+def test_an_index_without_its_basis_file_and_bad_build_options_are_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _unclustered_store(store_dir(run_dir), 2_000, 64)
+    Index.build(run_dir, kind="hnsw", mode="dot", preconditioner="identity", reduce=8, progress=False)
+    index_norms_file(run_dir).unlink()  # the reduced basis the queries need
+    with pytest.raises(StoreError, match="lacks the rows' norms / the reduced basis"):
+        Index.load(run_dir)
+    with pytest.raises(LogixError, match="needs a concrete kind"):
+        Index.build_kind(run_dir, "auto")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", str(run_dir), "--check", "-1"])
+    assert exit_info.value.code == 2 and "--check: must be an integer >= 0, got -1" in capsys.readouterr().err
