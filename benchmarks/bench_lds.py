@@ -207,9 +207,10 @@ LM = {"n_train": 320, "n_query": 64, "vocab": 128, "seq": 20, "families": 4, "n_
       "n_head": 2, "epochs": 30, "batch": 32, "lr": 3e-3, "weight_decay": 0.0, "seed": 0}
 
 
-def lm_data() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """``(train_tokens, query_tokens, query_family)``; family ``f`` sequences start with token f."""
-    rng = np.random.default_rng(LM["seed"])
+def lm_data(seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``(train_tokens, query_tokens, query_family)``; family ``f`` sequences start with token f
+    (``seed``: the generator's, ``LM["seed"]`` by default)."""
+    rng = np.random.default_rng(LM["seed"] if seed is None else seed)
     lo, vocab, seq = LM["families"], LM["vocab"], LM["seq"]
     n_content = vocab - lo
     succ = rng.integers(0, n_content, size=(n_content, 2))  # sparse Markov chain: 2 successors each

@@ -2,8 +2,10 @@
 
 Tasks (``suite_tasks.py``): ``mlp`` and ``cnn`` (image-like) classifiers, ``text`` (a one-layer
 transformer encoder classifier), ``lm`` (a tiny GPT-2 on four generated sequence families) and
-``lora`` (a LoRA fine-tune of the text encoder on a shifted rule). ``TUNING`` tasks are the ones a
-default may be chosen on; the others are held out and only reported.
+``lora`` (a LoRA fine-tune of the text encoder on a shifted rule); and two added after the
+defaults were chosen (``suite_holdout.py``): ``mlp-relu`` (a deeper ReLU MLP trained with SGD) and
+``llama`` (a LLaMA-style causal LM). ``TUNING`` tasks are the ones a default may be chosen on; the
+others are held out and only reported.
 
 Protocol per task (``bench_lds``'s): train once from seed 0 on all train examples; retrain the
 same recipe on ``--subsets`` random half subsets (``logix.analysis.retrain_on_subsets``, cached
@@ -52,12 +54,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lds import RESULTS, ground_truth, log_config, score_matrix  # noqa: E402
+from suite_holdout import HOLDOUT  # noqa: E402
 from suite_tasks import TASKS  # noqa: E402
 
 import logix  # noqa: E402
 from logix.analysis import lds, spearman  # noqa: E402
 
 TUNING = ("mlp", "cnn")  # defaults may be chosen on these; text, lm and lora are held out
+ALL_TASKS = {**TASKS, **HOLDOUT}  # mlp-relu and llama: held out, added after the defaults were chosen
 DAMPINGS = (None, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative; None: the preconditioner's default
 FULL_TYPES = ["linear", "conv1d", "conv2d"]  # the modules kronfluence tracks (embeddings excluded)
 # candidate defaults: label -> (config, [(preconditioner, damping)])
@@ -73,7 +77,8 @@ CANDIDATES = {
     "pca16-ekfac-true": ({"projection": {"type": "pca", "rank_in": 16, "rank_out": 16},
                           "statistics": {"ekfac": True, "fisher": "true"}}, "ekfac"),
     "whitened16": ({"projection": {"type": "whitened", "rank_in": 16, "rank_out": 16}}, "identity"),
-    # the default's bytes per example (k=16 float32) spent on k=32 int8 rows
+    # the previous default's bytes per example (k=16 float32) spent on k=32 int8 rows; random32-int8-ekfac
+    # was the default until the orthogonal projection replaced the Gaussian one
     "random32-int8-kfac": ({"projection": {"type": "random", "rank_in": 32, "rank_out": 32},
                             "store": {"dtype": "int8"}}, "kfac"),
     "random32-int8-ekfac": ({"projection": {"type": "random", "rank_in": 32, "rank_out": 32},
@@ -93,8 +98,8 @@ CANDIDATES = {
                              "store": {"dtype": "int8"}, "statistics": {"ekfac": True}}, "ekfac"),
 }
 CANDIDATE_DAMPINGS = (None, 1e-3, 3e-3, 1e-2, 3e-2, 1.0)
-# the defaults before this suite chose them: random k16, KFAC, float32 rows, damping 0.1
-PREVIOUS_DEFAULT = {"projection": {"rank_in": 16, "rank_out": 16}, "statistics": {"ekfac": False},
+# the defaults before this suite chose them: random (Gaussian) k16, KFAC, float32 rows, damping 0.1
+PREVIOUS_DEFAULT = {"projection": {"type": "random", "rank_in": 16, "rank_out": 16}, "statistics": {"ekfac": False},
                     "store": {"dtype": "float32"}}
 
 
@@ -122,7 +127,7 @@ def methods(task) -> list[tuple[str, dict, list[tuple[str, float | None]]]]:
 
 
 def run_task(name: str, args, tmp: Path) -> dict:
-    task = TASKS[name]()
+    task = ALL_TASKS[name]()
     n = task.n_train
     model = task.train(np.ones(n, dtype=bool), 0)
     print(f"{name}: {n} train / {task.n_query} queries; retraining on {args.subsets} subsets x 2 seeds", flush=True)
@@ -238,7 +243,7 @@ def print_table(tasks: dict) -> None:
 
 
 MARKDOWN_ROWS = [  # (label in the docs, method, preconditioner, damping)
-    ("**logix defaults** (`logix.init(name)`: random k32, EK-FAC in one pass, int8 rows, damping 0.01)",
+    ("**logix defaults** (`logix.init(name)`: orthogonal k32, EK-FAC in one pass, int8 rows, damping 0.01)",
      "default", "auto", "default"),
     ("previous defaults (random k16, KFAC, float32 rows, damping 0.1)", "previous-default", "kfac", "default"),
     ("`projection: none` + EK-FAC, default damping", "none-ekfac", "ekfac", "default"),
@@ -247,8 +252,9 @@ MARKDOWN_ROWS = [  # (label in the docs, method, preconditioner, damping)
     ("kronfluence 1.0.1 EK-FAC, default damping 1e-8", "kron", "ekfac", 1e-8),
     ("recipe: classifier (pca 32, raw-joint, expected)", "recipe-clf", "raw-joint", "default"),
     ("recipe: `configs/lm_influence.yaml` (whitened 52, int4)", "recipe-lm", "identity", "default"),
-    ("random k32 int8 + KFAC, damping 0.01 (one pass, ≤ the default's bytes)", "random32-int8-kfac", "kfac", 1e-2),
-    ("random k32 int8 + EK-FAC, damping 0.01", "random32-int8-ekfac", "ekfac", 1e-2),
+    ("random (Gaussian) k32 int8 + KFAC, damping 0.01", "random32-int8-kfac", "kfac", 1e-2),
+    ("random (Gaussian) k32 int8 + EK-FAC, damping 0.01 (the defaults before the orthogonal projection)",
+     "random32-int8-ekfac", "ekfac", 1e-2),
     ("pca k32 int8 + EK-FAC, damping 0.01", "pca32-int8-ekfac", "ekfac", 1e-2),
     ("LogIX 0.1.1 (logix-ai), its defaults (LoGra: random LoRA rank 64 per layer, KFAC, damping 0.1 x mean eigenvalue)",
      "logix-ai", "kfac", "default"),
@@ -282,7 +288,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=list(ALL_TASKS))
     ap.add_argument("--subsets", type=int, default=48, help="half-subset retrainings per seed")
     ap.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="candidate default settings")
     ap.add_argument("--no-kron", action="store_true", help="skip kronfluence")

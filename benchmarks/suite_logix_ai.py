@@ -131,11 +131,12 @@ def logix_ai_scores(task, model, tmp: Path, site: Path, ranks: list[int]) -> dic
     kmodel = task.kron_model(model).eval()
     torch.save(kmodel, work / "model.pt")
     env = dict(zip(task.forward.__code__.co_freevars, (c.cell_contents for c in task.forward.__closure__)))
-    if task.name == "lm":  # forward: tokens -> (logits[:, :-1], tokens[:, 1:])
+    causal = "train_tokens" in env  # lm, llama; forward: tokens -> (logits[:, :-1], tokens[:, 1:])
+    if causal:
         xt, yt, xq, yq = env["train_tokens"], None, env["query_tokens"], None
     else:  # forward: (model(x[ids]), y[ids]) of the task's tensors
         xt, yt, xq, yq = env["xt"], env["yt"], env["xq"], env["yq"]
-    torch.save({"name": task.name, "kind": "lm" if task.name == "lm" else "clf", "xt": xt, "yt": yt, "xq": xq,
+    torch.save({"name": task.name, "kind": "lm" if causal else "clf", "xt": xt, "yt": yt, "xq": xq,
                 "yq": yq, "modules": task.kron_modules}, work / "data.pt")
     env = {**os.environ, "PYTHONPATH": str(site)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(work), "--rank", *map(str, ranks)]
@@ -171,7 +172,7 @@ def logix_ai_rows(task, model, tmp: Path, site: Path, ranks: list[int], masks, o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--site", type=Path, default=Path("/tmp/logixai/site"), help="LogIX 0.1.1's --target install")
-    ap.add_argument("--tasks", nargs="+", default=["mlp", "cnn", "text", "lm", "lora"])
+    ap.add_argument("--tasks", nargs="+", default=["mlp", "cnn", "text", "lm", "lora", "mlp-relu", "llama"])
     ap.add_argument("--rank", nargs="*", type=int, default=[16], help="LoGra ranks besides the default (64)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="random LoRA draws: seed 0's rows replace the report's; other seeds' LDS is added to "
@@ -188,8 +189,10 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     from bench_lds import ground_truth
+    from suite_holdout import HOLDOUT
     from suite_tasks import TASKS
 
+    TASKS = {**TASKS, **HOLDOUT}
     torch.set_num_threads(1)
     report = json.loads(args.out.read_text())
     for name in args.tasks:

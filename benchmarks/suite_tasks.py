@@ -70,10 +70,12 @@ class Task:
 
 
 def fit(model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, steps: int, lr: float,
-        weight_decay: float = 0.0, batch: int | None = None, seed: int = 0) -> nn.Module:
-    """Adam (cosine schedule) on the mean loss; full batch, or seeded minibatches of ``batch``."""
+        weight_decay: float = 0.0, batch: int | None = None, seed: int = 0,
+        optimizer: Callable | None = None) -> nn.Module:
+    """Adam (cosine schedule) on the mean loss; full batch, or seeded minibatches of ``batch``
+    (``optimizer``: builds another optimizer from the parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # L2, as bench_lds
+    opt = optimizer(params) if optimizer else torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # L2
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)

@@ -84,7 +84,7 @@ def main() -> None:
     # The logix config: a dict, a YAML file or a logix.Config. `schedule` is the callback's part.
     config = logix.Config.from_dict({
         "root": args.root,
-        "projection": {"type": "random", "rank_in": 16, "rank_out": 16},
+        "projection": {"type": "orthogonal", "rank_in": 16, "rank_out": 16},
         "statistics": {"kfac": True},
         "schedule": {
             "epochs": [1, 2],   # log at the end of epochs 1 and 2 ...

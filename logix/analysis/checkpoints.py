@@ -17,7 +17,7 @@ from logix.analysis.precondition import AsymmetricPreconditioner, Preconditioner
 from logix.config import ProjectionType, resolve_config
 from logix.config.choices import CheckpointWeighting, PreconditionerType
 from logix.config.damping import Damping
-from logix.core.projection import ModuleProjection, load_projections, random_projection
+from logix.core.projection import ModuleProjection, load_projections, seeded_projection
 from logix.core.statistics import Statistics
 from logix.errors import LogixError, StatisticsError
 from logix.store.format import read_manifest
@@ -134,8 +134,8 @@ def run_projections(run_dir: str | Path, full_layout, layout) -> dict:
     out = {}
     for fb, block in zip(full_layout.blocks, layout.blocks):
         out[block.name] = ModuleProjection(
-            random_projection(block.name, fb.shape[1], block.shape[1], cfg.seed, "in"),
-            random_projection(block.name, fb.shape[0], block.shape[0], cfg.seed, "out"),
+            seeded_projection(cfg.type, block.name, fb.shape[1], block.shape[1], cfg.seed, "in"),
+            seeded_projection(cfg.type, block.name, fb.shape[0], block.shape[0], cfg.seed, "out"),
         )
     return out
 

@@ -20,8 +20,8 @@ from logix.core.projection import (
     ModuleProjection,
     load_projections,
     pca_projection,
-    random_projection,
     save_projections,
+    seeded_projection,
     whitened_projection,
 )
 from logix.core.statistics import Statistics, eigendecompose
@@ -325,11 +325,11 @@ def init_projections(state: RunState) -> None:
     for w in state.watched:
         if ptype is ProjectionType.NONE:
             state.projections[w.name] = ModuleProjection(None, None)
-        elif ptype is ProjectionType.RANDOM:
+        elif ptype.is_seeded:
             k_in, k_out = state.ranks(w)
             state.projections[w.name] = ModuleProjection(
-                random_projection(w.name, w.shape.d_in_aug, k_in, seed, "in"),
-                random_projection(w.name, w.shape.d_out, k_out, seed, "out"),
+                seeded_projection(ptype, w.name, w.shape.d_in_aug, k_in, seed, "in"),
+                seeded_projection(ptype, w.name, w.shape.d_out, k_out, seed, "out"),
             )
     load_finished_projections(state)
     entries = []

@@ -41,6 +41,7 @@ class ChoiceEnum(str, enum.Enum):
 class ProjectionType(ChoiceEnum):
     """How gradients are projected before they are stored."""
 
+    ORTHOGONAL = "orthogonal"  # seeded random orthonormal directions x sqrt(d/k): unbiased, exact when k = d
     RANDOM = "random"  # seeded Gaussian, entries N(0, 1/k): inner products unbiased
     PCA = "pca"  # top eigenvectors of the activation / output-gradient covariances
     WHITENED = "whitened"  # random directions of the KFAC-whitened space: (A + d)^-1/2 R, (S + d)^-1/2 R
@@ -50,6 +51,11 @@ class ProjectionType(ChoiceEnum):
     def needs_covariance(self) -> bool:
         """Whether the projection is built from a first pass's full-space covariances."""
         return self in (ProjectionType.PCA, ProjectionType.WHITENED)
+
+    @property
+    def is_seeded(self) -> bool:
+        """Whether the projection is drawn from the seed alone (random, orthogonal), before any pass."""
+        return self in (ProjectionType.RANDOM, ProjectionType.ORTHOGONAL)
 
 
 class StoreDtype(ChoiceEnum):

@@ -53,12 +53,21 @@ class Damping:
             ``value`` times the spectrum's mean (relative), or ``value`` (absolute).
 
         Raises:
-            StatisticsError: The result is not finite (the spectrum is not).
+            StatisticsError: The result is not finite (the spectrum is not), or a relative
+                damping of an all-zero spectrum (zero: the preconditioner would divide by zero).
         """
-        d = float(self.value * spectrum.mean()) if self.relative else self.value
-        if not math.isfinite(d):
-            raise StatisticsError(f"Damping {self.value!r} (relative) resolved to {d!r}: the curvature spectrum is not finite.")
-        return d
+        if not self.relative:
+            return self.value
+        mean = float(spectrum.mean())
+        if not math.isfinite(mean):
+            raise StatisticsError(f"Damping {self.value!r} (relative) resolved to {mean!r}: the curvature spectrum is not finite.")
+        if mean <= 0:
+            raise StatisticsError(
+                "A relative damping of an all-zero curvature spectrum is zero and the preconditioner would divide by "
+                "zero: the module's logged gradients were all zero (a frozen or unused module). Leave it out "
+                "(capture.modules / capture.exclude), or give an absolute damping (relative=False)."
+            )
+        return self.value * mean
 
 
 DEFAULT_DAMPING = Damping()
@@ -69,8 +78,8 @@ PRECONDITIONER_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType
 
 
 PROJECTED_EKFAC_DAMPING = Damping(0.01)
-"""EK-FAC on projected rows: relative 0.01 (the five-task suite, benchmarks/bench_suite.py: better than
-0.1 on every task and projection seed; full-dimension rows keep 0.1, which is better there)."""
+"""EK-FAC on projected rows: relative 0.01 (benchmarks/bench_suite.py, orthogonal rows, five projection
+draws: the best worst case over the tuning tasks; full-dimension rows keep 0.1, which is better there)."""
 
 
 def describe_damping(damping: Damping | None) -> str:

@@ -33,7 +33,9 @@ class ProjectionConfig:
     :class:`~logix.errors.ConfigError` naming the key.
     """
 
-    type: ProjectionType = help_field("random | pca | whitened | none.", ProjectionType.RANDOM)
+    type: ProjectionType = help_field(
+        "orthogonal (seeded random orthonormal directions: lossless where the rank reaches a module's size) | "
+        "random (seeded Gaussian) | pca | whitened | none.", ProjectionType.ORTHOGONAL)
     rank_in: int = help_field(
         "k_in: projected size of the (bias-augmented) input activations (capped at each module's size).", 32
     )

@@ -4,9 +4,12 @@ The logged gradient of a module is ``P_out^T G P_in`` where ``G = sum_t g_t a_t^
 is its full per-example gradient; hooks compute it as ``sum_t (g_t P_out)^T (a_t P_in)``
 so ``G`` is never formed.
 
-* ``random``: entries ``N(0, 1/k)`` from a generator seeded by the run's seed and a
-  stable hash of the module name, so every process builds the same matrices and
-  ``E[P P^T] = I`` (projected inner products are unbiased estimates of full ones).
+* ``orthogonal`` (the default): ``k`` random orthonormal columns scaled by ``sqrt(d / k)``
+  from a generator seeded by the run's seed and a stable hash of the module name, so every
+  process builds the same matrices and ``E[P P^T] = I`` (projected inner products are unbiased
+  estimates of full ones); exact (``P P^T = I``) where ``k`` reaches the module's size.
+* ``random``: Gaussian entries ``N(0, 1/k)`` from the same seeds (also unbiased, with more
+  variance: its columns overlap).
 * ``pca``: the top-``k`` eigenvectors of the module's activation covariance ``A``
   and output-gradient covariance ``S`` measured in a previous pass.
 * ``none``: identity; the full gradient is logged.
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from logix.config.choices import ProjectionType
 from logix.core.checksum import load_tensors, save_tensors
 from logix.errors import ConfigError, StatisticsError
 
@@ -74,6 +78,30 @@ def random_projection(name: str, d: int, k: int, seed: int, side: str) -> Tensor
     """A ``(d, k)`` Gaussian matrix with ``N(0, 1/k)`` entries, reproducible from ``seed``."""
     gen = torch.Generator().manual_seed(module_seed(seed, f"{name}:{side}"))
     return torch.randn(d, k, generator=gen, dtype=torch.float32) / k**0.5
+
+
+def orthogonal_projection(name: str, d: int, k: int, seed: int, side: str) -> Tensor:
+    """A ``(d, k)`` matrix of seeded random orthonormal columns scaled by ``sqrt(d / k)`` (``k <= d``).
+
+    The Q factor of a seeded Gaussian matrix (signs fixed by R's diagonal, so the draw is unique).
+    Like the Gaussian ``random_projection`` it keeps inner products unbiased (``E[P P^T] = I``),
+    with less variance (the columns do not overlap), and it loses nothing when ``k = d``
+    (``P P^T = I``): a module whose size the rank reaches is stored exactly, up to a rotation that
+    EK-FAC's eigenbasis follows.
+    """
+    if k > d:
+        raise ConfigError(f"Module {name!r}: orthogonal rank {k} exceeds the {side} dimension {d}.")
+    gen = torch.Generator().manual_seed(module_seed(seed, f"{name}:{side}"))
+    q, r = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)[None, :]
+    return (q * (d / k) ** 0.5).to(torch.float32).contiguous()
+
+
+def seeded_projection(ptype: ProjectionType, name: str, d: int, k: int, seed: int, side: str) -> Tensor:
+    """The ``(d, k)`` projection of a seeded type (``orthogonal`` or ``random``) for one side of a module."""
+    if ptype is ProjectionType.ORTHOGONAL:
+        return orthogonal_projection(name, d, k, seed, side)
+    return random_projection(name, d, k, seed, side)
 
 
 def pca_projection(name: str, cov: Tensor, k: int, side: str) -> Tensor:

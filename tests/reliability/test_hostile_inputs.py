@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import logix
-from logix.analysis import influence
+from logix.analysis import Damping, influence
 from logix.cli import main
 from logix.errors import BatchError, ConfigError, RunDirectoryError, StatisticsError
 from logix.jobs.attribution import AttributionJob
@@ -123,6 +123,26 @@ def test_damping_must_be_finite(run_dir):
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="finite number >= 0"):
             influence(run_dir, damping=bad, progress=False)
+
+
+def test_relative_damping_of_a_module_with_all_zero_gradients_is_refused(tmp_path):
+    """A module whose gradients are all zero (e.g. LoRA's A while B is zero) has an all-zero
+    spectrum: a relative damping is zero and used to divide 0 by 0 into NaN scores."""
+    net = model()
+    x, y = data(8, 1)
+    run = logix.init("zero", config=CONFIG, root=tmp_path)
+    run.watch(net)
+    for _ in run.plan():
+        with run(data_id=list(range(8))):
+            nn.functional.cross_entropy(net[2](net[1](net[0](x)) * 0.0), y, reduction="sum").backward()
+    run.finalize()
+    with run.log_queries(data_id=["q"]):
+        nn.functional.cross_entropy(net(x[:1]), y[:1], reduction="sum").backward()
+    run.finalize()
+    with pytest.raises(StatisticsError, match="all-zero curvature spectrum.*relative=False"):
+        influence(run.dir, preconditioner="kfac", progress=False)
+    result = influence(run.dir, preconditioner="kfac", damping=Damping(1e-3, relative=False), progress=False)
+    assert torch.isfinite(result.top_scores).all() and torch.isfinite(result.self_influence).all()
 
 
 @pytest.mark.parametrize("n_ids", [3, 2])
