@@ -24,6 +24,7 @@ from logix.analysis.precondition import (
     project_rows,
     register_preconditioner,
 )
+from logix.analysis.tuning import SWEEP_DAMPINGS, DampingSweep, damping_sweep
 from logix.config.choices import PreconditionerType, ScoreMode
 from logix.config.damping import DEFAULT_DAMPING, Damping, default_damping
 from logix.store.rundir import CHECKPOINTS_FILE
@@ -31,9 +32,11 @@ from logix.store.rundir import CHECKPOINTS_FILE
 __all__ = [
     "CHECKPOINTS_FILE",
     "DEFAULT_DAMPING",
+    "SWEEP_DAMPINGS",
     "AsymmetricPreconditioner",
     "Checkpoint",
     "Damping",
+    "DampingSweep",
     "Index",
     "IndexHits",
     "InfluenceResult",
@@ -42,6 +45,7 @@ __all__ = [
     "PreconditionerType",
     "ScoreMode",
     "compute_influence",
+    "damping_sweep",
     "checkpoint_weights",
     "default_damping",
     "index_influence",

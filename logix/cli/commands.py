@@ -301,3 +301,32 @@ def cmd_query(args: argparse.Namespace) -> None:
             record[key] = [{"id": i, "score": float(s), **({"text": texts[0].get(i)} if texts else {})}
                            for i, s in zip(hits.ids[q], hits.scores[q].tolist()) if i is not None]
         print(json.dumps(record))
+
+
+# ---- damping -------------------------------------------------------------------------------------
+def cmd_damping(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from logix.analysis import SWEEP_DAMPINGS, Damping, damping_sweep
+
+    if not args.ground_truth.is_file():
+        raise LogixError(f"{args.ground_truth} does not exist: write it with "
+                         "logix.analysis.retrain_on_subsets(train_fn, n_train, cache=FILE).")
+    with np.load(args.ground_truth, allow_pickle=False) as data:
+        missing = {"masks", "outputs"} - set(data.files)
+        if missing:
+            raise LogixError(f"{args.ground_truth} has no {sorted(missing)}: it needs masks (n_subsets x n_train) and "
+                             f"outputs (n_subsets x n_query); it holds {sorted(data.files)}.")
+        masks, outputs = data["masks"], data["outputs"]
+        ids = data["train_ids"].tolist() if "train_ids" in data.files else None
+    dampings = [Damping(d, not args.absolute_damping) for d in (args.dampings or SWEEP_DAMPINGS)]
+    sweep = damping_sweep(args.run_dir, masks, outputs, dampings, args.preconditioner, ids, args.mode,
+                          progress=not args.quiet)
+    print(f"{args.run_dir}: LDS of {args.preconditioner} ({sweep.preconditioner}) scores, {masks.shape[0]} retrained "
+          f"models, {outputs.shape[1]} queries")
+    print(sweep)
+    best = sweep.best
+    flag = f"--damping {best.value:g}" + ("" if best.relative else " --absolute-damping")
+    print(f"best: {best.value:g} {'relative' if best.relative else 'absolute'} (logix influence {flag})")
+    if args.json:
+        args.json.write_text(json.dumps(json_ready(sweep.to_records()), indent=1) + "\n")

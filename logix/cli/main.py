@@ -14,7 +14,7 @@ from logix.errors import LogixError
 HANDLERS = {Command.RUN: cmd.cmd_run, Command.EXTRACT: cmd.cmd_extract, Command.INFLUENCE: cmd.cmd_influence,
             Command.INSPECT: cmd.cmd_inspect, Command.CONTRIBUTE: cmd.cmd_contribute, Command.SELECT: cmd.cmd_select,
             Command.REPORT: cmd.cmd_report, Command.VERIFY: cmd.cmd_verify, Command.INDEX: cmd.cmd_index,
-            Command.QUERY: cmd.cmd_query}
+            Command.QUERY: cmd.cmd_query, Command.DAMPING: cmd.cmd_damping}
 
 
 def main(argv: list[str] | None = None) -> int:
