@@ -1,11 +1,12 @@
-"""Choosing the damping of one's own task by LDS against retrained models.
+"""Choosing the preconditioner and damping of one's own task by LDS against retrained models.
 
-No damping is best on every task (docs/influence.md: some models want almost none, others the
-mean eigenvalue), and no statistic of the logged curvature predicts which, so the defaults are the
-best worst case over a suite of tasks. Where retraining a model (or a small proxy of it) some tens
-of times is affordable, :func:`damping_sweep` picks the damping on the task itself: it scores the
-logged queries at each damping and reports the LDS of each against the retrained models'
-outputs (:func:`~logix.analysis.retrain_on_subsets`'s ground truth, whose cache file the CLI's
+No setting is best on every task (docs/influence.md: per-module ``raw`` covariance is far ahead of
+EK-FAC on classifiers and behind on a tiny GPT-2; some models want almost no damping, others the
+mean eigenvalue), so the defaults are the best worst case over a suite of tasks. Where retraining
+a model (or a small proxy of it) some tens of times is affordable, :func:`damping_sweep` picks the
+setting on the task itself: it scores the logged queries with each preconditioner at each damping
+and reports the LDS of each against the retrained models' outputs
+(:func:`~logix.analysis.retrain_on_subsets`'s ground truth, whose cache file the CLI's
 ``logix damping`` reads).
 """
 
@@ -28,43 +29,63 @@ from logix.errors import LogixError
 from logix.store.rundir import scores_file
 from logix.store.scores import read_score_matrix
 
-SWEEP_DAMPINGS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-"""Relative dampings :func:`damping_sweep` tries by default (the suite's optima span them)."""
+SWEEP_DAMPINGS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""Relative dampings :func:`damping_sweep` tries by default (the suite's optima span them: EK-FAC
+0.001-1, ``raw`` 0.3-3)."""
 
 
 @dataclass
 class DampingSweep:
-    """The LDS of a run's scores at each damping, as :func:`damping_sweep` returns it.
+    """The LDS of a run's scores at each preconditioner and damping, as :func:`damping_sweep`
+    returns it: parallel lists, one entry per setting scored.
 
     Attributes:
-        dampings: The dampings tried, in order.
-        results: The :class:`~logix.analysis.LDSResult` of each.
-        preconditioner: The preconditioner the scores used.
+        preconditioners: The preconditioner of each entry (``auto`` resolved to the run's).
+        dampings: The damping of each entry.
+        results: The :class:`~logix.analysis.LDSResult` of each entry.
     """
 
+    preconditioners: list[str]
     dampings: list[Damping]
     results: list[LDSResult]
-    preconditioner: str
 
     @property
     def means(self) -> list[float]:
-        """The LDS (mean over queries) of each damping."""
+        """The LDS (mean over queries) of each entry."""
         return [r.mean for r in self.results]
 
     @property
+    def best_index(self) -> int:
+        """The entry of the highest LDS (the first of equals)."""
+        return int(np.nanargmax(self.means))
+
+    @property
     def best(self) -> Damping:
-        """The damping of the highest LDS (the first of equals)."""
-        return self.dampings[int(np.nanargmax(self.means))]
+        """The damping of the best entry."""
+        return self.dampings[self.best_index]
+
+    @property
+    def best_preconditioner(self) -> str:
+        """The preconditioner of the best entry."""
+        return self.preconditioners[self.best_index]
+
+    @property
+    def best_kwargs(self) -> dict:
+        """``preconditioner`` and ``damping`` of the best entry, for ``influence(run_dir, **best_kwargs)``."""
+        return {"preconditioner": self.best_preconditioner, "damping": self.best}
 
     def to_records(self) -> list[dict]:
-        """One dict per damping: ``damping`` (as text), ``value``, ``relative``, ``lds``, ``best``."""
-        best = self.best
-        return [{"damping": describe_damping(d), "value": d.value, "relative": d.relative, "lds": r.mean,
-                 "best": d == best} for d, r in zip(self.dampings, self.results)]
+        """One dict per entry: ``preconditioner``, ``damping`` (as text), ``value``, ``relative``,
+        ``lds``, ``best``."""
+        best = self.best_index
+        return [{"preconditioner": p, "damping": describe_damping(d), "value": d.value, "relative": d.relative,
+                 "lds": r.mean, "best": i == best}
+                for i, (p, d, r) in enumerate(zip(self.preconditioners, self.dampings, self.results))]
 
     def __str__(self) -> str:
-        lines = [f"{'damping':<16}{'LDS':>8}", *(f"{rec['damping']:<16}{rec['lds']:>8.3f}{'  <- best' if rec['best'] else ''}"
-                                               for rec in self.to_records())]
+        lines = [f"{'preconditioner':<16}{'damping':<16}{'LDS':>8}"]
+        lines += [f"{rec['preconditioner']:<16}{rec['damping']:<16}{rec['lds']:>8.3f}"
+                  f"{'  <- best' if rec['best'] else ''}" for rec in self.to_records()]
         return "\n".join(lines)
 
 
@@ -86,13 +107,13 @@ def damping_sweep(
     masks: np.ndarray,
     outputs: np.ndarray,
     dampings: Sequence[Damping | float] = SWEEP_DAMPINGS,
-    preconditioner: PreconditionerType | str = PreconditionerType.AUTO,
+    preconditioner: PreconditionerType | str | Sequence[PreconditionerType | str] = PreconditionerType.AUTO,
     train_ids: Sequence | None = None,
     mode: ScoreMode | str = ScoreMode.DOT,
     memory_budget_mb: float = 512.0,
     progress: bool = True,
 ) -> DampingSweep:
-    """Score a run's logged queries at each damping and measure each by LDS.
+    """Score a run's logged queries at each preconditioner and damping and measure each by LDS.
 
     Args:
         run_dir: A finalized run with train rows and logged queries.
@@ -101,34 +122,39 @@ def damping_sweep(
         outputs: ``(n_subsets, n_query)`` the retrained models' outputs for the logged queries, in
             the order the queries were logged.
         dampings: :class:`~logix.config.Damping` values, or numbers (relative dampings).
-        preconditioner: As for :func:`~logix.analysis.influence`.
+        preconditioner: One preconditioner as for :func:`~logix.analysis.influence`, or several
+            (e.g. ``["ekfac", "raw"]``: every one is scored at every damping; each needs the
+            statistics the run logged for it).
         train_ids: The run's id of each mask column (default: column ``j`` is id ``j``); the run
             may hold more rows than the masks cover.
         mode: The score mode (``dot`` is influence).
         memory_budget_mb: Memory the scorer may use per pass over the train rows.
-        progress: Show a progress bar over the dampings.
+        progress: Show a progress bar over the settings.
 
     Returns:
-        A :class:`DampingSweep`: the LDS at each damping and the best of them.
+        A :class:`DampingSweep`: the LDS of each setting and the best of them.
 
     Raises:
         LogixError: The masks, outputs or ids do not match the run (the message names which),
-            or no damping was given.
-        ConfigError: A damping is not a finite number >= 0.
+            or no damping or preconditioner was given.
+        StatisticsError: The run did not log what a preconditioner needs (the message names the setting).
+        ConfigError: A damping is not a finite number >= 0, or a preconditioner is unknown.
     """
     dampings = [d if isinstance(d, Damping) else Damping(d) for d in dampings]
-    if not dampings:
-        raise LogixError("damping_sweep needs at least one damping.")
+    kinds = [preconditioner] if isinstance(preconditioner, (str, PreconditionerType)) else list(preconditioner)
+    if not dampings or not kinds:
+        raise LogixError("damping_sweep needs at least one damping and one preconditioner.")
+    kinds = [PreconditionerType.parse(k, "preconditioner") for k in kinds]
     masks, outputs = np.asarray(masks, dtype=bool), np.asarray(outputs, dtype=np.float64)
     if masks.ndim != 2 or outputs.ndim != 2 or outputs.shape[0] != masks.shape[0]:
         raise LogixError(f"masks {masks.shape} and outputs {outputs.shape} must be (n_subsets, n_train) and "
                          "(n_subsets, n_query), one row per retrained model.")
-    results, kind = [], None
+    sweep, columns = DampingSweep([], [], []), None
+    settings = [(k, d) for k in kinds for d in dampings]
     with tempfile.TemporaryDirectory(prefix="logix-damping-") as tmp:
-        for damping in tqdm(dampings, desc="dampings", disable=not progress):
-            cp = load_checkpoint(run_dir, preconditioner, damping)
-            if kind is None:
-                kind = cp.preconditioner.kind.value
+        for kind, damping in tqdm(settings, desc="settings", disable=not progress):
+            cp = load_checkpoint(run_dir, kind, damping)
+            if columns is None:
                 columns = _columns(cp.train, train_ids, masks.shape[1])
                 if outputs.shape[1] != cp.queries.shape[0]:
                     raise LogixError(f"outputs has {outputs.shape[1]} columns but {run_dir} logged "
@@ -136,6 +162,7 @@ def damping_sweep(
             path = scores_file(tmp)
             compute_influence(cp, mode=mode, top_k=1, scores_path=path, self_influence=False, progress=False,
                               memory_budget_mb=memory_budget_mb)
-            scores = read_score_matrix(path)[:, columns]
-            results.append(lds(scores, masks, outputs))
-    return DampingSweep(dampings, results, kind)
+            sweep.preconditioners.append(cp.preconditioner.kind.value)
+            sweep.dampings.append(damping)
+            sweep.results.append(lds(read_score_matrix(path)[:, columns], masks, outputs))
+    return sweep

@@ -320,13 +320,12 @@ def cmd_damping(args: argparse.Namespace) -> None:
         masks, outputs = data["masks"], data["outputs"]
         ids = data["train_ids"].tolist() if "train_ids" in data.files else None
     dampings = [Damping(d, not args.absolute_damping) for d in (args.dampings or SWEEP_DAMPINGS)]
-    sweep = damping_sweep(args.run_dir, masks, outputs, dampings, args.preconditioner, ids, args.mode,
+    sweep = damping_sweep(args.run_dir, masks, outputs, dampings, args.preconditioner or ["auto"], ids, args.mode,
                           progress=not args.quiet)
-    print(f"{args.run_dir}: LDS of {args.preconditioner} ({sweep.preconditioner}) scores, {masks.shape[0]} retrained "
-          f"models, {outputs.shape[1]} queries")
+    print(f"{args.run_dir}: LDS against {masks.shape[0]} retrained models, {outputs.shape[1]} queries")
     print(sweep)
-    best = sweep.best
-    flag = f"--damping {best.value:g}" + ("" if best.relative else " --absolute-damping")
-    print(f"best: {best.value:g} {'relative' if best.relative else 'absolute'} (logix influence {flag})")
+    best, kind = sweep.best, sweep.best_preconditioner
+    flag = f"--preconditioner {kind} --damping {best.value:g}" + ("" if best.relative else " --absolute-damping")
+    print(f"best: {kind} at {best.value:g} {'relative' if best.relative else 'absolute'} (logix influence {flag})")
     if args.json:
         args.json.write_text(json.dumps(json_ready(sweep.to_records()), indent=1) + "\n")

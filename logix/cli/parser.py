@@ -246,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights `logix run` saved, final_model.safetensors, or the job's model as built)")
     p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot",
                    help="--text: score normalisation")
-    p = sub.add_parser(Command.DAMPING.value, help="choose the damping by LDS against retrained models",
-                       formatter_class=_Formatter, description="Score the queries logged in DIR at each damping and "
-                       "print the LDS of each against GROUND_TRUTH: an .npz with masks (n_subsets x n_train booleans, "
+    p = sub.add_parser(Command.DAMPING.value, formatter_class=_Formatter,
+                       help="choose the preconditioner and damping by LDS against retrained models",
+                       description="Score the queries logged in DIR with each preconditioner at each damping and print "
+                       "the LDS of each against GROUND_TRUTH: an .npz with masks (n_subsets x n_train booleans, "
                        "the subsets models were retrained on) and outputs (n_subsets x n_query, their outputs for the "
                        "logged queries, higher = better), as logix.analysis.retrain_on_subsets(..., cache=FILE) "
                        "writes it; an optional train_ids array names the run's id of each mask column (default: "
@@ -256,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a finalized run with train rows and logged queries")
     p.add_argument("ground_truth", type=Path, help=".npz with masks, outputs (and optionally train_ids)")
     p.add_argument("--dampings", type=nonnegative_float, nargs="+", metavar="D",
-                   help="relative dampings to try (default: 0.001 0.003 0.01 0.03 0.1 0.3 1)")
+                   help="relative dampings to try (default: 0.001 0.003 0.01 0.03 0.1 0.3 1 3 10)")
     p.add_argument("--absolute-damping", action="store_true", help="the dampings are absolute, not relative")
     p.add_argument("--preconditioner", choices=["auto", "identity", "raw", "raw-joint", "kfac", "ekfac"],
-                   default="auto", help="curvature the scores are preconditioned with")
+                   nargs="+", metavar="P",
+                   help="preconditioners to try, each at every damping: auto identity raw raw-joint kfac ekfac "
+                   "(default: auto, the run's best logged; raw needs statistics.raw: true)")
     p.add_argument("--mode", choices=["dot", "cosine", "relative", "unit"], default="dot", help="score normalisation")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the table as JSON records")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

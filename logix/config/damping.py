@@ -72,9 +72,11 @@ class Damping:
 
 DEFAULT_DAMPING = Damping()
 """The damping used when none is given: 0.1 times the mean curvature eigenvalue (relative)."""
-# Per-preconditioner defaults where they differ from DEFAULT_DAMPING (chosen on both LDS tasks
-# of benchmarks/bench_lds.py; docs/benchmarks.md has the numbers).
-PRECONDITIONER_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType.RAW_JOINT: Damping(3.0)}
+# Per-preconditioner defaults where they differ from DEFAULT_DAMPING: raw-joint chosen on both LDS
+# tasks of benchmarks/bench_lds.py (docs/benchmarks.md), raw on the tuning tasks of
+# benchmarks/suite_raw.py (the best worst case over mlp and cnn; flat from 1 to 3; docs/influence.md).
+PRECONDITIONER_DAMPINGS: dict[PreconditionerType, Damping] = {PreconditionerType.RAW_JOINT: Damping(3.0),
+                                                              PreconditionerType.RAW: Damping(2.0)}
 
 
 PROJECTED_EKFAC_DAMPING = Damping(0.01)
@@ -96,8 +98,9 @@ def default_damping(kind: PreconditionerType | str, projected: bool = True) -> D
         kind: The preconditioner.
 
     Returns:
-        ``Damping(3.0)`` for ``raw-joint``, :data:`DEFAULT_DAMPING` for every other (chosen on the
-        LDS benchmarks, docs/benchmarks.md).
+        ``Damping(3.0)`` for ``raw-joint``, ``Damping(2.0)`` for ``raw``, ``Damping(0.01)`` for
+        ``ekfac`` on projected rows, :data:`DEFAULT_DAMPING` for every other (chosen on the LDS
+        benchmarks, docs/benchmarks.md and docs/influence.md).
     """
     kind = PreconditionerType.parse(kind, "preconditioner")
     if kind is PreconditionerType.EKFAC and projected:

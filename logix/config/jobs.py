@@ -215,7 +215,7 @@ class AnalysisConfig:
         "ekfac | raw-joint.", PreconditionerType.AUTO)
     damping: float | None = help_field(
         "Damping added to the curvature (see `damping_relative`); null: the preconditioner's default "
-        "(relative 0.1; EK-FAC on projected rows: relative 0.01; raw-joint: relative 3).", None
+        "(relative 0.1; EK-FAC on projected rows: relative 0.01; raw: relative 2; raw-joint: relative 3).", None
     )
     damping_relative: bool = help_field("Damping is relative to each module's mean eigenvalue (when `damping` is set).", True)
     mode: ScoreMode = help_field("dot | cosine | relative | unit.", ScoreMode.DOT)

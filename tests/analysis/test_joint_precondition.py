@@ -109,13 +109,13 @@ def test_raw_joint_errors(tmp_path):
 
 
 def test_default_damping_is_per_preconditioner(tmp_path):
-    """Without a damping, raw-joint uses relative 3, EK-FAC on projected rows relative 0.01 and the
-    other block preconditioners (EK-FAC on full rows included) relative 0.1."""
+    """Without a damping, raw-joint uses relative 3, raw relative 2, EK-FAC on projected rows relative
+    0.01 and the other block preconditioners (EK-FAC on full rows included) relative 0.1."""
     from logix.analysis import default_damping
     from logix.config import PreconditionerType
 
     run = _logged(tmp_path)
-    assert default_damping("raw-joint") == Damping(3.0) and default_damping("raw") == Damping(0.1)
+    assert default_damping("raw-joint") == Damping(3.0) and default_damping("raw") == Damping(2.0)
     assert default_damping("kfac") == Damping(0.1) and default_damping("ekfac") == Damping(0.01)
     assert default_damping("ekfac", projected=False) == Damping(0.1)
     auto = load_checkpoint(run.dir).preconditioner  # auto: the run logged EK-FAC corrections (the default)
@@ -129,7 +129,7 @@ def test_default_damping_is_per_preconditioner(tmp_path):
     assert rel_err(cp.preconditioner(q), q @ inv) < 1e-5
     raw = load_checkpoint(run.dir, "raw").preconditioner.damping
     block = run.statistics.mean("0", "raw")
-    assert abs(raw["0"] - 0.1 * float(torch.linalg.eigvalsh(block).mean())) < 1e-10
+    assert abs(raw["0"] - 2.0 * float(torch.linalg.eigvalsh(block).mean())) < 1e-10
 
 
 def test_config_damping_null_means_the_preconditioners_default():
