@@ -55,13 +55,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lds import RESULTS, ground_truth, log_config, score_matrix  # noqa: E402
 from suite_holdout import HOLDOUT  # noqa: E402
+from suite_late import LATE  # noqa: E402
 from suite_tasks import TASKS  # noqa: E402
 
 import logix  # noqa: E402
 from logix.analysis import lds, spearman  # noqa: E402
 
 TUNING = ("mlp", "cnn")  # defaults may be chosen on these; text, lm and lora are held out
-ALL_TASKS = {**TASKS, **HOLDOUT}  # mlp-relu and llama: held out, added after the defaults were chosen
+SEVEN = [*TASKS, *HOLDOUT]  # the default --tasks; mlp-relu and llama: added after the defaults were chosen
+ALL_TASKS = {**TASKS, **HOLDOUT, **LATE}  # LATE (digits, tagger, gpt2b): added after every default was fixed
 DAMPINGS = (None, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative; None: the preconditioner's default
 FULL_TYPES = ["linear", "conv1d", "conv2d"]  # the modules kronfluence tracks (embeddings excluded)
 # candidate defaults: label -> (config, [(preconditioner, damping)])
@@ -288,7 +290,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=list(ALL_TASKS))
+    ap.add_argument("--tasks", nargs="+", default=SEVEN, choices=list(ALL_TASKS))
     ap.add_argument("--subsets", type=int, default=48, help="half-subset retrainings per seed")
     ap.add_argument("--candidates", nargs="*", default=list(CANDIDATES), help="candidate default settings")
     ap.add_argument("--no-kron", action="store_true", help="skip kronfluence")

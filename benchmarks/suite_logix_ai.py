@@ -190,9 +190,10 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from bench_lds import ground_truth
     from suite_holdout import HOLDOUT
+    from suite_late import LATE
     from suite_tasks import TASKS
 
-    TASKS = {**TASKS, **HOLDOUT}
+    TASKS = {**TASKS, **HOLDOUT, **LATE}
     torch.set_num_threads(1)
     report = json.loads(args.out.read_text())
     for name in args.tasks:

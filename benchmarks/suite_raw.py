@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lds import RESULTS, ground_truth, log_config, score_matrix  # noqa: E402
-from bench_suite import ALL_TASKS, FULL_TYPES, TUNING  # noqa: E402
+from bench_suite import ALL_TASKS, FULL_TYPES, SEVEN, TUNING  # noqa: E402
 
 import logix  # noqa: E402
 from logix.analysis import lds  # noqa: E402
@@ -76,7 +76,7 @@ def run_task(name: str, args, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=list(ALL_TASKS))
+    ap.add_argument("--tasks", nargs="+", default=SEVEN, choices=list(ALL_TASKS))
     ap.add_argument("--subsets", type=int, default=64, help="half-subset retrainings (bench_suite's cache)")
     ap.add_argument("--full-max-dim", type=int, default=5000,
                     help="statistics.raw_max_dim of the unprojected runs (a block's covariance is dim^2 float64)")
