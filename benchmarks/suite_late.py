@@ -12,8 +12,6 @@ no choice was made on.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,20 +52,6 @@ def digits_task() -> Task:
     return Task("digits", {"task": "digits", **c}, n, c["n_query"], train, forward, classes=10)
 
 
-class Tagger(Encoder):
-    """The ``text`` encoder with its head on every token (no pooling)."""
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, t = tokens.shape
-        h = self.tok(tokens) + self.pos(torch.arange(t).expand(b, t))
-        x = self.ln1(h)
-        split = lambda z: z.view(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
-        att = (split(self.q(x)) @ split(self.k(x)).transpose(-1, -2)) / math.sqrt(x.shape[-1] // self.heads)
-        h = h + self.o((att.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(b, t, -1))
-        h = h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
-        return self.head(self.ln3(h))
-
-
 TAGGER = {"n_train": 400, "n_query": 60, "rule_seed": 2, "data_seed": 9, "tags": 4, "flip": 0.05, "steps": 200,
           "batch": 50, "lr": 5e-3, "weight_decay": 1e-2, "seed": 5}
 
@@ -89,7 +73,7 @@ def tagger_task() -> Task:
 
     def make(seed):
         torch.manual_seed(seed)
-        return Tagger(vocab, TEXT["seq"], TEXT["d"], TEXT["heads"], c["tags"])
+        return Encoder(vocab, TEXT["seq"], TEXT["d"], TEXT["heads"], c["tags"], pool=False)
 
     def train(mask, seed):
         model, sel = make(seed), torch.from_numpy(np.flatnonzero(mask))

@@ -172,11 +172,12 @@ def text_data(rule_seed: int = 0, seed: int = 0, n: int | None = None) -> tuple[
 
 
 class Encoder(nn.Module):
-    """One pre-norm transformer encoder layer over token + position embeddings, mean-pooled."""
+    """One pre-norm transformer encoder layer over token + position embeddings, mean-pooled
+    (``pool=False``: the head on every token)."""
 
-    def __init__(self, vocab: int, seq: int, d: int, heads: int, classes: int):
+    def __init__(self, vocab: int, seq: int, d: int, heads: int, classes: int, pool: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.pool = heads, pool
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
@@ -191,7 +192,8 @@ class Encoder(nn.Module):
         att = (split(self.q(x)) @ split(self.k(x)).transpose(-1, -2)) / math.sqrt(x.shape[-1] // self.heads)
         h = h + self.o((att.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(b, t, -1))
         h = h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
-        return self.head(self.ln3(h).mean(1))
+        h = self.ln3(h)
+        return self.head(h.mean(1) if self.pool else h)
 
 
 def text_model(seed: int) -> Encoder:
